@@ -1,0 +1,3 @@
+from diffuser_api.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""HTTP: FastAPI routers, OpenAI wire schemas and the one error table. Imports no torch."""

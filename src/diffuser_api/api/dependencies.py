@@ -1,0 +1,34 @@
+"""Parts built once by ``create_app`` and handed to routes through FastAPI dependencies."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from diffuser_api.config import Settings
+from diffuser_api.models.registry import ModelRegistry
+from diffuser_api.service.images import ImageService
+from diffuser_api.service.storage import LocalStorage
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _registry(request: Request) -> ModelRegistry:
+    return request.app.state.registry
+
+
+def _service(request: Request) -> ImageService:
+    return request.app.state.service
+
+
+def _storage(request: Request) -> LocalStorage:
+    return request.app.state.storage
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+RegistryDep = Annotated[ModelRegistry, Depends(_registry)]
+ServiceDep = Annotated[ImageService, Depends(_service)]
+StorageDep = Annotated[LocalStorage, Depends(_storage)]

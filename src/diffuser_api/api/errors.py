@@ -1,0 +1,136 @@
+"""The one table from failures to HTTP status and OpenAI error envelope.
+
+Every error response, ours or the framework's (validation, unknown path, wrong method),
+leaves through ``error_response`` so clients always get
+``{"error": {"message", "type", "param", "code"}}`` plus the request id.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from diffuser_api.errors import (
+    Cancelled,
+    DiffuserError,
+    InvalidRequest,
+    ModelFailure,
+    ModelNotFound,
+    NotFound,
+    NotSupported,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+# status, OpenAI error type, and whether the SDK should retry (None: let it decide by status).
+ERROR_TABLE: dict[type[DiffuserError], tuple[int, str, bool | None]] = {
+    InvalidRequest: (400, "invalid_request_error", None),
+    ModelNotFound: (404, "invalid_request_error", None),
+    NotFound: (404, "invalid_request_error", None),
+    PayloadTooLarge: (413, "invalid_request_error", False),
+    Overloaded: (429, "requests", None),
+    Cancelled: (499, "invalid_request_error", False),
+    ModelFailure: (500, "server_error", None),
+    NotSupported: (501, "not_supported_error", False),
+    Unavailable: (503, "server_error", None),
+    RequestTimeout: (504, "timeout_error", False),
+}
+
+
+def request_id_of(request: Request) -> str:
+    return getattr(request.state, "request_id", "")
+
+
+def error_response(
+    request: Request,
+    status: int,
+    message: str,
+    error_type: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    request_id = request_id_of(request)
+    body = {"error": {"message": message, "type": error_type, "param": param, "code": code, "request_id": request_id}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _table_entry(error: DiffuserError) -> tuple[int, str, bool | None]:
+    for kind in type(error).__mro__:
+        if kind in ERROR_TABLE:
+            return ERROR_TABLE[kind]
+    return 500, "server_error", None
+
+
+async def diffuser_error_handler(request: Request, error: DiffuserError) -> JSONResponse:
+    status, error_type, should_retry = _table_entry(error)
+    headers: dict[str, str] = {}
+    if should_retry is not None:
+        headers["x-should-retry"] = str(should_retry).lower()
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        headers["retry-after"] = f"{retry_after:g}"
+    message = error.message
+    if status >= 500:
+        message = f"{message} (request id {request_id_of(request)})"
+        logger.warning("request %s failed: %s", request_id_of(request), error.message)
+    return error_response(request, status, message, error_type, param=error.param, code=error.code, headers=headers)
+
+
+def invalid_request_from(errors: list[dict[str, Any]]) -> InvalidRequest:
+    """Pydantic's first complaint, in OpenAI's words, naming the field."""
+    first = errors[0]
+    names = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    param = ".".join(names) or None
+    if first.get("type") == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if first.get("type") == "json_invalid":
+        return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
+    message = first.get("msg", "invalid value")
+    return InvalidRequest(f"Invalid value for '{param}': {message}." if param else f"{message}.", param=param,
+                          code="invalid_value")
+
+
+async def validation_error_handler(request: Request, error: RequestValidationError) -> JSONResponse:
+    return await diffuser_error_handler(request, invalid_request_from(list(error.errors())))
+
+
+async def pydantic_error_handler(request: Request, error: ValidationError) -> JSONResponse:
+    return await diffuser_error_handler(request, invalid_request_from(list(error.errors())))
+
+
+async def http_error_handler(request: Request, error: HTTPException) -> JSONResponse:
+    if error.status_code == 404:
+        message = f"Invalid URL ({request.method} {request.url.path})"
+    elif error.status_code == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(error.detail)
+    error_type = "invalid_request_error" if error.status_code < 500 else "server_error"
+    return error_response(request, error.status_code, message, error_type, headers=error.headers)
+
+
+async def unexpected_error_handler(request: Request, error: Exception) -> JSONResponse:
+    """A bug of ours: log it with the request id, answer 500, keep serving."""
+    logger.exception("unhandled error in request %s", request_id_of(request))
+    message = f"The server had an error while processing your request (request id {request_id_of(request)})."
+    return error_response(request, 500, message, "server_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(DiffuserError, diffuser_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, validation_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(ValidationError, pydantic_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, http_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, unexpected_error_handler)

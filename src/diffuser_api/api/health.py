@@ -1,0 +1,69 @@
+"""``/health`` for orchestrators and ``/`` for people: what is served and what it can do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from diffuser_api import __version__
+from diffuser_api.api.dependencies import RegistryDep, SettingsDep
+from diffuser_api.domain import Capabilities, Task
+from diffuser_api.models.registry import ModelHandle, ModelStatus
+
+router = APIRouter(tags=["service"])
+
+
+@router.get("/health", summary="200 when every model is ready, 503 while loading")
+async def health(registry: RegistryDep) -> dict[str, str]:
+    for handle in registry:
+        if handle.status is not ModelStatus.READY:
+            raise handle.unavailable()
+    return {"status": "ok"}
+
+
+@router.get("/", summary="Service information: models and what each endpoint can do")
+async def service_info(registry: RegistryDep, settings: SettingsDep) -> dict[str, Any]:
+    return {
+        "service": "diffuser-api",
+        "version": __version__,
+        "api_prefix": settings.api_prefix,
+        "docs": "/docs",
+        "models": [_describe(handle) for handle in registry],
+    }
+
+
+def _describe(handle: ModelHandle) -> dict[str, Any]:
+    described: dict[str, Any] = {"id": handle.id, "status": handle.status.value}
+    if handle.status is ModelStatus.FAILED:
+        described["error"] = handle.error
+    if handle.status is not ModelStatus.READY:
+        return described
+    caps = handle.capabilities
+    described.update(
+        family=caps.family,
+        pipeline=handle.pipeline_class,
+        notes=list(caps.notes),
+        endpoints=_endpoints(caps),
+        extras=sorted(caps.extras),
+        sizes={"rule": caps.size.describe(), "default": f"{caps.size.default_width}x{caps.size.default_height}"},
+        defaults={"steps": caps.default_steps, "guidance_scale": caps.default_guidance_scale,
+                  "strength": caps.default_strength},
+    )
+    return described
+
+
+def _endpoints(caps: Capabilities) -> dict[str, Any]:
+    def has(task: Task) -> bool:
+        return task in caps.tasks
+
+    return {
+        "generations": {"supported": has(Task.GENERATION)},
+        "edits": {
+            "supported": has(Task.EDIT),
+            "mask": has(Task.MASKED_EDIT),
+            "multiple_images": has(Task.MULTI_IMAGE_EDIT),
+            "max_images": caps.max_input_images,
+        },
+        "variations": {"supported": has(Task.VARIATION), "method": caps.variation_method},
+    }

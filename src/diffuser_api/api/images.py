@@ -1,0 +1,132 @@
+"""The three OpenAI image endpoints and the route that serves ``url`` results."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from diffuser_api.api.dependencies import ServiceDep, SettingsDep, StorageDep
+from diffuser_api.api.disconnect import cancel_on_disconnect
+from diffuser_api.api.forms import read_image_form
+from diffuser_api.api.schemas import (
+    EditForm,
+    EditJSONBody,
+    GenerationBody,
+    ImageOptions,
+    VariationForm,
+    reject_unknown_fields,
+)
+from diffuser_api.config import Settings
+from diffuser_api.domain import Endpoint, ImageRequest, ImagesResult, Upload
+from diffuser_api.errors import InvalidRequest
+from diffuser_api.service.encoding import MEDIA_TYPES
+from diffuser_api.service.images import ImageService, response_quality, response_size
+from diffuser_api.service.uploads import decode_data_url
+
+router = APIRouter(tags=["images"])
+
+REQUEST_FIELDS = {field.name for field in dataclasses.fields(ImageRequest)} - {"endpoint", "images", "mask"}
+MULTIPART_BODY = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object"}}}}}
+
+
+@router.post("/images/generations", summary="Create images from a prompt")
+async def create_generation(
+    body: GenerationBody, request: Request, service: ServiceDep, settings: SettingsDep
+) -> JSONResponse:
+    return await _run(request, service, settings, Endpoint.GENERATIONS, body, ())
+
+
+@router.post(
+    "/images/edits",
+    summary="Edit one or several images (optional mask), multipart or JSON",
+    openapi_extra={"requestBody": {"content": {
+        "multipart/form-data": {"schema": {"type": "object"}},
+        "application/json": {"schema": EditJSONBody.model_json_schema()},
+    }}},
+)
+async def create_edit(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+    if request.headers.get("content-type", "").startswith("application/json"):
+        body: EditForm = EditJSONBody.model_validate_json(await request.body())
+        images, mask = _json_uploads(body)
+    else:
+        form = await read_image_form(request, settings.max_upload_bytes)
+        body = EditForm.model_validate(form.fields)
+        images, mask = form.images, form.mask
+    return await _run(request, service, settings, Endpoint.EDITS, body, images, mask)
+
+
+@router.post("/images/variations", summary="Create variations of an image", openapi_extra=MULTIPART_BODY)
+async def create_variation(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+    form = await read_image_form(request, settings.max_upload_bytes)
+    if form.mask is not None:
+        raise InvalidRequest("variations take no mask", param="mask", code="unknown_parameter")
+    body = VariationForm.model_validate(form.fields)
+    return await _run(request, service, settings, Endpoint.VARIATIONS, body, form.images)
+
+
+@router.get("/images/files/{name}", summary="Download an image returned as a url")
+async def image_file(name: str, storage: StorageDep) -> FileResponse:
+    path = storage.path(name)
+    return FileResponse(path, media_type=MEDIA_TYPES[path.suffix.lstrip(".")])
+
+
+async def _run(
+    request: Request,
+    service: ImageService,
+    settings: Settings,
+    endpoint: Endpoint,
+    body: ImageOptions,
+    images: tuple[Upload, ...],
+    mask: Upload | None = None,
+) -> JSONResponse:
+    reject_unknown_fields(body, settings.allow_unknown_fields)
+    if endpoint is not Endpoint.GENERATIONS and not images:
+        raise InvalidRequest("Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
+    values = {name: getattr(body, name) for name in REQUEST_FIELDS if hasattr(body, name)}
+    image_request = ImageRequest(endpoint=endpoint, images=images, mask=mask, **values)
+    result, _ = await cancel_on_disconnect(request, service.create(image_request, files_url_base(request, settings)))
+    return JSONResponse(images_response(result))
+
+
+def _json_uploads(body: EditJSONBody) -> tuple[tuple[Upload, ...], Upload | None]:
+    def read(reference: Any, param: str) -> Upload:
+        if reference.file_id is not None:
+            raise InvalidRequest(
+                "file_id is not supported: this server has no Files API; send image_url as a data URL",
+                param=param, code="unsupported_parameter",
+            )
+        return Upload(param=param, data=decode_data_url(reference.image_url, param=param))
+
+    images = tuple(read(reference, "images") for reference in body.images)
+    return images, (read(body.mask, "mask") if body.mask is not None else None)
+
+
+def images_response(result: ImagesResult) -> dict[str, Any]:
+    data = [
+        {key: value for key, value in dataclasses.asdict(image).items() if value is not None}
+        for image in result.images
+    ]
+    body: dict[str, Any] = {"created": result.created, "data": data, "background": "opaque",
+                            "output_format": result.output_format}
+    if size := response_size(result.size):
+        body["size"] = size
+    if quality := response_quality(result.quality):
+        body["quality"] = quality
+    return body
+
+
+def files_url_base(request: Request, settings: Settings) -> str:
+    """Absolute base for url results; forwarded headers count only from trusted proxies."""
+    if settings.public_base_url:
+        base = settings.public_base_url.rstrip("/")
+    else:
+        scheme = request.url.scheme
+        host = request.headers.get("host", request.url.netloc)
+        if request.client is not None and request.client.host in settings.trusted_proxies:
+            scheme = request.headers.get("x-forwarded-proto", scheme).split(",")[0].strip()
+            host = request.headers.get("x-forwarded-host", host).split(",")[0].strip()
+        base = f"{scheme}://{host}"
+    return f"{base}{settings.api_prefix}/images/files"

@@ -1,0 +1,26 @@
+"""``/v1/models`` in OpenAI's format, read from the registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from diffuser_api.api.dependencies import RegistryDep
+from diffuser_api.models.registry import ModelHandle
+
+router = APIRouter(tags=["models"])
+
+
+def model_card(handle: ModelHandle) -> dict[str, Any]:
+    return {"id": handle.id, "object": "model", "created": handle.created, "owned_by": "diffuser-api"}
+
+
+@router.get("/models", summary="List served models")
+async def list_models(registry: RegistryDep) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(handle) for handle in registry]}
+
+
+@router.get("/models/{model_id:path}", summary="Describe one served model")
+async def get_model(model_id: str, registry: RegistryDep) -> dict[str, Any]:
+    return model_card(registry.get(model_id))

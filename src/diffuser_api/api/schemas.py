@@ -1,0 +1,96 @@
+"""OpenAI request bodies as pydantic models, plus the diffusers extras we document.
+
+``extra="allow"`` keeps unknown names so ``reject_unknown_fields`` can answer them the way
+OpenAI does (400 naming the field) instead of pydantic silently dropping them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from diffuser_api.errors import InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1 - 10
+
+
+class ImageOptions(BaseModel):
+    """Fields every image endpoint takes."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=10)
+    size: str | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    user: str | None = None
+    # diffusers extras (sent by OpenAI clients through extra_body)
+    num_inference_steps: int | None = Field(None, ge=1, le=500)
+    guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
+    true_cfg_scale: float | None = Field(None, ge=0.0, le=100.0)
+    negative_prompt: str | None = Field(None, max_length=32000)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    strength: float | None = Field(None, gt=0.0, le=1.0)
+
+
+class PromptedOptions(ImageOptions):
+    """Fields of the endpoints that take a prompt and can stream."""
+
+    prompt: str = Field(max_length=32000)
+    quality: str | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(None, ge=0, le=100)
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    stream: bool | None = None
+    partial_images: int | None = Field(None, ge=0, le=3)
+
+
+class GenerationBody(PromptedOptions):
+    style: Literal["vivid", "natural"] | None = None  # dall-e-3 only; accepted, no effect here
+    moderation: Literal["low", "auto"] | None = None  # accepted; no moderation model is run
+
+
+class EditForm(PromptedOptions):
+    """The multipart edit's text fields; files are read separately."""
+
+    input_fidelity: Literal["high", "low"] | None = None
+
+
+class ImageReference(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: str | None = Field(None, max_length=20971520)
+    file_id: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageReference:
+        if (self.image_url is None) == (self.file_id is None):
+            raise ValueError("give exactly one of image_url or file_id")
+        return self
+
+
+class EditJSONBody(EditForm):
+    images: list[ImageReference] = Field(min_length=1, max_length=16)
+    mask: ImageReference | None = None
+    moderation: Literal["low", "auto"] | None = None
+
+
+class VariationForm(ImageOptions):
+    """Variations take no prompt: OpenAI clients never send one."""
+
+
+def reject_unknown_fields(body: BaseModel, allow: bool) -> None:
+    """OpenAI answers unknown arguments with a 400; so do we, unless a setting relaxes it."""
+    unknown = sorted(body.model_extra or {})
+    if not unknown:
+        return
+    if allow:
+        logger.info("ignoring unknown request fields: %s", ", ".join(unknown))
+        return
+    raise InvalidRequest(
+        f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0], code="unknown_parameter"
+    )

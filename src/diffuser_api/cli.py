@@ -1,0 +1,48 @@
+"""``diffuser-api serve``: start the server; flags override ``DIFFUSER_*`` settings."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+import uvicorn
+
+from diffuser_api.config import Settings
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="diffuser-api", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the OpenAI Images API")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--model-id", help="hub id, local folder or tiny-sd")
+    serve.add_argument("--device", help="auto, cpu, cuda, or a list such as cuda:0,cuda:1")
+    serve.add_argument("--torch-dtype", choices=["auto", "float32", "float16", "bfloat16"])
+    serve.add_argument("--cache-dir")
+    serve.add_argument("--storage-dir")
+    serve.add_argument("--max-batch-size", type=int)
+    serve.add_argument("--max-queue-size", type=int)
+    serve.add_argument("--log-level")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    overrides = {key: value for key, value in vars(args).items() if key != "command" and value is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from diffuser_api.main import build_app
+
+    uvicorn.run(
+        build_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+    )
+
+
+if __name__ == "__main__":
+    main()

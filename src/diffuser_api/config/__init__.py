@@ -1,0 +1,3 @@
+from diffuser_api.config.settings import Settings
+
+__all__ = ["Settings"]

@@ -1,0 +1,117 @@
+"""Every setting of the server, read once from ``DIFFUSER_*`` variables or a ``.env`` file.
+
+Built in ``main`` and passed down; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from diffuser_api.domain.requests import Task
+
+DEFAULT_QUALITY_STEP_FACTORS = {
+    "low": 0.5, "medium": 1.0, "standard": 1.0, "auto": 1.0, "high": 1.5, "hd": 1.5,
+}
+
+
+def _split_list(value: object) -> object:
+    """Accept ``a,b,c`` as well as a JSON list, since env vars are plain strings."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+StrList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DIFFUSER_", env_file=".env", extra="ignore")
+
+    # Model
+    model_id: str = Field("tiny-sd", description="Hub id, local folder, or a built-in tiny model (tiny-sd).")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "diffuser-api", description="Where built-in tiny models are built and cached."
+    )
+    device: StrList = Field(
+        default_factory=lambda: ["auto"],
+        description="auto (cuda if available, else cpu), or devices like cuda:0,cuda:1: one worker each.",
+    )
+    torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on cuda, float32 on cpu."
+    )
+    disabled_tasks: Annotated[list[Task], NoDecode] = Field(
+        default_factory=list,
+        description="Tasks to switch off even if the model can do them (generation, edit, ...). Never switches one on.",
+    )
+    warmup: bool = Field(True, description="Run one tiny generation after loading, before /health says ready.")
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_prefix: str = "/v1"
+    public_base_url: str | None = Field(None, description="Base for url responses; default: the request's own.")
+    trusted_proxies: StrList = Field(
+        default_factory=lambda: ["127.0.0.1"],
+        description="Client addresses whose X-Forwarded-Proto/Host are honoured when building URLs.",
+    )
+    strict_model_names: bool = Field(
+        False, description="If false, OpenAI model names (dall-e-*, gpt-image-*) route to the default model."
+    )
+    allow_unknown_fields: bool = Field(
+        False, description="If true, unknown request fields are logged and ignored instead of a 400."
+    )
+    shutdown_grace_s: float = Field(30.0, description="On SIGTERM, how long to finish in-flight requests.")
+
+    # Request bounds and defaults
+    max_upload_bytes: int = Field(25 * 1024 * 1024, description="Largest accepted upload (413 above).")
+    max_input_pixels: int = Field(
+        64 * 1024 * 1024, description="Largest decoded upload in pixels; above is a decompression bomb (400)."
+    )
+    min_image_size: int = 64
+    max_image_size: int = 2048
+    max_n: int = Field(10, description="Most images per request (OpenAI allows 10).")
+    default_steps: int | None = Field(None, description="Overrides the model family's default steps.")
+    default_guidance_scale: float | None = Field(None, description="Overrides the family's default guidance.")
+    quality_step_factors: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_QUALITY_STEP_FACTORS),
+        description="quality -> multiple of the default steps, unless num_inference_steps is given.",
+    )
+    variation_prompt: str = Field("", description="Prompt used when variations run as image-to-image.")
+    variation_strength: float = Field(0.7, description="Strength used when variations run as image-to-image.")
+
+    # Engine
+    max_queue_size: int = Field(64, description="Queued requests per model; beyond, 429 with Retry-After.")
+    max_batch_size: int = Field(8, description="Most images in one pipeline call.")
+    max_batch_pixels: int = Field(8 * 1024 * 1024, description="Most output pixels in one pipeline call.")
+    batch_wait_ms: float = Field(5.0, description="How long a worker waits for compatible requests to batch.")
+    request_timeout_s: float = Field(300.0, description="Past this a request is cancelled and answers 504.")
+
+    # Storage for response_format=url
+    storage_dir: Path = Field(
+        Path.home() / ".cache" / "diffuser-api" / "images", description="Where url responses are written."
+    )
+
+    log_level: str = "info"
+
+    @field_validator("device", "trusted_proxies", mode="before")
+    @classmethod
+    def _lists_from_env(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("disabled_tasks", mode="before")
+    @classmethod
+    def _task_names(cls, value: object) -> object:
+        """Let operators write task names loosely: ``masked_edit`` or ``masked edit (inpainting)``."""
+        value = _split_list(value)
+        if not isinstance(value, list):
+            return value
+        by_key = {task.name.lower(): task for task in Task} | {task.value: task for task in Task}
+        return [by_key.get(str(item).lower().replace("-", "_"), item) for item in value]

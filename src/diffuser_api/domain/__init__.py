@@ -1,0 +1,18 @@
+"""Plain request, capability and result types shared by every layer (no HTTP, no torch)."""
+
+from diffuser_api.domain.capabilities import Capabilities, SizeRules
+from diffuser_api.domain.requests import Endpoint, ImageJob, ImageRequest, Task, Upload
+from diffuser_api.domain.results import GeneratedImage, ImagesResult, StoredImage
+
+__all__ = [
+    "Capabilities",
+    "Endpoint",
+    "ImageRequest",
+    "Upload",
+    "GeneratedImage",
+    "ImageJob",
+    "ImagesResult",
+    "SizeRules",
+    "StoredImage",
+    "Task",
+]

@@ -1,0 +1,60 @@
+"""What a loaded model can do, derived once from its pipeline and checked before queueing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffuser_api.domain.requests import Task
+from diffuser_api.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class SizeRules:
+    multiple: int
+    min_side: int
+    max_side: int
+    default_width: int
+    default_height: int
+
+    def describe(self) -> str:
+        return f"WxH with multiples of {self.multiple} between {self.min_side} and {self.max_side}"
+
+    def check(self, width: int, height: int, *, requested: str) -> None:
+        ok_range = all(self.min_side <= side <= self.max_side for side in (width, height))
+        if not ok_range or width % self.multiple or height % self.multiple:
+            raise InvalidRequest(
+                f"size '{requested}' is not {self.describe()}", param="size", code="invalid_value"
+            )
+
+    def fit(self, width: int, height: int) -> tuple[int, int]:
+        """The nearest allowed size to an input image's, for ``size=auto`` on edits."""
+
+        def snap(side: int) -> int:
+            side = max(self.min_side, min(self.max_side, side))
+            return max(self.multiple, round(side / self.multiple) * self.multiple)
+
+        return snap(width), snap(height)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """The contract between a model and the service.
+
+    ``extras`` names the diffusers parameters the model honours; any other one, sent with a
+    value that would change the result, is refused with a 400 naming it.
+    """
+
+    family: str
+    tasks: frozenset[Task]
+    extras: frozenset[str]
+    size: SizeRules
+    default_steps: int
+    default_guidance_scale: float | None
+    default_strength: float | None
+    variation_method: str | None
+    max_input_images: int = 1
+    notes: tuple[str, ...] = field(default=())
+
+    def without(self, disabled: frozenset[Task]) -> Capabilities:
+        """Settings may switch tasks off, never on."""
+        return Capabilities(**{**self.__dict__, "tasks": self.tasks - disabled})

@@ -1,0 +1,91 @@
+"""What a request asks for once the API has parsed it and the service has checked it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from PIL.Image import Image
+
+
+class Task(StrEnum):
+    """The things a model may or may not be able to do; a missing one is a 501."""
+
+    GENERATION = "generation"
+    EDIT = "edit"
+    MASKED_EDIT = "masked edit (inpainting)"
+    MULTI_IMAGE_EDIT = "edit with several images"
+    VARIATION = "variation"
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One request's work, fully resolved: every default filled, every image decoded.
+
+    ``seeds`` has one entry per output image, so ``n`` is ``len(seeds)``.
+    """
+
+    task: Task
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    seeds: tuple[int, ...]
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
+    negative_prompt: str | None = None
+    strength: float | None = None
+    images: tuple[Image, ...] = field(default=(), compare=False)
+    mask: Image | None = field(default=None, compare=False)
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height * self.n
+
+
+class Endpoint(StrEnum):
+    GENERATIONS = "generations"
+    EDITS = "edits"
+    VARIATIONS = "variations"
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded file as received: bytes are sniffed later, the filename is not trusted."""
+
+    param: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One API call after parsing, before any checking: what the client asked for.
+
+    Values the client did not send are ``None``, so the service can tell a default from a
+    choice (an extra the model cannot use is refused only when actually sent).
+    """
+
+    endpoint: Endpoint
+    prompt: str | None = None
+    model: str | None = None
+    n: int = 1
+    size: str | None = None
+    quality: str | None = None
+    response_format: str | None = None
+    output_format: str | None = None
+    output_compression: int | None = None
+    background: str | None = None
+    input_fidelity: str | None = None
+    stream: bool | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    strength: float | None = None
+    images: tuple[Upload, ...] = ()
+    mask: Upload | None = None

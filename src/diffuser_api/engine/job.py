@@ -1,0 +1,57 @@
+"""A queued request: the work, its reply channel and its cancel flag."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from diffuser_api.domain import GeneratedImage, ImageJob
+
+ProgressSink = Callable[[int, int], None]
+
+
+@dataclass(eq=False)
+class Job:
+    """Crosses from the event loop to a worker thread and back through ``future``.
+
+    The worker never touches the future directly: results and errors are handed to the
+    loop with ``call_soon_threadsafe``.
+    """
+
+    work: ImageJob
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[GeneratedImage]]
+    progress: ProgressSink | None = None
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def report_progress(self, step: int, total: int) -> None:
+        if self.progress is not None and not self.cancelled:
+            self.loop.call_soon_threadsafe(self.progress, step, total)
+
+    def resolve(self, images: list[GeneratedImage]) -> None:
+        self.loop.call_soon_threadsafe(_set_result, self.future, images)
+
+    def fail(self, error: BaseException) -> None:
+        self.loop.call_soon_threadsafe(_set_exception, self.future, error)
+
+
+def _set_result(future: asyncio.Future, value: object) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,119 @@
+"""One thread per model copy: takes batches, runs them, settles every job's future."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from diffuser_api.engine.batching import BatchLimits, JobQueue, QueueClosed
+from diffuser_api.engine.job import Job
+from diffuser_api.engine.runner import ModelRunner
+from diffuser_api.errors import Cancelled, DiffuserError, ModelFailure, OutOfMemory
+
+logger = logging.getLogger(__name__)
+
+BatchObserver = Callable[["BatchReport"], None]
+
+
+class _BatchAbandoned(Exception):
+    """Raised from the step callback when no client of the batch is left."""
+
+
+class BatchReport:
+    """Figures about one finished pipeline call, for logs and metrics."""
+
+    def __init__(self, worker: str, jobs: list[Job], compute_s: float, steps: int, outcome: str) -> None:
+        self.worker = worker
+        self.size = sum(job.work.n for job in jobs)
+        self.queue_wait_s = [(job.started_at or 0.0) - job.enqueued_at for job in jobs]
+        self.compute_s = compute_s
+        self.steps = steps
+        self.outcome = outcome
+
+
+class Worker:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        queue: JobQueue,
+        limits: BatchLimits,
+        observe: BatchObserver | None = None,
+    ) -> None:
+        self.runner = runner
+        self._queue = queue
+        self._limits = limits
+        self._observe = observe
+        self._thread = threading.Thread(target=self._loop, name=f"worker-{runner.name}", daemon=True)
+        self.busy = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                batch = self._queue.take_batch(lambda job: self.runner.batch_key(job.work), self._limits)
+            except QueueClosed:
+                return
+            self.busy = True
+            try:
+                self._run(batch)
+            finally:
+                self.busy = False
+
+    def _run(self, batch: list[Job]) -> None:
+        now = time.monotonic()
+        for job in batch:
+            job.started_at = now
+        steps_done = 0
+
+        def on_step(step: int, total: int) -> None:
+            nonlocal steps_done
+            steps_done += 1
+            if all(job.cancelled for job in batch):
+                raise _BatchAbandoned
+            for job in batch:
+                job.report_progress(step, total)
+
+        outcome = "ok"
+        try:
+            results = self.runner.run([job.work for job in batch], on_step)
+        except _BatchAbandoned:
+            outcome = "abandoned"
+            for job in batch:
+                job.fail(Cancelled("every client of this batch disconnected"))
+        except OutOfMemory as error:
+            outcome = "out_of_memory"
+            self._retry_smaller(batch, error)
+        except DiffuserError as error:
+            outcome = "failed"
+            for job in batch:
+                job.fail(error)
+        except Exception as error:  # the pipeline's own bug must not kill the worker
+            outcome = "failed"
+            logger.exception("pipeline call failed on %s", self.runner.name)
+            failure = ModelFailure(f"the pipeline failed: {type(error).__name__}: {error}")
+            for job in batch:
+                job.fail(failure)
+        else:
+            for job, images in zip(batch, results, strict=True):
+                if not job.cancelled:
+                    job.resolve(images)
+        finally:
+            if self._observe is not None:
+                self._observe(BatchReport(self.runner.name, batch, time.monotonic() - now, steps_done, outcome))
+
+    def _retry_smaller(self, batch: list[Job], error: OutOfMemory) -> None:
+        """Halve an out-of-memory batch until it fits; a single job that still fails, fails."""
+        if len(batch) == 1:
+            batch[0].fail(error)
+            return
+        middle = len(batch) // 2
+        logger.warning("out of memory on %s with %d jobs; retrying in halves", self.runner.name, len(batch))
+        for half in (batch[:middle], batch[middle:]):
+            self._run(half)

@@ -1,0 +1,69 @@
+"""The one family of failures every layer raises; ``api/errors.py`` maps each to HTTP.
+
+Core code never knows status codes: it says *what* went wrong, and the API table decides
+how the OpenAI envelope reports it.
+"""
+
+from __future__ import annotations
+
+
+class DiffuserError(Exception):
+    """Base of every failure a client may be told about."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidRequest(DiffuserError):
+    """The client sent something we will not run: a bad value, or a parameter the model cannot use."""
+
+
+class NotSupported(DiffuserError):
+    """The loaded model cannot do the *task* asked for (generation, edit, masked edit, ...)."""
+
+
+class ModelNotFound(DiffuserError):
+    """No served model answers to the requested name."""
+
+
+class NotFound(DiffuserError):
+    """A stored object (e.g. an image file) does not exist."""
+
+
+class PayloadTooLarge(DiffuserError):
+    """An upload is larger than ``max_upload_bytes``."""
+
+
+class Overloaded(DiffuserError):
+    """The queue is full; the client should come back after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, code="rate_limit_exceeded")
+        self.retry_after = retry_after
+
+
+class Unavailable(DiffuserError):
+    """The model is still loading, failed to load, or the server is shutting down."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelFailure(DiffuserError):
+    """The pipeline raised while running a batch; the worker carries on with the next one."""
+
+
+class OutOfMemory(ModelFailure):
+    """The device ran out of memory; the engine retries the batch in smaller pieces."""
+
+
+class RequestTimeout(DiffuserError):
+    """The request ran past ``request_timeout_s``; retrying it would only repeat the wait."""
+
+
+class Cancelled(DiffuserError):
+    """Every client waiting on a batch has gone, so the work was abandoned."""

@@ -1,0 +1,157 @@
+"""Served models by id. Loading happens off the event loop; /health reads the status.
+
+This module imports no torch: a handle gets a ``loader`` callable, so API tests can serve a
+fake model through the real engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from PIL import Image
+
+from diffuser_api.domain import Capabilities, ImageJob, Task
+from diffuser_api.engine import Engine, EngineLimits, ModelRunner
+from diffuser_api.errors import ModelNotFound, Unavailable
+
+logger = logging.getLogger(__name__)
+
+# Names OpenAI clients send by default; they reach the default model unless names are strict.
+OPENAI_MODEL_PREFIXES = ("dall-e-", "gpt-image-", "chatgpt-image-")
+
+
+class ModelStatus(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass
+class LoadedRunners:
+    capabilities: Capabilities
+    runners: Sequence[ModelRunner]
+    pipeline_class: str
+
+
+class ModelHandle:
+    def __init__(
+        self,
+        model_id: str,
+        loader: Callable[[], LoadedRunners],
+        limits: EngineLimits,
+        disabled_tasks: frozenset[Task] = frozenset(),
+        warmup: bool = False,
+    ) -> None:
+        self.id = model_id
+        self.created = int(time.time())
+        self.status = ModelStatus.LOADING
+        self.error: str | None = None
+        self.load_seconds: float | None = None
+        self._loader = loader
+        self._limits = limits
+        self._disabled = disabled_tasks
+        self._warmup = warmup
+        self._engine: Engine | None = None
+        self._loaded: LoadedRunners | None = None
+
+    def load(self) -> None:
+        """Blocking: call from a thread. A failure is kept and reported, not raised."""
+        started = time.monotonic()
+        try:
+            loaded = self._loader()
+            if self._warmup:
+                warm_up(loaded)
+        except Exception as error:  # a broken checkpoint must still leave /health answering
+            logger.exception("loading %s failed", self.id)
+            self.status, self.error = ModelStatus.FAILED, f"{type(error).__name__}: {error}"
+            return
+        loaded.capabilities = loaded.capabilities.without(self._disabled)
+        self._loaded = loaded
+        self._engine = Engine(loaded.runners, self._limits)
+        self._engine.start()
+        self.load_seconds = time.monotonic() - started
+        self.status = ModelStatus.READY
+        logger.info("%s ready in %.1f s (%s)", self.id, self.load_seconds, loaded.pipeline_class)
+
+    def unavailable(self) -> Unavailable:
+        """Why the model cannot serve yet: still loading (retry soon) or failed (do not)."""
+        if self.status is ModelStatus.FAILED:
+            return Unavailable(f"model '{self.id}' failed to load: {self.error}")
+        return Unavailable(f"model '{self.id}' is still loading", retry_after=5.0)
+
+    def _ready(self) -> LoadedRunners:
+        if self._loaded is None:
+            raise self.unavailable()
+        return self._loaded
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._ready().capabilities
+
+    @property
+    def pipeline_class(self) -> str:
+        return self._ready().pipeline_class
+
+    @property
+    def engine(self) -> Engine:
+        self._ready()
+        assert self._engine is not None
+        return self._engine
+
+    async def stop(self, grace_s: float) -> None:
+        if self._engine is not None:
+            await self._engine.stop(grace_s)
+
+
+def warm_up(loaded: LoadedRunners) -> None:
+    """One smallest call per runner, so the first client does not pay for lazy setup."""
+    caps = loaded.capabilities
+    side = caps.size.min_side
+    task = Task.GENERATION if Task.GENERATION in caps.tasks else Task.EDIT
+    images = () if task is Task.GENERATION else (Image.new("RGB", (side, side)),)
+    job = ImageJob(task=task, prompt="warm-up", width=side, height=side, steps=2, seeds=(0,), images=images,
+                   strength=1.0 if task is Task.EDIT and "strength" in caps.extras else None)
+    for runner in loaded.runners:
+        runner.run([job], lambda step, total: None)
+
+
+class ModelRegistry:
+    """Model ids to handles. One model today; several later without a redesign."""
+
+    def __init__(self, handles: Sequence[ModelHandle], *, strict_names: bool = False) -> None:
+        self._handles = {handle.id: handle for handle in handles}
+        self._default = handles[0]
+        self._strict = strict_names
+
+    def __iter__(self) -> Iterator[ModelHandle]:
+        return iter(self._handles.values())
+
+    def resolve(self, name: str | None) -> ModelHandle:
+        if not name:
+            return self._default
+        if name in self._handles:
+            return self._handles[name]
+        if not self._strict and name.startswith(OPENAI_MODEL_PREFIXES):
+            return self._default
+        raise ModelNotFound(
+            f"The model '{name}' does not exist. Served models: {', '.join(self._handles)}",
+            param="model",
+            code="model_not_found",
+        )
+
+    def get(self, model_id: str) -> ModelHandle:
+        """Exact lookup, for /v1/models/{id}: aliases are not models."""
+        if model_id not in self._handles:
+            raise ModelNotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        return self._handles[model_id]
+
+    async def load_all(self) -> None:
+        await asyncio.gather(*(asyncio.to_thread(handle.load) for handle in self))
+
+    async def stop(self, grace_s: float) -> None:
+        await asyncio.gather(*(handle.stop(grace_s) for handle in self))

@@ -1,0 +1,69 @@
+"""Runs batches of jobs on one copy of a diffusers model; the engine's worker drives it."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import torch
+
+from diffuser_api.domain import GeneratedImage, ImageJob, Task
+from diffuser_api.engine import StepCallback
+from diffuser_api.errors import OutOfMemory
+from diffuser_api.models.family import Family
+
+
+class DiffusersRunner:
+    """One device's pipelines for every task, sharing one set of weights (``from_pipe``).
+
+    Only its worker thread calls it, so the shared scheduler is never used concurrently.
+    """
+
+    def __init__(self, name: str, family: Family, pipelines: dict[Task, Any]) -> None:
+        self.name = name
+        self.family = family
+        self.pipelines = pipelines
+
+    def batch_key(self, job: ImageJob) -> Hashable:
+        call_level = (job.task, job.width, job.height, job.steps, job.guidance_scale, job.true_cfg_scale, job.strength)
+        if self.family.batches_across_requests:
+            return call_level
+        return (*call_level, id(job))
+
+    def run(self, jobs: Sequence[ImageJob], on_step: StepCallback) -> list[list[GeneratedImage]]:
+        task = jobs[0].task
+        pipe = self.pipelines[task]
+
+        def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            on_step(step + 1, pipeline.num_timesteps)
+            return tensors
+
+        kwargs = self.family.call_kwargs(task, jobs)
+        try:
+            with torch.inference_mode():
+                images = pipe(**kwargs, output_type="pil", callback_on_step_end=step_end).images
+        except torch.OutOfMemoryError as error:
+            raise OutOfMemory(f"out of device memory on {self.name}: {error}") from error
+        results: list[list[GeneratedImage]] = []
+        offset = 0
+        for job in jobs:
+            revised = self.used_prompt(job.prompt)
+            results.append(
+                [
+                    GeneratedImage(image=image, seed=seed, revised_prompt=revised)
+                    for image, seed in zip(images[offset : offset + job.n], job.seeds, strict=True)
+                ]
+            )
+            offset += job.n
+        return results
+
+    def used_prompt(self, prompt: str) -> str:
+        """The prompt as the text encoder sees it: truncated where diffusers truncates it."""
+        tokenizer = getattr(self.pipelines[next(iter(self.pipelines))], "tokenizer", None)
+        if tokenizer is None or not prompt:
+            return prompt
+        limit = tokenizer.model_max_length
+        if len(tokenizer(prompt).input_ids) <= limit:
+            return prompt
+        kept = tokenizer(prompt, truncation=True, max_length=limit).input_ids
+        return tokenizer.decode(kept, skip_special_tokens=True)

@@ -1,0 +1,14 @@
+"""Stable Diffusion 1.x / 2.x: text-to-image, image-to-image and inpainting via from_pipe."""
+
+from diffuser_api.models.family import Family
+
+FAMILY = Family(
+    name="stable-diffusion",
+    pipeline_classes=frozenset(
+        {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
+    ),
+    size_multiple=8,
+    default_steps=30,
+    default_guidance_scale=7.5,
+    default_strength=0.8,
+)

@@ -1,0 +1,1 @@
+"""Use cases between the API and the engine: check, decode, run, encode, store."""
