@@ -82,7 +82,7 @@ async def diffuser_error_handler(request: Request, error: DiffuserError) -> JSON
     if retry_after is not None:
         headers["retry-after"] = f"{retry_after:g}"
     message = error.message
-    if status >= 500:
+    if status == 500:
         message = f"{message} (request id {request_id_of(request)})"
         logger.warning("request %s failed: %s", request_id_of(request), error.message)
     return error_response(request, status, message, error_type, param=error.param, code=error.code, headers=headers)

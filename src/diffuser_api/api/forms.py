@@ -16,6 +16,8 @@ from diffuser_api.errors import InvalidRequest, PayloadTooLarge
 
 IMAGE_PARTS = ("image", "image[]")
 MAX_IMAGES = 16
+# A form without files (url-encoded) can still be answered precisely: "image is missing".
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class ParsedForm:
 
 async def read_image_form(request: Request, max_upload_bytes: int) -> ParsedForm:
     content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
+    if not content_type.startswith(FORM_TYPES):
         raise InvalidRequest(
             f"this endpoint takes multipart/form-data, not '{content_type or 'no content type'}'",
             code="invalid_content_type",

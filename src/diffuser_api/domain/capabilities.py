@@ -29,9 +29,12 @@ class SizeRules:
     def fit(self, width: int, height: int) -> tuple[int, int]:
         """The nearest allowed size to an input image's, for ``size=auto`` on edits."""
 
+        # Bounds come from settings and need not be multiples, so snap to the multiples inside them.
+        lowest = max(self.multiple, -(-self.min_side // self.multiple) * self.multiple)
+        highest = self.max_side // self.multiple * self.multiple
+
         def snap(side: int) -> int:
-            side = max(self.min_side, min(self.max_side, side))
-            return max(self.multiple, round(side / self.multiple) * self.multiple)
+            return max(lowest, min(highest, round(side / self.multiple) * self.multiple))
 
         return snap(width), snap(height)
 

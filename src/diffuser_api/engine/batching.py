@@ -40,12 +40,16 @@ class JobQueue:
         return len(self._jobs)
 
     def offer(self, job: Job) -> bool:
-        """Add a job unless the queue is full or closed; never blocks."""
+        """Add a job unless the queue is full or closed; never blocks.
+
+        Wakes every waiting worker: a single wake-up may reach a worker gathering a batch the
+        job cannot join, which ignores it while an idle worker sleeps on.
+        """
         with self._ready:
             if self._closed or len(self._jobs) >= self._max_jobs:
                 return False
             self._jobs.append(job)
-            self._ready.notify()
+            self._ready.notify_all()
             return True
 
     def discard(self, job: Job) -> bool:

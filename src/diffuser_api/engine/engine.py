@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import statistics
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,5 +109,7 @@ class Engine:
             job.fail(Unavailable("the server shut down before this request ran"))
 
     def _join_workers(self, grace_s: float) -> None:
+        """Share one deadline, so stopping N busy workers takes grace_s, not N times it."""
+        deadline = time.monotonic() + grace_s
         for worker in self.workers:
-            worker.join(grace_s)
+            worker.join(max(0.0, deadline - time.monotonic()))

@@ -76,7 +76,7 @@ def load_model(options: LoadOptions) -> LoadedRunners:
         else:
             dtype = resolve_dtype(options.torch_dtype, device)
             logger.info("loading %s (%s) on %s as %s", options.model_id, pipeline_class, device, dtype)
-            base = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **family.load_kwargs(source))
+            base = DiffusionPipeline.from_pretrained(source, dtype=dtype, **family.load_kwargs(source))
             base = base.to(device)
             bases[device] = base
         runners.append(DiffusersRunner(f"{device}#{index}", family, task_pipelines(base, family)))

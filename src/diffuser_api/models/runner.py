@@ -57,10 +57,12 @@ class DiffusersRunner:
             offset += job.n
         return results
 
-    def used_prompt(self, prompt: str) -> str:
+    def used_prompt(self, prompt: str) -> str | None:
         """The prompt as the text encoder sees it: truncated where diffusers truncates it."""
+        if not prompt:
+            return None
         tokenizer = getattr(self.pipelines[next(iter(self.pipelines))], "tokenizer", None)
-        if tokenizer is None or not prompt:
+        if tokenizer is None:
             return prompt
         limit = tokenizer.model_max_length
         if len(tokenizer(prompt).input_ids) <= limit:

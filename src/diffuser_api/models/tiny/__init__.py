@@ -8,26 +8,30 @@ then loaded through the same ``from_pretrained`` path as any hub id or local fol
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
-from diffuser_api.models.tiny import flux, flux_kontext, qwen_image, qwen_image_edit, sd3, sdxl, stable_diffusion
-
-Builder = Callable[[Path], None]
-
-BUILDERS: dict[str, Builder] = {
-    "tiny-sd": stable_diffusion.build,
-    "tiny-sdxl": sdxl.build,
-    "tiny-sd3": sd3.build,
-    "tiny-flux": flux.build,
-    "tiny-flux-kontext": flux_kontext.build,
-    "tiny-qwen-image": qwen_image.build,
-    "tiny-qwen-image-edit": qwen_image_edit.build,
-    "tiny-qwen-image-edit-plus": qwen_image_edit.build_plus,
+# model id -> (module in this package, builder function). Modules are imported only when
+# their model is built: importing every family's classes costs seconds at start-up.
+BUILDERS: dict[str, tuple[str, str]] = {
+    "tiny-sd": ("stable_diffusion", "build"),
+    "tiny-sdxl": ("sdxl", "build"),
+    "tiny-sd3": ("sd3", "build"),
+    "tiny-flux": ("flux", "build"),
+    "tiny-flux-kontext": ("flux_kontext", "build"),
+    "tiny-qwen-image": ("qwen_image", "build"),
+    "tiny-qwen-image-edit": ("qwen_image_edit", "build"),
+    "tiny-qwen-image-edit-plus": ("qwen_image_edit", "build_plus"),
 }
+
+
+def _build(model_id: str, folder: Path) -> None:
+    module_name, function = BUILDERS[model_id]
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    getattr(module, function)(folder)
 
 
 def is_tiny_model(model_id: str) -> bool:
@@ -42,7 +46,7 @@ def ensure_tiny_model(model_id: str, cache_dir: Path) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{model_id}-", dir=cache_dir))
     try:
-        BUILDERS[model_id](scratch)
+        _build(model_id, scratch)
         try:
             os.rename(scratch, target)
         except OSError:

@@ -1,0 +1,369 @@
+"""The engine with a fake runner: batching, back-pressure, cancellation, timeouts, failures, stop.
+
+Every wait is bounded (``wait_until``, the runner's gate timeout, ``TEST_TIMEOUT_S`` per test),
+so an engine bug fails a test instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from tests.unit.engine_fakes import FakeRunner, colour_for, image_job
+
+from diffuser_api.domain import GeneratedImage
+from diffuser_api.engine import Engine, EngineLimits
+from diffuser_api.errors import InvalidRequest, ModelFailure, OutOfMemory, Overloaded, RequestTimeout, Unavailable
+
+TEST_TIMEOUT_S = 10.0
+
+
+def run_async(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    """Run an async test on a fresh loop, bounded in time (the project has no pytest-asyncio)."""
+
+    @functools.wraps(test)
+    def wrapper() -> None:
+        asyncio.run(asyncio.wait_for(test(), TEST_TIMEOUT_S))
+
+    return wrapper
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.002)
+
+
+@asynccontextmanager
+async def serving(*runners: FakeRunner, **limits: Any) -> AsyncIterator[Engine]:
+    engine = Engine(runners, EngineLimits(**limits))
+    engine.start()
+    try:
+        yield engine
+    finally:
+        for runner in runners:
+            runner.gate.set()
+        await engine.stop(grace_s=2.0)
+
+
+async def submit(engine: Engine, prompt: str, **job: Any) -> asyncio.Task[list[GeneratedImage]]:
+    """Start a request as its own task (like one HTTP client) and let it reach the queue."""
+    task = asyncio.create_task(engine.submit(image_job(prompt, **job)))
+    await asyncio.sleep(0)
+    return task
+
+
+async def block_worker(engine: Engine, runner: FakeRunner) -> asyncio.Task[list[GeneratedImage]]:
+    """Occupy the runner's worker with a one-step job that waits until ``runner.gate`` opens."""
+    runner.gate.clear()
+    blocker = await submit(engine, "blocker", steps=1)
+    await wait_until(lambda: runner.started("blocker"), "the worker to start the blocker")
+    return blocker
+
+
+def assert_images_of(images: list[GeneratedImage], prompt: str, seeds: tuple[int, ...] = (1,)) -> None:
+    assert [image.seed for image in images] == list(seeds)
+    assert [image.image.getpixel((0, 0)) for image in images] == [colour_for(prompt, seed) for seed in seeds]
+
+
+@run_async
+async def test_single_job_returns_one_image_per_seed() -> None:
+    runner = FakeRunner()
+    async with serving(runner) as engine:
+        images = await engine.submit(image_job("a fox", seeds=(7, 8, 9), size=(96, 64)))
+    assert_images_of(images, "a fox", (7, 8, 9))
+    assert {image.image.size for image in images} == {(96, 64)}
+    assert [batch.images for batch in runner.batches] == [3]
+
+
+@run_async
+async def test_jobs_queued_behind_a_busy_worker_run_in_one_call() -> None:
+    runner = FakeRunner()
+    async with serving(runner) as engine:
+        blocker = await block_worker(engine, runner)
+        tasks = [await submit(engine, prompt) for prompt in ("red", "green", "blue")]
+        await wait_until(lambda: engine.queue_depth == 3, "three queued jobs")
+        runner.gate.set()
+        results = await asyncio.gather(blocker, *tasks)
+    assert [batch.prompts for batch in runner.batches] == [("blocker",), ("red", "green", "blue")]
+    for prompt, images in zip(("red", "green", "blue"), results[1:], strict=True):
+        assert_images_of(images, prompt)
+
+
+@run_async
+async def test_jobs_of_different_size_or_steps_are_not_merged() -> None:
+    runner = FakeRunner()
+    async with serving(runner) as engine:
+        blocker = await block_worker(engine, runner)
+        tasks = [
+            await submit(engine, "a"),
+            await submit(engine, "wide", size=(128, 64)),
+            await submit(engine, "longer", steps=3),
+            await submit(engine, "b"),
+        ]
+        await wait_until(lambda: engine.queue_depth == 4, "four queued jobs")
+        runner.gate.set()
+        await asyncio.gather(blocker, *tasks)
+    assert [batch.prompts for batch in runner.batches[1:]] == [("a", "b"), ("wide",), ("longer",)]
+
+
+@run_async
+async def test_max_batch_size_counts_every_image_of_a_job() -> None:
+    runner = FakeRunner()
+    async with serving(runner, max_batch_size=4) as engine:
+        blocker = await block_worker(engine, runner)
+        tasks = [
+            await submit(engine, "three", seeds=(1, 2, 3)),
+            await submit(engine, "two", seeds=(1, 2)),
+            await submit(engine, "one"),
+            await submit(engine, "another"),
+        ]
+        await wait_until(lambda: engine.queue_depth == 4, "four queued jobs")
+        runner.gate.set()
+        await asyncio.gather(blocker, *tasks)
+    assert [batch.prompts for batch in runner.batches[1:]] == [("three", "one"), ("two", "another")]
+    assert [batch.images for batch in runner.batches[1:]] == [4, 3]
+
+
+@run_async
+async def test_max_batch_pixels_caps_a_batch() -> None:
+    runner = FakeRunner()
+    async with serving(runner, max_batch_pixels=2 * 64 * 64) as engine:
+        blocker = await block_worker(engine, runner)
+        tasks = [await submit(engine, prompt) for prompt in ("p1", "p2", "p3")]
+        await wait_until(lambda: engine.queue_depth == 3, "three queued jobs")
+        runner.gate.set()
+        await asyncio.gather(blocker, *tasks)
+    assert [batch.prompts for batch in runner.batches[1:]] == [("p1", "p2"), ("p3",)]
+
+
+@run_async
+async def test_seeded_images_are_the_same_alone_or_batched() -> None:
+    runner = FakeRunner()
+    async with serving(runner) as engine:
+        alone = await engine.submit(image_job("cat", seeds=(3, 4)))
+        blocker = await block_worker(engine, runner)
+        tasks = [
+            await submit(engine, "dog", seeds=(3,)),
+            await submit(engine, "cat", seeds=(3, 4)),
+            await submit(engine, "cow", seeds=(4,)),
+        ]
+        await wait_until(lambda: engine.queue_depth == 3, "three queued jobs")
+        runner.gate.set()
+        _, dog, batched, cow = await asyncio.gather(blocker, *tasks)
+    assert runner.batches[-1].prompts == ("dog", "cat", "cow")
+    assert [image.seed for image in batched] == [image.seed for image in alone]
+    assert [image.image.tobytes() for image in batched] == [image.image.tobytes() for image in alone]
+    assert_images_of(dog, "dog", (3,))
+    assert_images_of(cow, "cow", (4,))
+
+
+@run_async
+async def test_full_queue_answers_overloaded_at_once_and_serves_again_later() -> None:
+    runner = FakeRunner()
+    async with serving(runner, max_queue_size=2) as engine:
+        blocker = await block_worker(engine, runner)
+        queued = [await submit(engine, "first"), await submit(engine, "second")]
+        await wait_until(lambda: engine.queue_depth == 2, "a full queue")
+        started = time.monotonic()
+        with pytest.raises(Overloaded) as refused:
+            await engine.submit(image_job("third"))
+        assert time.monotonic() - started < 0.1
+        assert refused.value.retry_after >= 1
+        runner.gate.set()
+        await asyncio.gather(blocker, *queued)
+        assert_images_of(await engine.submit(image_job("later")), "later")
+
+
+@run_async
+async def test_cancelled_queued_job_never_runs() -> None:
+    runner = FakeRunner()
+    async with serving(runner) as engine:
+        blocker = await block_worker(engine, runner)
+        gone = await submit(engine, "never")
+        await wait_until(lambda: engine.queue_depth == 1, "the job to be queued")
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert engine.queue_depth == 0
+        runner.gate.set()
+        await blocker
+        assert_images_of(await engine.submit(image_job("after")), "after")
+    assert not runner.started("never")
+
+
+@run_async
+async def test_cancelling_the_only_client_stops_its_batch_at_the_next_step() -> None:
+    runner = FakeRunner(step_delay_s=0.01)
+    async with serving(runner) as engine:
+        gone = await submit(engine, "long", steps=500)
+        await wait_until(lambda: runner.started("long") and runner.batch_of("long").steps >= 2, "two steps")
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        steps_at_cancel = runner.batch_of("long").steps
+        started = time.monotonic()
+        assert_images_of(await engine.submit(image_job("next")), "next")
+        assert time.monotonic() - started < 0.5
+    assert runner.batch_of("long").steps - steps_at_cancel <= 1
+
+
+@run_async
+async def test_cancelling_one_client_of_a_shared_batch_lets_the_other_finish() -> None:
+    runner = FakeRunner()
+    async with serving(runner) as engine:
+        blocker = await block_worker(engine, runner)
+        leaver = await submit(engine, "leaver", steps=20)
+        stayer = await submit(engine, "stayer", steps=20)
+        await wait_until(lambda: engine.queue_depth == 2, "two queued jobs")
+        runner.step_delay_s = 0.01
+        runner.gate.set()
+        await wait_until(lambda: runner.started("stayer") and runner.batch_of("stayer").steps >= 2, "two steps")
+        leaver.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaver
+        assert_images_of(await stayer, "stayer")
+        await blocker
+    shared = runner.batch_of("stayer")
+    assert shared.prompts == ("leaver", "stayer")
+    assert shared.steps == 20
+
+
+@run_async
+async def test_slow_request_times_out_and_frees_the_worker() -> None:
+    runner = FakeRunner(step_delay_s=0.01)
+    async with serving(runner, request_timeout_s=0.1) as engine:
+        started = time.monotonic()
+        with pytest.raises(RequestTimeout) as timed_out:
+            await engine.submit(image_job("slow", steps=300))
+        assert time.monotonic() - started < 0.5
+        assert timed_out.value.code == "timeout"
+        assert_images_of(await engine.submit(image_job("quick")), "quick")
+    assert runner.batch_of("slow").steps < 300
+
+
+@run_async
+async def test_runner_exception_fails_its_batch_as_model_failure_and_the_next_job_succeeds() -> None:
+    runner = FakeRunner(fail_on={"boom": RuntimeError("kaput")})
+    async with serving(runner) as engine:
+        blocker = await block_worker(engine, runner)
+        failing = [await submit(engine, "boom"), await submit(engine, "bystander")]
+        await wait_until(lambda: engine.queue_depth == 2, "two queued jobs")
+        runner.gate.set()
+        await blocker
+        for task in failing:
+            with pytest.raises(ModelFailure, match="RuntimeError: kaput"):
+                await task
+        assert_images_of(await engine.submit(image_job("fine")), "fine")
+    assert runner.batch_of("boom").prompts == ("boom", "bystander")
+
+
+@run_async
+async def test_diffuser_error_from_the_runner_reaches_the_client_as_it_is() -> None:
+    error = InvalidRequest("this model has no such adapter", param="prompt")
+    runner = FakeRunner(fail_on={"adapter": error})
+    async with serving(runner) as engine:
+        with pytest.raises(InvalidRequest) as raised:
+            await engine.submit(image_job("adapter"))
+        assert raised.value is error
+        assert_images_of(await engine.submit(image_job("fine")), "fine")
+
+
+@run_async
+async def test_out_of_memory_batch_is_retried_in_halves() -> None:
+    runner = FakeRunner(max_images=2)
+    prompts = ("m1", "m2", "m3", "m4")
+    async with serving(runner) as engine:
+        blocker = await block_worker(engine, runner)
+        tasks = [await submit(engine, prompt) for prompt in prompts]
+        await wait_until(lambda: engine.queue_depth == 4, "four queued jobs")
+        runner.gate.set()
+        results = await asyncio.gather(blocker, *tasks)
+    assert [batch.prompts for batch in runner.batches[1:]] == [prompts, prompts[:2], prompts[2:]]
+    for prompt, images in zip(prompts, results[1:], strict=True):
+        assert_images_of(images, prompt)
+
+
+@run_async
+async def test_single_job_that_does_not_fit_fails_with_out_of_memory() -> None:
+    runner = FakeRunner(max_images=2)
+    async with serving(runner) as engine:
+        with pytest.raises(OutOfMemory):
+            await engine.submit(image_job("huge", seeds=(1, 2, 3)))
+        assert_images_of(await engine.submit(image_job("fits", seeds=(1, 2))), "fits", (1, 2))
+    assert [batch.prompts for batch in runner.batches] == [("huge",), ("fits",)]
+
+
+@run_async
+async def test_two_devices_run_incompatible_jobs_concurrently() -> None:
+    devices = FakeRunner("cpu", step_delay_s=0.05), FakeRunner("cpu", step_delay_s=0.05)
+    async with serving(*devices) as engine:
+        small = await submit(engine, "small", steps=4)
+        large = await submit(engine, "large", size=(128, 128), steps=4)
+        assert_images_of(await small, "small")
+        assert_images_of(await large, "large")
+    assert [len(device.batches) for device in devices] == [1, 1]
+    batches = [device.batches[0] for device in devices]
+    assert max(batch.started_at for batch in batches) < min(batch.finished_at or 0.0 for batch in batches)
+
+
+@run_async
+async def test_idle_worker_takes_a_job_that_arrives_while_another_gathers_a_batch() -> None:
+    """A new job must wake the idle worker, not only one gathering a batch the job cannot join."""
+    devices = FakeRunner("cpu"), FakeRunner("cpu")
+    for device in devices:
+        device.gate.clear()
+    async with serving(*devices, batch_wait_s=0.3) as engine:
+        quick = await submit(engine, "quick", steps=1)
+        await wait_until(lambda: any(device.started("quick") for device in devices), "a worker to take 'quick'")
+        free, gathering = devices if devices[0].started("quick") else devices[::-1]
+        held = await submit(engine, "held", size=(128, 128))
+        await wait_until(lambda: engine.queue_depth == 0, "the other worker to take 'held'")
+        free.gate.set()
+        await quick
+        await asyncio.sleep(0.02)  # the free worker is back waiting; the other still gathers
+        late = await submit(engine, "late", size=(96, 96))
+        await wait_until(lambda: free.started("late"), "the idle worker to take 'late'", timeout=1.0)
+        gathering.gate.set()
+        await asyncio.gather(held, late)
+
+
+@run_async
+async def test_stop_fails_queued_jobs_and_refuses_new_ones() -> None:
+    runner = FakeRunner()
+    async with serving(runner) as engine:
+        blocker = await block_worker(engine, runner)
+        queued = [await submit(engine, "first"), await submit(engine, "second")]
+        await wait_until(lambda: engine.queue_depth == 2, "two queued jobs")
+        await engine.stop(grace_s=0.1)
+        for task in queued:
+            with pytest.raises(Unavailable):
+                await task
+        with pytest.raises(Unavailable):
+            await engine.submit(image_job("too late"))
+        runner.gate.set()
+        assert_images_of(await blocker, "blocker")
+    assert not runner.started("first")
+
+
+@run_async
+async def test_stop_gives_all_workers_one_grace_period_together() -> None:
+    devices = FakeRunner("cpu"), FakeRunner("cpu")
+    for device in devices:
+        device.gate.clear()
+    async with serving(*devices) as engine:
+        busy = [await submit(engine, "small"), await submit(engine, "large", size=(128, 128))]
+        await wait_until(lambda: all(device.batches for device in devices), "both workers to be busy")
+        started = time.monotonic()
+        await engine.stop(grace_s=0.2)
+        assert time.monotonic() - started < 0.35
+        for device in devices:
+            device.gate.set()
+        await asyncio.gather(*busy)
