@@ -14,11 +14,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from tests.unit.engine_fakes import FakeRunner, colour_for, image_job
 
 from diffuser_api.domain import GeneratedImage
 from diffuser_api.engine import Engine, EngineLimits
 from diffuser_api.errors import InvalidRequest, ModelFailure, OutOfMemory, Overloaded, RequestTimeout, Unavailable
+from tests.unit.engine_fakes import FakeRunner, colour_for, image_job
 
 TEST_TIMEOUT_S = 10.0
 

@@ -38,13 +38,19 @@ class Job:
 
     def report_progress(self, step: int, total: int) -> None:
         if self.progress is not None and not self.cancelled:
-            self.loop.call_soon_threadsafe(self.progress, step, total)
+            self._post(self.progress, step, total)
 
     def resolve(self, images: list[GeneratedImage]) -> None:
-        self.loop.call_soon_threadsafe(_set_result, self.future, images)
+        self._post(_set_result, self.future, images)
 
     def fail(self, error: BaseException) -> None:
-        self.loop.call_soon_threadsafe(_set_exception, self.future, error)
+        self._post(_set_exception, self.future, error)
+
+    def _post(self, callback: Callable[..., None], *args: object) -> None:
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass  # the event loop has closed (shutdown past its grace): nobody is waiting
 
 
 def _set_result(future: asyncio.Future, value: object) -> None:

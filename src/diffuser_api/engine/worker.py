@@ -83,6 +83,8 @@ class Worker:
         outcome = "ok"
         try:
             results = self.runner.run([job.work for job in batch], on_step)
+            if len(results) != len(batch):
+                raise ModelFailure(f"the model returned {len(results)} results for {len(batch)} requests")
         except _BatchAbandoned:
             outcome = "abandoned"
             for job in batch:
@@ -105,8 +107,16 @@ class Worker:
                 if not job.cancelled:
                     job.resolve(images)
         finally:
-            if self._observe is not None:
-                self._observe(BatchReport(self.runner.name, batch, time.monotonic() - now, steps_done, outcome))
+            self._report(BatchReport(self.runner.name, batch, time.monotonic() - now, steps_done, outcome))
+
+    def _report(self, report: BatchReport) -> None:
+        """Figures are for logs and metrics; a broken observer must not stop the worker."""
+        if self._observe is None:
+            return
+        try:
+            self._observe(report)
+        except Exception:
+            logger.exception("batch observer failed on %s", self.runner.name)
 
     def _retry_smaller(self, batch: list[Job], error: OutOfMemory) -> None:
         """Halve an out-of-memory batch until it fits; a single job that still fails, fails."""
