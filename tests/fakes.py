@@ -29,6 +29,11 @@ def colour_of(prompt: str, seed: int) -> tuple[int, int, int]:
     return digest[0], digest[1], digest[2]
 
 
+def preview_of(job: ImageJob, step: int) -> Image.Image:
+    """Grey, brighter with every step, so tests can tell previews apart from finals."""
+    return Image.new("RGB", (job.width, job.height), (step * 10 % 256,) * 3)
+
+
 class FakeRunner:
     name = "fake#0"
 
@@ -46,7 +51,7 @@ class FakeRunner:
         for step in range(1, steps + 1):
             if self.gate is not None:
                 assert self.gate.wait(10), "test gate never opened"
-            on_step(step, steps)
+            on_step(step, steps, lambda: [[preview_of(job, step) for _ in job.seeds] for job in jobs])
         if any(job.prompt == self.fail_on_prompt for job in jobs):
             raise RuntimeError("fake pipeline exploded")
         return [

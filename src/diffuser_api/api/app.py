@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from diffuser_api import __version__
-from diffuser_api.api import health, images, models
+from diffuser_api.api import health, images, models, websocket
 from diffuser_api.api.errors import install_error_handlers
 from diffuser_api.api.request_id import RequestIdMiddleware
 from diffuser_api.config import Settings
@@ -48,4 +48,5 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     app.include_router(health.router)
     app.include_router(models.router, prefix=settings.api_prefix)
     app.include_router(images.router, prefix=settings.api_prefix)
+    app.include_router(websocket.router, prefix=settings.api_prefix)
     return app

@@ -51,6 +51,12 @@ def request_id_of(request: Request) -> str:
     return getattr(request.state, "request_id", "")
 
 
+def envelope(
+    request_id: str, message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code, "request_id": request_id}}
+
+
 def error_response(
     request: Request,
     status: int,
@@ -61,20 +67,15 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    request_id = request_id_of(request)
-    body = {"error": {"message": message, "type": error_type, "param": param, "code": code, "request_id": request_id}}
+    body = envelope(request_id_of(request), message, error_type, param, code)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _table_entry(error: DiffuserError) -> tuple[int, str, bool | None]:
-    for kind in type(error).__mro__:
-        if kind in ERROR_TABLE:
-            return ERROR_TABLE[kind]
-    return 500, "server_error", None
-
-
-async def diffuser_error_handler(request: Request, error: DiffuserError) -> JSONResponse:
-    status, error_type, should_retry = _table_entry(error)
+def describe_error(error: DiffuserError, request_id: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, envelope and headers of one of our errors: the table, applied."""
+    status, error_type, should_retry = next(
+        (ERROR_TABLE[kind] for kind in type(error).__mro__ if kind in ERROR_TABLE), (500, "server_error", None)
+    )
     headers: dict[str, str] = {}
     if should_retry is not None:
         headers["x-should-retry"] = str(should_retry).lower()
@@ -83,9 +84,14 @@ async def diffuser_error_handler(request: Request, error: DiffuserError) -> JSON
         headers["retry-after"] = f"{retry_after:g}"
     message = error.message
     if status == 500:
-        message = f"{message} (request id {request_id_of(request)})"
-        logger.warning("request %s failed: %s", request_id_of(request), error.message)
-    return error_response(request, status, message, error_type, param=error.param, code=error.code, headers=headers)
+        message = f"{message} (request id {request_id})"
+        logger.warning("request %s failed: %s", request_id, error.message)
+    return status, envelope(request_id, message, error_type, error.param, error.code), headers
+
+
+async def diffuser_error_handler(request: Request, error: DiffuserError) -> JSONResponse:
+    status, body, headers = describe_error(error, request_id_of(request))
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def invalid_request_from(errors: list[dict[str, Any]]) -> InvalidRequest:

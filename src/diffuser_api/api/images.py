@@ -6,11 +6,13 @@ import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from diffuser_api.api.dependencies import ServiceDep, SettingsDep, StorageDep
 from diffuser_api.api.disconnect import cancel_on_disconnect
+from diffuser_api.api.errors import describe_error, request_id_of
 from diffuser_api.api.forms import read_image_form
+from diffuser_api.api.streaming import sse_response
 from diffuser_api.api.schemas import (
     EditForm,
     EditJSONBody,
@@ -35,7 +37,7 @@ MULTIPART_BODY = {"requestBody": {"content": {"multipart/form-data": {"schema": 
 @router.post("/images/generations", summary="Create images from a prompt")
 async def create_generation(
     body: GenerationBody, request: Request, service: ServiceDep, settings: SettingsDep
-) -> JSONResponse:
+) -> Response:
     return await _run(request, service, settings, Endpoint.GENERATIONS, body, ())
 
 
@@ -47,10 +49,10 @@ async def create_generation(
         "application/json": {"schema": EditJSONBody.model_json_schema()},
     }}},
 )
-async def create_edit(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+async def create_edit(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     if request.headers.get("content-type", "").startswith("application/json"):
         body: EditForm = EditJSONBody.model_validate_json(await request.body())
-        images, mask = _json_uploads(body)
+        images, mask = json_uploads(body)
     else:
         form = await read_image_form(request, settings.max_upload_bytes)
         body = EditForm.model_validate(form.fields)
@@ -59,7 +61,7 @@ async def create_edit(request: Request, service: ServiceDep, settings: SettingsD
 
 
 @router.post("/images/variations", summary="Create variations of an image", openapi_extra=MULTIPART_BODY)
-async def create_variation(request: Request, service: ServiceDep, settings: SettingsDep) -> JSONResponse:
+async def create_variation(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     form = await read_image_form(request, settings.max_upload_bytes)
     if form.mask is not None:
         raise InvalidRequest("variations take no mask", param="mask", code="unknown_parameter")
@@ -81,17 +83,30 @@ async def _run(
     body: ImageOptions,
     images: tuple[Upload, ...],
     mask: Upload | None = None,
-) -> JSONResponse:
-    reject_unknown_fields(body, settings.allow_unknown_fields)
-    if endpoint is not Endpoint.GENERATIONS and not images:
-        raise InvalidRequest("Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
-    values = {name: getattr(body, name) for name in REQUEST_FIELDS if hasattr(body, name)}
-    image_request = ImageRequest(endpoint=endpoint, images=images, mask=mask, **values)
+) -> Response:
+    image_request = build_image_request(settings, endpoint, body, images, mask)
+    if image_request.stream:
+        stream = await service.open_stream(image_request)
+        request_id = request_id_of(request)
+        return sse_response(
+            stream, image_request, lambda error: describe_error(error, request_id)[1], settings.stream_ping_s
+        )
     result, _ = await cancel_on_disconnect(request, service.create(image_request, files_url_base(request, settings)))
     return JSONResponse(images_response(result))
 
 
-def _json_uploads(body: EditJSONBody) -> tuple[tuple[Upload, ...], Upload | None]:
+def build_image_request(
+    settings: Settings, endpoint: Endpoint, body: ImageOptions, images: tuple[Upload, ...], mask: Upload | None
+) -> ImageRequest:
+    """The parsed body as the service's request; the same for HTTP and WebSocket callers."""
+    reject_unknown_fields(body, settings.allow_unknown_fields)
+    if endpoint is not Endpoint.GENERATIONS and not images:
+        raise InvalidRequest("Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
+    values = {name: getattr(body, name) for name in REQUEST_FIELDS if hasattr(body, name)}
+    return ImageRequest(endpoint=endpoint, images=images, mask=mask, **values)
+
+
+def json_uploads(body: EditJSONBody) -> tuple[tuple[Upload, ...], Upload | None]:
     def read(reference: Any, param: str) -> Upload:
         if reference.file_id is not None:
             raise InvalidRequest(

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(5.0, description="How long a worker waits for compatible requests to batch.")
     request_timeout_s: float = Field(300.0, description="Past this a request is cancelled and answers 504.")
 
+    # Streaming
+    stream_ping_s: float = Field(5.0, description="Seconds between ': ping' keep-alive comments on SSE streams.")
+
     # Storage for response_format=url
     storage_dir: Path = Field(
         Path.home() / ".cache" / "diffuser-api" / "images", description="Where url responses are written."

@@ -2,7 +2,7 @@
 
 from diffuser_api.domain.capabilities import Capabilities, SizeRules
 from diffuser_api.domain.requests import Endpoint, ImageJob, ImageRequest, Task, Upload
-from diffuser_api.domain.results import GeneratedImage, ImagesResult, StoredImage
+from diffuser_api.domain.results import GeneratedImage, ImagesResult, StepProgress, StoredImage
 
 __all__ = [
     "Capabilities",
@@ -13,6 +13,7 @@ __all__ = [
     "ImageJob",
     "ImagesResult",
     "SizeRules",
+    "StepProgress",
     "StoredImage",
     "Task",
 ]

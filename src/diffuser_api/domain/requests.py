@@ -35,6 +35,8 @@ class ImageJob:
     true_cfg_scale: float | None = None
     negative_prompt: str | None = None
     strength: float | None = None
+    # Previews wanted per image while it denoises (OpenAI's partial_images, 0-3).
+    partial_images: int = 0
     images: tuple[Image, ...] = field(default=(), compare=False)
     mask: Image | None = field(default=None, compare=False)
 
@@ -81,6 +83,7 @@ class ImageRequest:
     background: str | None = None
     input_fidelity: str | None = None
     stream: bool | None = None
+    partial_images: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     true_cfg_scale: float | None = None

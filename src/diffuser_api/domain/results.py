@@ -12,6 +12,16 @@ class GeneratedImage:
     image: Image
     seed: int
     revised_prompt: str | None = None
+    prompt_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """A denoising step finished; ``previews`` (one per output image) when one was due."""
+
+    step: int
+    total: int
+    previews: tuple[Image, ...] | None = None
 
 
 @dataclass(frozen=True)

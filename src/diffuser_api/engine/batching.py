@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+from diffuser_api.domain import ImageJob
 from diffuser_api.engine.job import Job
 
 
@@ -61,12 +62,9 @@ class JobQueue:
                 return False
             return True
 
-    def position(self, job: Job) -> int | None:
+    def position_of(self, work: ImageJob) -> int | None:
         with self._ready:
-            try:
-                return self._jobs.index(job)
-            except ValueError:
-                return None
+            return next((index for index, job in enumerate(self._jobs) if job.work is work), None)
 
     def close(self) -> None:
         with self._ready:

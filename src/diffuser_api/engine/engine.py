@@ -77,6 +77,10 @@ class Engine:
             self._cancel(job)
             raise
 
+    def queue_position(self, work: ImageJob) -> int | None:
+        """0 for the next job to run; None once a worker has taken it."""
+        return self._queue.position_of(work)
+
     def retry_after_s(self) -> float:
         """Estimate when a slot frees up: queued batches times the recent time per batch."""
         per_batch = statistics.median(self._recent_compute_s) if self._recent_compute_s else 1.0

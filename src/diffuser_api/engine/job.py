@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from diffuser_api.domain import GeneratedImage, ImageJob
+from diffuser_api.domain import GeneratedImage, ImageJob, StepProgress
 
-ProgressSink = Callable[[int, int], None]
+ProgressSink = Callable[[StepProgress], None]
 
 
 @dataclass(eq=False)
@@ -36,9 +36,9 @@ class Job:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
-    def report_progress(self, step: int, total: int) -> None:
+    def report_progress(self, progress: StepProgress) -> None:
         if self.progress is not None and not self.cancelled:
-            self._post(self.progress, step, total)
+            self._post(self.progress, progress)
 
     def resolve(self, images: list[GeneratedImage]) -> None:
         self._post(_set_result, self.future, images)

@@ -5,11 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from typing import Protocol
 
+from PIL.Image import Image
+
 from diffuser_api.domain import GeneratedImage, ImageJob
 
-# Called by the runner after every denoising step with (step, total_steps); it may raise to
-# abort the pipeline call (every client of the batch has gone).
-StepCallback = Callable[[int, int], None]
+# Decodes the current latents into preview images: one list per job, one image per output.
+# Only called when a job asked for partial images at this step, because it costs a VAE pass.
+PreviewSource = Callable[[], list[list[Image]]]
+
+# Called by the runner after every denoising step with (step, total_steps, previews); it may
+# raise to abort the pipeline call (every client of the batch has gone).
+StepCallback = Callable[[int, int, PreviewSource], None]
 
 
 class ModelRunner(Protocol):

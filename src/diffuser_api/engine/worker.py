@@ -9,12 +9,18 @@ from collections.abc import Callable
 
 from diffuser_api.engine.batching import BatchLimits, JobQueue, QueueClosed
 from diffuser_api.engine.job import Job
-from diffuser_api.engine.runner import ModelRunner
+from diffuser_api.domain import StepProgress
+from diffuser_api.engine.runner import ModelRunner, PreviewSource
 from diffuser_api.errors import Cancelled, DiffuserError, ModelFailure, OutOfMemory
 
 logger = logging.getLogger(__name__)
 
 BatchObserver = Callable[["BatchReport"], None]
+
+
+def preview_steps(partial_images: int, total: int) -> set[int]:
+    """Steps, evenly spaced and before the last, after which a job gets a preview."""
+    return {round(total * (index + 1) / (partial_images + 1)) for index in range(partial_images)} - {0, total}
 
 
 class _BatchAbandoned(Exception):
@@ -72,13 +78,15 @@ class Worker:
             job.started_at = now
         steps_done = 0
 
-        def on_step(step: int, total: int) -> None:
+        def on_step(step: int, total: int, previews: PreviewSource) -> None:
             nonlocal steps_done
             steps_done += 1
             if all(job.cancelled for job in batch):
                 raise _BatchAbandoned
-            for job in batch:
-                job.report_progress(step, total)
+            due = [step in preview_steps(job.work.partial_images, total) for job in batch]
+            decoded = previews() if any(due) else None
+            for job, wanted, shown in zip(batch, due, decoded or [None] * len(batch), strict=True):
+                job.report_progress(StepProgress(step, total, tuple(shown) if wanted and shown else None))
 
         outcome = "ok"
         try:

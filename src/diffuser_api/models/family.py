@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL.Image import Image
 
 from diffuser_api.domain import ImageJob, Task
 
@@ -20,11 +21,20 @@ UNIVERSAL_EXTRAS = frozenset({"num_inference_steps", "seed"})
 SIGNATURE_EXTRAS = ("guidance_scale", "true_cfg_scale", "negative_prompt", "strength")
 
 CallKwargs = Callable[[Task, Sequence[ImageJob]], dict[str, Any]]
+# (pipeline, latents at this step, height, width) -> one preview image per batch row.
+PreviewDecoder = Callable[[Any, Any, int, int], list[Image]]
 LoadKwargs = Callable[[str], dict[str, Any]]
 
 
 def no_load_kwargs(source: str) -> dict[str, Any]:
     return {}
+
+
+def vae_preview(pipeline: Any, latents: Any, height: int, width: int) -> list[Image]:
+    """Unpacked (SD-style) latents: undo the VAE scaling and decode with the pipeline's VAE."""
+    vae = pipeline.vae
+    decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return pipeline.image_processor.postprocess(decoded, output_type="pil")
 
 
 def generators(jobs: Sequence[ImageJob]) -> list[torch.Generator]:
@@ -80,4 +90,6 @@ class Family:
     call_kwargs: CallKwargs = prompt_list_kwargs
     # Extra ``from_pretrained`` arguments (e.g. a processor that avoids torchvision).
     load_kwargs: LoadKwargs = no_load_kwargs
+    # How to turn mid-denoising latents into images for streamed previews.
+    preview: PreviewDecoder = vae_preview
     notes: tuple[str, ...] = field(default=())

@@ -117,7 +117,7 @@ def warm_up(loaded: LoadedRunners) -> None:
     job = ImageJob(task=task, prompt="warm-up", width=side, height=side, steps=2, seeds=(0,), images=images,
                    strength=1.0 if task is Task.EDIT and "strength" in caps.extras else None)
     for runner in loaded.runners:
-        runner.run([job], lambda step, total: None)
+        runner.run([job], lambda step, total, previews: None)
 
 
 class ModelRegistry:

@@ -6,6 +6,7 @@ from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
+from PIL.Image import Image
 
 from diffuser_api.domain import GeneratedImage, ImageJob, Task
 from diffuser_api.engine import StepCallback
@@ -31,41 +32,57 @@ class DiffusersRunner:
         return (*call_level, id(job))
 
     def run(self, jobs: Sequence[ImageJob], on_step: StepCallback) -> list[list[GeneratedImage]]:
-        task = jobs[0].task
-        pipe = self.pipelines[task]
+        first = jobs[0]
+        pipe = self.pipelines[first.task]
 
         def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            on_step(step + 1, pipeline.num_timesteps)
+            def previews() -> list[list[Image]]:
+                return per_job(jobs, self.family.preview(pipeline, tensors["latents"], first.height, first.width))
+
+            on_step(step + 1, pipeline.num_timesteps, previews)
             return tensors
 
-        kwargs = self.family.call_kwargs(task, jobs)
+        kwargs = self.family.call_kwargs(first.task, jobs)
         try:
             with torch.inference_mode():
-                images = pipe(**kwargs, output_type="pil", callback_on_step_end=step_end).images
+                images = pipe(
+                    **kwargs, output_type="pil", callback_on_step_end=step_end,
+                    callback_on_step_end_tensor_inputs=["latents"],
+                ).images
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(f"out of device memory on {self.name}: {error}") from error
         results: list[list[GeneratedImage]] = []
-        offset = 0
-        for job in jobs:
-            revised = self.used_prompt(job.prompt)
+        for job, job_images in zip(jobs, per_job(jobs, images), strict=True):
+            revised, tokens = self.used_prompt(job.prompt)
             results.append(
                 [
-                    GeneratedImage(image=image, seed=seed, revised_prompt=revised)
-                    for image, seed in zip(images[offset : offset + job.n], job.seeds, strict=True)
+                    GeneratedImage(image=image, seed=seed, revised_prompt=revised, prompt_tokens=tokens)
+                    for image, seed in zip(job_images, job.seeds, strict=True)
                 ]
             )
-            offset += job.n
         return results
 
-    def used_prompt(self, prompt: str) -> str | None:
-        """The prompt as the text encoder sees it: truncated where diffusers truncates it."""
+    def used_prompt(self, prompt: str) -> tuple[str | None, int | None]:
+        """The prompt as the text encoder sees it (truncated where diffusers truncates it),
+        and its token count."""
         if not prompt:
-            return None
+            return None, None
         tokenizer = getattr(self.pipelines[next(iter(self.pipelines))], "tokenizer", None)
         if tokenizer is None:
-            return prompt
+            return prompt, None
         limit = tokenizer.model_max_length
-        if len(tokenizer(prompt).input_ids) <= limit:
-            return prompt
+        tokens = len(tokenizer(prompt).input_ids)
+        if tokens <= limit:
+            return prompt, tokens
         kept = tokenizer(prompt, truncation=True, max_length=limit).input_ids
-        return tokenizer.decode(kept, skip_special_tokens=True)
+        return tokenizer.decode(kept, skip_special_tokens=True), len(kept)
+
+
+def per_job(jobs: Sequence[ImageJob], rows: Sequence[Image]) -> list[list[Image]]:
+    """Split a call's output rows back into each job's ``n`` images."""
+    split: list[list[Image]] = []
+    offset = 0
+    for job in jobs:
+        split.append(list(rows[offset : offset + job.n]))
+        offset += job.n
+    return split

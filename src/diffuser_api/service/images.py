@@ -24,11 +24,11 @@ from diffuser_api.domain import (
     StoredImage,
     Task,
 )
-from diffuser_api.engine.job import ProgressSink
 from diffuser_api.errors import InvalidRequest, NotSupported
 from diffuser_api.models.registry import ModelHandle, ModelRegistry
 from diffuser_api.service.encoding import encode_image
 from diffuser_api.service.storage import LocalStorage
+from diffuser_api.service.streaming import ImageStream, job_events
 from diffuser_api.service.uploads import UploadLimits, decode_image, decode_mask
 
 SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -54,13 +54,11 @@ class ImageService:
     def close(self) -> None:
         self._codec.shutdown(wait=False, cancel_futures=True)
 
-    async def create(
-        self, request: ImageRequest, url_base: str, progress: ProgressSink | None = None
-    ) -> tuple[ImagesResult, str]:
+    async def create(self, request: ImageRequest, url_base: str) -> tuple[ImagesResult, str]:
         """Run one request end to end; returns the result and the id of the model that ran it."""
         handle = self._registry.resolve(request.model)
         job = await self.prepare(request, handle)
-        images = await handle.engine.submit(job, progress)
+        images = await handle.engine.submit(job)
         stored = await asyncio.gather(*(self._off_loop(self._store, image, request, url_base) for image in images))
         result = ImagesResult(
             created=int(time.time()),
@@ -70,6 +68,20 @@ class ImageService:
             quality=request.quality,
         )
         return result, handle.id
+
+    async def open_stream(self, request: ImageRequest) -> ImageStream:
+        """Check and prepare now (so a bad request is a plain HTTP error), run when iterated."""
+        handle = self._registry.resolve(request.model)
+        job = await self.prepare(request, handle)
+
+        async def encode_preview(image: Image.Image) -> str:
+            data = await self._off_loop(encode_image, image, self._output_format(request), request.output_compression)
+            return base64.b64encode(data).decode("ascii")
+
+        async def store(image: GeneratedImage) -> StoredImage:
+            return await self._off_loop(self._store, image, request, "")
+
+        return ImageStream(job, job_events(handle.engine, job, encode_preview, store))
 
     async def prepare(self, request: ImageRequest, handle: ModelHandle) -> ImageJob:
         caps = handle.capabilities
@@ -98,6 +110,7 @@ class ImageService:
             seeds=tuple(seed + index for index in range(request.n)),
             guidance_scale=guidance, true_cfg_scale=request.true_cfg_scale,
             negative_prompt=request.negative_prompt, strength=strength, images=images, mask=mask,
+            partial_images=(request.partial_images or 0) if request.stream else 0,
         )
 
     def _check_parameters(self, request: ImageRequest, task: Task, caps: Capabilities, model_id: str) -> None:
@@ -106,9 +119,9 @@ class ImageService:
                                  code="missing_required_parameter")
         if request.n > self._settings.max_n:
             raise InvalidRequest(f"n must be at most {self._settings.max_n}", param="n", code="invalid_value")
-        if request.stream:
-            raise InvalidRequest("streaming is not supported yet; send stream=false", param="stream",
-                                 code="invalid_value")
+        if request.stream and request.response_format == "url":
+            raise InvalidRequest("streamed images always come as b64_json; leave out response_format=url",
+                                 param="response_format", code="invalid_value")
         if request.background == "transparent":
             raise InvalidRequest(
                 f"background=transparent is not supported: model '{model_id}' ({caps.family}) makes opaque images",

@@ -1,0 +1,84 @@
+"""``WS /v1/images/ws``: one generation or edit per socket, with live progress.
+
+Browsers cannot read SSE from a POST with a body, and progress (queue position, every step)
+is richer than OpenAI's events, so this route speaks its own small protocol (README).
+Closing the socket cancels the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from diffuser_api.api.errors import describe_error, invalid_request_from
+from diffuser_api.api.images import build_image_request, json_uploads
+from diffuser_api.api.schemas import EditJSONBody, GenerationBody
+from diffuser_api.api.streaming import websocket_message
+from diffuser_api.config import Settings
+from diffuser_api.domain import Endpoint, ImageRequest
+from diffuser_api.errors import DiffuserError, InvalidRequest
+from diffuser_api.service.images import ImageService
+
+router = APIRouter(tags=["images"])
+
+# Close code for "the request was refused" (RFC 6455 policy violation).
+REFUSED = 1008
+
+
+@router.websocket("/images/ws")
+async def image_socket(socket: WebSocket) -> None:
+    await socket.accept()
+    settings: Settings = socket.app.state.settings
+    service: ImageService = socket.app.state.service
+    request_id = socket.scope.get("state", {}).get("request_id", "")
+    try:
+        stream = await service.open_stream(parse_message(await socket.receive_json(), settings))
+        work = asyncio.ensure_future(_send_events(socket, stream.events))
+        closed = asyncio.ensure_future(socket.receive())
+        await asyncio.wait({work, closed}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():  # the client left (or spoke out of turn): stop the work
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            return
+        closed.cancel()
+        work.result()
+        await socket.send_json({"type": "done"})
+        await socket.close()
+    except WebSocketDisconnect:
+        return
+    except DiffuserError as error:
+        await socket.send_json({"type": "error", **describe_error(error, request_id)[1]})
+        await socket.close(REFUSED)
+
+
+async def _send_events(socket: WebSocket, events: Any) -> None:
+    async for event in events:
+        await socket.send_json(websocket_message(event))
+
+
+def parse_message(message: Any, settings: Settings) -> ImageRequest:
+    """The first message is a generations or edits JSON body plus ``"endpoint"``."""
+    if not isinstance(message, dict):
+        raise InvalidRequest("send one JSON object: a generations or edits request", code="invalid_json")
+    fields = dict(message)
+    endpoint = fields.pop("endpoint", "generations")
+    try:
+        if endpoint == "generations":
+            body = GenerationBody.model_validate(fields)
+            images, mask = (), None
+        elif endpoint == "edits":
+            body = EditJSONBody.model_validate(fields)
+            images, mask = json_uploads(body)
+        else:
+            raise InvalidRequest("endpoint must be 'generations' or 'edits'", param="endpoint", code="invalid_value")
+    except ValidationError as error:
+        raise invalid_request_from(list(error.errors())) from None
+    request = build_image_request(settings, Endpoint(endpoint), body, images, mask)
+    # The socket itself is the stream: progress flows whatever the body's "stream" says.
+    return dataclasses.replace(request, stream=True)

@@ -1,0 +1,107 @@
+"""Streamed requests: the engine's step reports become events, then one event per image.
+
+The API turns these events into OpenAI's SSE framing or WebSocket messages; this module
+knows neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from PIL.Image import Image
+
+from diffuser_api.domain import GeneratedImage, ImageJob, StepProgress, StoredImage
+from diffuser_api.engine import Engine
+
+# How often a waiting stream re-reads its queue position (and lets pings flow).
+QUEUE_POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class Queued:
+    position: int
+
+
+@dataclass(frozen=True)
+class Step:
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class PartialImage:
+    image_index: int
+    partial_image_index: int
+    b64_json: str
+
+
+@dataclass(frozen=True)
+class Completed:
+    image_index: int
+    image: StoredImage
+    prompt_tokens: int | None
+
+
+StreamEvent = Queued | Step | PartialImage | Completed
+
+
+@dataclass(frozen=True)
+class ImageStream:
+    """A checked request whose events have not started yet: errors so far were plain HTTP."""
+
+    job: ImageJob
+    events: AsyncIterator[StreamEvent]
+
+
+async def job_events(
+    engine: Engine,
+    job: ImageJob,
+    encode_preview: Callable[[Image], Awaitable[str]],
+    store: Callable[[GeneratedImage], Awaitable[StoredImage]],
+) -> AsyncIterator[StreamEvent]:
+    """Run the job, yielding its progress; closing the iterator early cancels the job."""
+    progress: asyncio.Queue[StepProgress] = asyncio.Queue()
+    task = asyncio.ensure_future(engine.submit(job, progress.put_nowait))
+    partial_counts = [0] * job.n
+    last_position: int | None = None
+    getter: asyncio.Future[StepProgress] | None = None
+    try:
+        while not task.done():
+            getter = getter or asyncio.ensure_future(progress.get())
+            done, _ = await asyncio.wait({getter, task}, timeout=QUEUE_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                async for event in _step_events(getter.result(), partial_counts, encode_preview):
+                    yield event
+                getter = None
+            elif not done and (position := engine.queue_position(job)) not in (None, last_position):
+                last_position = position
+                yield Queued(position)
+        if getter is not None:
+            getter.cancel()
+            getter = None
+        # Progress posted just before the result may still be waiting in the queue.
+        while not progress.empty():
+            async for event in _step_events(progress.get_nowait(), partial_counts, encode_preview):
+                yield event
+        images = task.result()
+        for index, image in enumerate(images):
+            yield Completed(index, await store(image), image.prompt_tokens)
+    finally:
+        if getter is not None:
+            getter.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def _step_events(
+    progress: StepProgress, partial_counts: list[int], encode_preview: Callable[[Image], Awaitable[str]]
+) -> AsyncIterator[StreamEvent]:
+    yield Step(progress.step, progress.total)
+    for index, preview in enumerate(progress.previews or ()):
+        yield PartialImage(index, partial_counts[index], await encode_preview(preview))
+        partial_counts[index] += 1

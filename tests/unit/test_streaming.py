@@ -1,0 +1,197 @@
+"""Streaming with the fake model: OpenAI's SSE events and the progress WebSocket."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from tests.fakes import FakeRunner, colour_of, fake_app, png_bytes
+from tests.inprocess import serve_in_thread
+from tests.unit.test_api import assert_envelope, wait_ready
+
+GEN = "/v1/images/generations"
+EDIT = "/v1/images/edits"
+
+
+def sse_events(response: httpx.Response) -> list[tuple[str | None, dict]]:
+    """(event name, JSON) pairs; comments and blank lines skipped, as the SDK does."""
+    events, name = [], None
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            name = line.removeprefix("event:").strip()
+        elif line.startswith("data:"):
+            events.append((name, json.loads(line.removeprefix("data:").strip())))
+            name = None
+    return events
+
+
+def pixel(b64: str) -> tuple[int, ...]:
+    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB").getpixel((0, 0))
+
+
+@pytest.fixture()
+def client(tmp_path):
+    with TestClient(fake_app(tmp_path)) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+def test_generation_stream_sends_partials_then_one_completed(client):
+    payload = {"prompt": "fox", "stream": True, "partial_images": 2, "num_inference_steps": 6, "seed": 4}
+    with client.stream("POST", GEN, json=payload) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    types = [body["type"] for _, body in events]
+    assert types == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [name for name, _ in events] == types
+    partials, completed = [body for _, body in events[:2]], events[2][1]
+    assert [body["partial_image_index"] for body in partials] == [0, 1]
+    assert "image_index" not in completed
+    for body in (*partials, completed):
+        assert {"b64_json", "created_at", "size", "quality", "background", "output_format"} <= set(body)
+    assert completed["usage"]["input_tokens_details"] == {"text_tokens": 0, "image_tokens": 0}
+    assert pixel(completed["b64_json"]) == colour_of("fox", 4)
+    assert pixel(partials[0]["b64_json"]) != pixel(completed["b64_json"])
+    assert pixel(partials[0]["b64_json"]) != pixel(partials[1]["b64_json"])
+
+
+def test_stream_with_several_images_tags_each_event(client):
+    payload = {"prompt": "fox", "stream": True, "partial_images": 1, "n": 2, "num_inference_steps": 4}
+    with client.stream("POST", GEN, json=payload) as response:
+        events = [body for _, body in sse_events(response)]
+    completed = [body for body in events if body["type"].endswith("completed")]
+    partials = [body for body in events if body["type"].endswith("partial_image")]
+    assert sorted(body["image_index"] for body in completed) == [0, 1]
+    assert sorted(body["image_index"] for body in partials) == [0, 1]
+
+
+def test_partial_images_zero_streams_only_completed(client):
+    with client.stream("POST", GEN, json={"prompt": "x", "stream": True, "partial_images": 0}) as response:
+        assert [body["type"] for _, body in sse_events(response)] == ["image_generation.completed"]
+
+
+def test_edit_stream_uses_edit_event_types(client):
+    files = {"image": ("a.png", png_bytes(), "image/png")}
+    data = {"prompt": "x", "stream": "true", "partial_images": "1", "num_inference_steps": "4"}
+    with client.stream("POST", EDIT, data=data, files=files) as response:
+        types = [body["type"] for _, body in sse_events(response)]
+    assert types == ["image_edit.partial_image", "image_edit.completed"]
+
+
+def test_invalid_streamed_request_is_a_plain_error(client):
+    response = client.post(GEN, json={"prompt": "x", "stream": True, "size": "13x7"})
+    assert_envelope(response, 400, "size")
+    assert response.headers["content-type"].startswith("application/json")
+
+
+def test_failure_after_the_stream_started_is_an_error_event(tmp_path):
+    with TestClient(fake_app(tmp_path, FakeRunner(fail_on_prompt="explode"))) as client:
+        wait_ready(client)
+        with client.stream("POST", GEN, json={"prompt": "explode", "stream": True}) as response:
+            events = sse_events(response)
+        name, body = events[-1]
+        assert name == "error" and body["error"]["type"] == "server_error"
+        assert {"message", "type", "param", "code"} <= set(body["error"])
+        assert client.post(GEN, json={"prompt": "fine"}).status_code == 200
+
+
+def test_keep_alive_comments_while_waiting(tmp_path):
+    gate = threading.Event()
+    with TestClient(fake_app(tmp_path, FakeRunner(gate=gate), stream_ping_s=0.05)) as client:
+        gate.set()
+        wait_ready(client)
+        gate.clear()
+        threading.Timer(0.4, gate.set).start()
+        with client.stream("POST", GEN, json={"prompt": "x", "stream": True}) as response:
+            lines = list(response.iter_lines())
+    assert any(line.startswith(": ping") for line in lines)
+
+
+def test_websocket_reports_steps_then_the_image(client):
+    with client.websocket_connect("/v1/images/ws") as socket:
+        socket.send_json({"prompt": "fox", "num_inference_steps": 5, "partial_images": 1, "seed": 9})
+        messages = []
+        while not messages or messages[-1]["type"] not in ("done", "error"):
+            messages.append(socket.receive_json())
+    steps = [message["step"] for message in messages if message["type"] == "progress"]
+    assert steps == [1, 2, 3, 4, 5]
+    assert {message["total_steps"] for message in messages if message["type"] == "progress"} == {5}
+    assert sum(message["type"] == "partial_image" for message in messages) == 1
+    completed = [message for message in messages if message["type"] == "completed"]
+    assert len(completed) == 1 and completed[0]["seed"] == 9
+    assert pixel(completed[0]["b64_json"]) == colour_of("fox", 9)
+
+
+def test_websocket_edit_and_bad_request(client):
+    data_url = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    with client.websocket_connect("/v1/images/ws") as socket:
+        socket.send_json({"endpoint": "edits", "prompt": "x", "images": [{"image_url": data_url}]})
+        messages = [socket.receive_json() for _ in range(6)]
+    assert messages[-1]["type"] == "done" and messages[-2]["type"] == "completed"
+    with client.websocket_connect("/v1/images/ws") as socket:
+        socket.send_json({"prompt": "x", "size": "13x7"})
+        error = socket.receive_json()
+    assert error["type"] == "error" and error["error"]["param"] == "size"
+
+
+def test_websocket_reports_queue_position(tmp_path):
+    gate = threading.Event()
+    runner = FakeRunner(gate=gate)
+    with TestClient(fake_app(tmp_path, runner)) as client:
+        gate.set()
+        wait_ready(client)
+        gate.clear()
+        blocker = threading.Thread(target=lambda: client.post(GEN, json={"prompt": "first", "size": "64x64"}))
+        blocker.start()
+        time.sleep(0.2)
+        with client.websocket_connect("/v1/images/ws") as socket:
+            socket.send_json({"prompt": "second"})
+            first = socket.receive_json()
+            gate.set()
+            while socket.receive_json()["type"] != "done":
+                pass
+        blocker.join(10)
+    assert first == {"type": "queued", "position": 0}
+
+
+def test_dropping_the_stream_stops_the_work(tmp_path):
+    """A client that closes the SSE stream cancels its job at the next step."""
+    steps_run: list[int] = []
+    runner = SlowSteppingRunner(steps_run)
+    with serve_in_thread(fake_app(tmp_path, runner)) as base_url:
+        payload = {"prompt": "long", "stream": True, "num_inference_steps": 200}
+        with httpx.stream("POST", f"{base_url}{GEN}", json=payload, timeout=10) as response:
+            assert response.status_code == 200
+            deadline = time.monotonic() + 5
+            while len(steps_run) < 3:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        dropped_at = len(steps_run)
+        time.sleep(0.5)
+        assert len(steps_run) <= dropped_at + 2  # stopped within a step or so of noticing
+        assert httpx.post(f"{base_url}{GEN}", json={"prompt": "next"}, timeout=10).status_code == 200
+
+
+class SlowSteppingRunner(FakeRunner):
+    """Each step takes 20 ms and is recorded, so a test can see when work stops."""
+
+    def __init__(self, steps_run: list[int]) -> None:
+        super().__init__()
+        self.steps_run = steps_run
+
+    def run(self, jobs, on_step):
+        def counting(step, total, previews):
+            time.sleep(0.02)
+            self.steps_run.append(step)
+            on_step(step, total, previews)
+
+        return super().run(jobs, counting)
