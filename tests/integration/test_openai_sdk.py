@@ -166,7 +166,7 @@ def test_bad_inputs_answer_with_the_envelope(client):
         (lambda: client.images.generate(prompt="x", extra_body={"bogus": 1}), 400, "bogus"),
         (lambda: client.images.generate(prompt="x", extra_body={"true_cfg_scale": 4.0}), 400, "true_cfg_scale"),
         (lambda: client.images.generate(prompt="x", background="transparent"), 400, "background"),
-        (lambda: client.images.generate(prompt="x", stream=True), 400, "stream"),
+        (lambda: client.images.generate(prompt="x", stream=True, response_format="url"), 400, "response_format"),
         (lambda: client.images.edit(image=b"garbage bytes", prompt="x"), 400, "image"),
         (lambda: client.images.edit(image=image, mask=png_bytes((32, 32), (0, 0, 0, 0), "RGBA"), prompt="x"),
          400, "mask"),
