@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL.Image import Image
+from PIL.Image import Image, Resampling
 
 from diffuser_api.domain import ImageJob, Task
 
@@ -21,8 +21,10 @@ UNIVERSAL_EXTRAS = frozenset({"num_inference_steps", "seed"})
 SIGNATURE_EXTRAS = ("guidance_scale", "true_cfg_scale", "negative_prompt", "strength")
 
 CallKwargs = Callable[[Task, Sequence[ImageJob]], dict[str, Any]]
-# (pipeline, latents at this step, height, width) -> one preview image per batch row.
-PreviewDecoder = Callable[[Any, Any, int, int], list[Image]]
+# (pipeline, latents at this step, height, width, scale) -> one preview image per batch row.
+# ``scale`` < 1 decodes smaller latents (the VAE's cost falls with their area, or faster)
+# and the preview is resized back up to the output size.
+PreviewDecoder = Callable[[Any, Any, int, int, float], list[Image]]
 LoadKwargs = Callable[[str], dict[str, Any]]
 
 
@@ -30,11 +32,14 @@ def no_load_kwargs(source: str) -> dict[str, Any]:
     return {}
 
 
-def vae_preview(pipeline: Any, latents: Any, height: int, width: int) -> list[Image]:
+def vae_preview(pipeline: Any, latents: Any, height: int, width: int, scale: float) -> list[Image]:
     """Unpacked (SD-style) latents: undo the VAE scaling and decode with the pipeline's VAE."""
     vae = pipeline.vae
+    if scale < 1:
+        latents = torch.nn.functional.interpolate(latents, scale_factor=scale, mode="bilinear")
     decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    return pipeline.image_processor.postprocess(decoded, output_type="pil")
+    images = pipeline.image_processor.postprocess(decoded, output_type="pil")
+    return [image.resize((width, height), Resampling.BILINEAR) for image in images]
 
 
 def generators(jobs: Sequence[ImageJob]) -> list[torch.Generator]:

@@ -43,6 +43,7 @@ class LoadOptions:
     min_image_size: int
     max_image_size: int
     variation_strength: float
+    preview_scale: float = 1.0
     family: str | None = None
 
 
@@ -79,7 +80,9 @@ def load_model(options: LoadOptions) -> LoadedRunners:
             base = DiffusionPipeline.from_pretrained(source, dtype=dtype, **family.load_kwargs(source))
             base = base.to(device)
             bases[device] = base
-        runners.append(DiffusersRunner(f"{device}#{index}", family, task_pipelines(base, family)))
+        runners.append(
+            DiffusersRunner(f"{device}#{index}", family, task_pipelines(base, family), options.preview_scale)
+        )
     capabilities = derive_capabilities(runners[0].pipelines, family, options, is_tiny_model(options.model_id))
     return LoadedRunners(capabilities=capabilities, runners=runners, pipeline_class=pipeline_class)
 

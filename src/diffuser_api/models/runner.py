@@ -20,10 +20,11 @@ class DiffusersRunner:
     Only its worker thread calls it, so the shared scheduler is never used concurrently.
     """
 
-    def __init__(self, name: str, family: Family, pipelines: dict[Task, Any]) -> None:
+    def __init__(self, name: str, family: Family, pipelines: dict[Task, Any], preview_scale: float = 1.0) -> None:
         self.name = name
         self.family = family
         self.pipelines = pipelines
+        self.preview_scale = preview_scale
 
     def batch_key(self, job: ImageJob) -> Hashable:
         call_level = (job.task, job.width, job.height, job.steps, job.guidance_scale, job.true_cfg_scale, job.strength)
@@ -37,7 +38,9 @@ class DiffusersRunner:
 
         def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             def previews() -> list[list[Image]]:
-                return per_job(jobs, self.family.preview(pipeline, tensors["latents"], first.height, first.width))
+                return per_job(
+                    jobs, self.family.preview(pipeline, tensors["latents"], first.height, first.width, self.preview_scale)
+                )
 
             on_step(step + 1, pipeline.num_timesteps, previews)
             return tensors

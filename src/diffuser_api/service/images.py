@@ -7,6 +7,7 @@ import base64
 import re
 import secrets
 import time
+from functools import partial
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -75,7 +76,9 @@ class ImageService:
         job = await self.prepare(request, handle)
 
         async def encode_preview(image: Image.Image) -> str:
-            data = await self._off_loop(encode_image, image, self._output_format(request), request.output_compression)
+            data = await self._off_loop(
+                partial(encode_image, quick=True), image, self._output_format(request), request.output_compression
+            )
             return base64.b64encode(data).decode("ascii")
 
         async def store(image: GeneratedImage) -> StoredImage:
