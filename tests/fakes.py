@@ -51,7 +51,7 @@ class FakeRunner:
         for step in range(1, steps + 1):
             if self.gate is not None:
                 assert self.gate.wait(10), "test gate never opened"
-            on_step(step, steps, lambda: [[preview_of(job, step) for _ in job.seeds] for job in jobs])
+            on_step(step, steps, lambda step=step: [[preview_of(job, step) for _ in job.seeds] for job in jobs])
         if any(job.prompt == self.fail_on_prompt for job in jobs):
             raise RuntimeError("fake pipeline exploded")
         return [

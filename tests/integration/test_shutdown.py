@@ -22,7 +22,9 @@ def test_sigterm_finishes_in_flight_request(tmp_path):
 
         def slow_request() -> None:
             payload = {"prompt": "slow", "size": "256x256", "num_inference_steps": 40}
-            outcome["status"] = httpx.post(f"{server.base_url}/v1/images/generations", json=payload, timeout=120).status_code
+            outcome["status"] = httpx.post(
+                f"{server.base_url}/v1/images/generations", json=payload, timeout=120
+            ).status_code
 
         thread = threading.Thread(target=slow_request)
         thread.start()

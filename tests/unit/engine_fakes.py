@@ -88,7 +88,9 @@ class FakeRunner:
                 if self.step_delay_s:
                     time.sleep(self.step_delay_s)
                 record.steps += 1
-                on_step(step, total, lambda: [[self._image(job, -step).image for _ in job.seeds] for job in jobs])
+                on_step(
+                    step, total, lambda step=step: [[self._image(job, -step).image for _ in job.seeds] for job in jobs]
+                )
             return [[self._image(job, seed) for seed in job.seeds] for job in jobs]
         finally:
             record.finished_at = time.monotonic()

@@ -163,7 +163,14 @@ def test_relaxed_unknown_fields(tmp_path):
 
 
 def test_informational_fields_are_accepted(client):
-    payload = {"prompt": "x", "user": "u1", "style": "vivid", "moderation": "low", "quality": "high", "background": "auto"}
+    payload = {
+        "prompt": "x",
+        "user": "u1",
+        "style": "vivid",
+        "moderation": "low",
+        "quality": "high",
+        "background": "auto",
+    }
     response = client.post(GEN, json=payload)
     assert response.status_code == 200 and response.json()["quality"] == "high"
 
@@ -242,12 +249,27 @@ def test_several_images_is_501_when_model_cannot(client):
         ({"image": ("x.png", b"not an image at all", "image/png")}, {"prompt": "x"}, 400, "image"),
         ({"image": ("x.png", png_bytes()[:60], "image/png")}, {"prompt": "x"}, 400, "image"),
         ({"image": ("x.png", png_bytes(), "image/png")}, {}, 400, "prompt"),
-        ({"image": ("x.png", png_bytes(), "image/png"), "mask": ("m.png", png_bytes((8, 8), (0, 0, 0, 0), "RGBA"),
-                                                               "image/png")}, {"prompt": "x"}, 400, "mask"),
-        ({"image": ("x.png", png_bytes(), "image/png"), "mask": ("m.png", png_bytes(), "image/png")},
-         {"prompt": "x"}, 400, "mask"),
-        ({"image": ("x.png", png_bytes(), "image/png")}, {"prompt": "x", "strength": "0.1",
-                                                          "num_inference_steps": "4"}, 400, "strength"),
+        (
+            {
+                "image": ("x.png", png_bytes(), "image/png"),
+                "mask": ("m.png", png_bytes((8, 8), (0, 0, 0, 0), "RGBA"), "image/png"),
+            },
+            {"prompt": "x"},
+            400,
+            "mask",
+        ),
+        (
+            {"image": ("x.png", png_bytes(), "image/png"), "mask": ("m.png", png_bytes(), "image/png")},
+            {"prompt": "x"},
+            400,
+            "mask",
+        ),
+        (
+            {"image": ("x.png", png_bytes(), "image/png")},
+            {"prompt": "x", "strength": "0.1", "num_inference_steps": "4"},
+            400,
+            "strength",
+        ),
         ({"image": ("x.png", png_bytes(), "image/png")}, {"prompt": "x", "n": "two"}, 400, "n"),
         ({"image": ("x.png", png_bytes(), "image/png")}, {"prompt": "x", "wat": "1"}, 400, "wat"),
         ({"image": ("x.png", png_bytes(), "image/png")}, {"prompt": "x", "size": "30x30"}, 400, "size"),
@@ -295,8 +317,12 @@ def test_variation_takes_image_without_prompt(tmp_path):
         assert response.status_code == 200, response.text
         assert len(response.json()["data"]) == 2
         assert_envelope(client.post(VAR, data={"n": "1"}), 400, "image")
-        assert_envelope(client.post(VAR, data={"prompt": "x"}, files={"image": ("u", png_bytes(), "image/png")}),
-                        400, "prompt", "unknown_parameter")
+        assert_envelope(
+            client.post(VAR, data={"prompt": "x"}, files={"image": ("u", png_bytes(), "image/png")}),
+            400,
+            "prompt",
+            "unknown_parameter",
+        )
     job = runner.jobs_seen[0]
     assert (job.task, job.prompt, job.strength) == (Task.VARIATION, "", 0.6)
 

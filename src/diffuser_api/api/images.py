@@ -12,7 +12,6 @@ from diffuser_api.api.dependencies import ServiceDep, SettingsDep, StorageDep
 from diffuser_api.api.disconnect import cancel_on_disconnect
 from diffuser_api.api.errors import describe_error, request_id_of
 from diffuser_api.api.forms import read_image_form
-from diffuser_api.api.streaming import sse_response
 from diffuser_api.api.schemas import (
     EditForm,
     EditJSONBody,
@@ -21,6 +20,7 @@ from diffuser_api.api.schemas import (
     VariationForm,
     reject_unknown_fields,
 )
+from diffuser_api.api.streaming import sse_response
 from diffuser_api.config import Settings
 from diffuser_api.domain import Endpoint, ImageRequest, ImagesResult, Upload
 from diffuser_api.errors import InvalidRequest

@@ -7,9 +7,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from diffuser_api.domain import StepProgress
 from diffuser_api.engine.batching import BatchLimits, JobQueue, QueueClosed
 from diffuser_api.engine.job import Job
-from diffuser_api.domain import StepProgress
 from diffuser_api.engine.runner import ModelRunner, PreviewSource
 from diffuser_api.errors import Cancelled, DiffuserError, ModelFailure, OutOfMemory
 

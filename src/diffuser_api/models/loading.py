@@ -23,8 +23,8 @@ from diffusers.pipelines.auto_pipeline import (
 )
 
 from diffuser_api.domain import Capabilities, SizeRules, Task
-from diffuser_api.models.family import SIGNATURE_EXTRAS, UNIVERSAL_EXTRAS, Family
 from diffuser_api.models.families import family_for
+from diffuser_api.models.family import SIGNATURE_EXTRAS, UNIVERSAL_EXTRAS, Family
 from diffuser_api.models.registry import LoadedRunners
 from diffuser_api.models.runner import DiffusersRunner
 from diffuser_api.models.tiny import ensure_tiny_model, is_tiny_model
@@ -93,7 +93,10 @@ def task_pipelines(base: Any, family: Family) -> dict[Task, Any]:
     pipelines: dict[Task, Any] = {}
     if type(base) in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values():
         pipelines[Task.GENERATION] = base
-    for task, mapping in ((Task.EDIT, AUTO_IMAGE2IMAGE_PIPELINES_MAPPING), (Task.MASKED_EDIT, AUTO_INPAINT_PIPELINES_MAPPING)):
+    for task, mapping in (
+        (Task.EDIT, AUTO_IMAGE2IMAGE_PIPELINES_MAPPING),
+        (Task.MASKED_EDIT, AUTO_INPAINT_PIPELINES_MAPPING),
+    ):
         task_class = _get_task_class(mapping, name, throw_error_if_not_exist=False)
         if task_class is not None:
             pipelines[task] = base if task_class is type(base) else task_class.from_pipe(base, dtype=base.dtype)
@@ -117,9 +120,7 @@ def native_size(pipeline: Any) -> int:
     return int(sample * getattr(pipeline, "vae_scale_factor", 8)) if sample else 1024
 
 
-def derive_capabilities(
-    pipelines: dict[Task, Any], family: Family, options: LoadOptions, tiny: bool
-) -> Capabilities:
+def derive_capabilities(pipelines: dict[Task, Any], family: Family, options: LoadOptions, tiny: bool) -> Capabilities:
     extras = set(UNIVERSAL_EXTRAS)
     for parameter in SIGNATURE_EXTRAS:
         if any(_takes(pipeline, parameter) for pipeline in pipelines.values()):

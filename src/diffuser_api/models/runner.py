@@ -39,7 +39,8 @@ class DiffusersRunner:
         def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             def previews() -> list[list[Image]]:
                 return per_job(
-                    jobs, self.family.preview(pipeline, tensors["latents"], first.height, first.width, self.preview_scale)
+                    jobs,
+                    self.family.preview(pipeline, tensors["latents"], first.height, first.width, self.preview_scale),
                 )
 
             on_step(step + 1, pipeline.num_timesteps, previews)
@@ -49,7 +50,9 @@ class DiffusersRunner:
         try:
             with torch.inference_mode():
                 images = pipe(
-                    **kwargs, output_type="pil", callback_on_step_end=step_end,
+                    **kwargs,
+                    output_type="pil",
+                    callback_on_step_end=step_end,
                     callback_on_step_end_tensor_inputs=["latents"],
                 ).images
         except torch.OutOfMemoryError as error:

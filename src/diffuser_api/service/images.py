@@ -7,9 +7,9 @@ import base64
 import re
 import secrets
 import time
-from functools import partial
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import TypeVar
 
 from PIL import Image
@@ -109,30 +109,46 @@ class ImageService:
             guidance = self._settings.default_guidance_scale or caps.default_guidance_scale
         prompt = self._settings.variation_prompt if task is Task.VARIATION else (request.prompt or "")
         return ImageJob(
-            task=task, prompt=prompt, width=width, height=height, steps=steps,
+            task=task,
+            prompt=prompt,
+            width=width,
+            height=height,
+            steps=steps,
             seeds=tuple(seed + index for index in range(request.n)),
-            guidance_scale=guidance, true_cfg_scale=request.true_cfg_scale,
-            negative_prompt=request.negative_prompt, strength=strength, images=images, mask=mask,
+            guidance_scale=guidance,
+            true_cfg_scale=request.true_cfg_scale,
+            negative_prompt=request.negative_prompt,
+            strength=strength,
+            images=images,
+            mask=mask,
             partial_images=(request.partial_images or 0) if request.stream else 0,
         )
 
     def _check_parameters(self, request: ImageRequest, task: Task, caps: Capabilities, model_id: str) -> None:
         if request.endpoint is not Endpoint.VARIATIONS and not (request.prompt or "").strip():
-            raise InvalidRequest("prompt is required and must not be empty", param="prompt",
-                                 code="missing_required_parameter")
+            raise InvalidRequest(
+                "prompt is required and must not be empty", param="prompt", code="missing_required_parameter"
+            )
         if request.n > self._settings.max_n:
             raise InvalidRequest(f"n must be at most {self._settings.max_n}", param="n", code="invalid_value")
         if request.stream and request.response_format == "url":
-            raise InvalidRequest("streamed images always come as b64_json; leave out response_format=url",
-                                 param="response_format", code="invalid_value")
+            raise InvalidRequest(
+                "streamed images always come as b64_json; leave out response_format=url",
+                param="response_format",
+                code="invalid_value",
+            )
         if request.background == "transparent":
             raise InvalidRequest(
                 f"background=transparent is not supported: model '{model_id}' ({caps.family}) makes opaque images",
-                param="background", code="invalid_value",
+                param="background",
+                code="invalid_value",
             )
         if self._output_format(request) == "png" and request.output_compression not in (None, 100):
-            raise InvalidRequest("output_compression applies to jpeg and webp only; PNG is lossless",
-                                 param="output_compression", code="invalid_value")
+            raise InvalidRequest(
+                "output_compression applies to jpeg and webp only; PNG is lossless",
+                param="output_compression",
+                code="invalid_value",
+            )
         if request.quality is not None and request.quality not in self._settings.quality_step_factors:
             allowed = ", ".join(self._settings.quality_step_factors)
             raise InvalidRequest(f"quality must be one of {allowed}", param="quality", code="invalid_value")
@@ -140,18 +156,25 @@ class ImageService:
             if getattr(request, name) is not None and name not in caps.extras:
                 raise InvalidRequest(
                     f"{name} is not used by model '{model_id}' ({caps.family}); leave it out",
-                    param=name, code="unsupported_parameter",
+                    param=name,
+                    code="unsupported_parameter",
                 )
         if task is Task.GENERATION and request.strength is not None:
-            raise InvalidRequest("strength applies to edits and variations, not generations",
-                                 param="strength", code="unsupported_parameter")
+            raise InvalidRequest(
+                "strength applies to edits and variations, not generations",
+                param="strength",
+                code="unsupported_parameter",
+            )
         if len(request.images) > caps.max_input_images:
             raise InvalidRequest(
                 f"model '{model_id}' takes at most {caps.max_input_images} input images; got {len(request.images)}",
-                param="image", code="invalid_value",
+                param="image",
+                code="invalid_value",
             )
 
-    def _decode_uploads(self, request: ImageRequest, caps: Capabilities) -> tuple[list[Image.Image], Image.Image | None]:
+    def _decode_uploads(
+        self, request: ImageRequest, caps: Capabilities
+    ) -> tuple[list[Image.Image], Image.Image | None]:
         images = [decode_image(upload.data, param=upload.param, limits=self._limits) for upload in request.images]
         mask = None
         if request.mask is not None:
@@ -165,8 +188,9 @@ class ImageService:
             return caps.size.default_width, caps.size.default_height
         match = SIZE_PATTERN.match(request.size)
         if match is None:
-            raise InvalidRequest(f"size '{request.size}' is not auto or {caps.size.describe()}",
-                                 param="size", code="invalid_value")
+            raise InvalidRequest(
+                f"size '{request.size}' is not auto or {caps.size.describe()}", param="size", code="invalid_value"
+            )
         width, height = int(match[1]), int(match[2])
         caps.size.check(width, height, requested=request.size)
         return width, height
@@ -193,7 +217,8 @@ class ImageService:
         if strength is not None and int(steps * strength) < 1:
             raise InvalidRequest(
                 f"strength {strength:g} x {steps} steps runs no denoising step; raise strength or num_inference_steps",
-                param="strength", code="invalid_value",
+                param="strength",
+                code="invalid_value",
             )
         return strength
 

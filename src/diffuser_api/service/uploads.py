@@ -42,7 +42,8 @@ def decode_mask(data: bytes, *, image_size: tuple[int, int], limits: UploadLimit
     if mask.size != image_size:
         raise InvalidRequest(
             f"mask is {mask.width}x{mask.height} but the image is {image_size[0]}x{image_size[1]}; they must match",
-            param="mask", code="invalid_value",
+            param="mask",
+            code="invalid_value",
         )
     if mask.mode == "P" and "transparency" in mask.info:
         mask = mask.convert("RGBA")
@@ -55,7 +56,8 @@ def decode_mask(data: bytes, *, image_size: tuple[int, int], limits: UploadLimit
     raise InvalidRequest(
         f"mask has no alpha channel (mode {mask.mode}); send a PNG whose transparent pixels mark the area "
         "to edit, or a single-channel mask where white marks it",
-        param="mask", code="invalid_value",
+        param="mask",
+        code="invalid_value",
     )
 
 
@@ -65,7 +67,8 @@ def decode_data_url(url: str, *, param: str) -> bytes:
     if not url.startswith("data:"):
         raise InvalidRequest(
             f"{param} must be a base64 data URL (data:image/png;base64,...); remote URLs are not fetched",
-            param=param, code="invalid_value",
+            param=param,
+            code="invalid_value",
         )
     header, _, payload = url.partition(",")
     if not header.endswith(";base64"):
@@ -79,13 +82,16 @@ def decode_data_url(url: str, *, param: str) -> bytes:
 def _open(data: bytes, param: str, limits: UploadLimits) -> Image.Image:
     if len(data) > limits.max_bytes:
         raise PayloadTooLarge(
-            f"{param} is {len(data)} bytes; the limit is {limits.max_bytes} bytes", param=param, code="payload_too_large"
+            f"{param} is {len(data)} bytes; the limit is {limits.max_bytes} bytes",
+            param=param,
+            code="payload_too_large",
         )
     if not data:
         raise InvalidRequest(f"{param} is empty", param=param, code="invalid_image")
     bomb = InvalidRequest(
         f"{param} has too many pixels (limit {limits.max_pixels}); refusing a possible decompression bomb",
-        param=param, code="invalid_image",
+        param=param,
+        code="invalid_image",
     )
     try:
         with warnings.catch_warnings():
