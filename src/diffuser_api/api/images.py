@@ -1,4 +1,4 @@
-"""The three OpenAI image endpoints and the route that serves ``url`` results."""
+"""The three OpenAI image endpoints."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 
-from diffuser_api.api.dependencies import ServiceDep, SettingsDep, StorageDep
+from diffuser_api.api.dependencies import ServiceDep, SettingsDep
 from diffuser_api.api.disconnect import cancel_on_disconnect
 from diffuser_api.api.forms import read_image_form
+from diffuser_api.api.rate_limits import admit_images
+from diffuser_api.api.request_record import note_result, recording
 from diffuser_api.api.schemas import (
     EditForm,
     EditJSONBody,
@@ -21,8 +23,8 @@ from diffuser_api.api.schemas import (
 )
 from diffuser_api.config import Settings
 from diffuser_api.domain import Endpoint, ImageRequest, ImagesResult, Upload
+from diffuser_api.engine.job import JobTiming
 from diffuser_api.errors import InvalidRequest
-from diffuser_api.service.encoding import MEDIA_TYPES
 from diffuser_api.service.images import ImageService, response_quality, response_size
 from diffuser_api.service.uploads import decode_data_url
 
@@ -67,12 +69,6 @@ async def create_variation(request: Request, service: ServiceDep, settings: Sett
     return await _run(request, service, settings, Endpoint.VARIATIONS, body, form.images)
 
 
-@router.get("/images/files/{name}", summary="Download an image returned as a url")
-async def image_file(name: str, storage: StorageDep) -> FileResponse:
-    path = storage.path(name)
-    return FileResponse(path, media_type=MEDIA_TYPES[path.suffix.lstrip(".")])
-
-
 async def _run(
     request: Request,
     service: ImageService,
@@ -87,7 +83,12 @@ async def _run(
         raise InvalidRequest("Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
     values = {name: getattr(body, name) for name in REQUEST_FIELDS if hasattr(body, name)}
     image_request = ImageRequest(endpoint=endpoint, images=images, mask=mask, **values)
-    result, _ = await cancel_on_disconnect(request, service.create(image_request, files_url_base(request, settings)))
+    await admit_images(request, image_request.n)
+    timing = JobTiming()
+    with recording(request, image_request, timing) as record:
+        work = service.create(image_request, files_url_base(request, settings), timing=timing)
+        result, model_id = await cancel_on_disconnect(request, work)
+        note_result(record, result, model_id)
     return JSONResponse(images_response(result))
 
 

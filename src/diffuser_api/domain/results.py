@@ -31,3 +31,4 @@ class ImagesResult:
     output_format: str
     size: str
     quality: str | None
+    steps: int | None = None

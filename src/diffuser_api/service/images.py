@@ -24,11 +24,11 @@ from diffuser_api.domain import (
     StoredImage,
     Task,
 )
-from diffuser_api.engine.job import ProgressSink
+from diffuser_api.engine.job import JobTiming, ProgressSink
 from diffuser_api.errors import InvalidRequest, NotSupported
 from diffuser_api.models.registry import ModelHandle, ModelRegistry
 from diffuser_api.service.encoding import encode_image
-from diffuser_api.service.storage import LocalStorage
+from diffuser_api.service.storage import ImageStorage
 from diffuser_api.service.uploads import UploadLimits, decode_image, decode_mask
 
 SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -42,7 +42,7 @@ T = TypeVar("T")
 
 
 class ImageService:
-    def __init__(self, settings: Settings, registry: ModelRegistry, storage: LocalStorage) -> None:
+    def __init__(self, settings: Settings, registry: ModelRegistry, storage: ImageStorage) -> None:
         self._settings = settings
         self._registry = registry
         self._storage = storage
@@ -55,12 +55,19 @@ class ImageService:
         self._codec.shutdown(wait=False, cancel_futures=True)
 
     async def create(
-        self, request: ImageRequest, url_base: str, progress: ProgressSink | None = None
+        self,
+        request: ImageRequest,
+        url_base: str,
+        progress: ProgressSink | None = None,
+        timing: JobTiming | None = None,
     ) -> tuple[ImagesResult, str]:
-        """Run one request end to end; returns the result and the id of the model that ran it."""
+        """Run one request end to end; returns the result and the id of the model that ran it.
+
+        ``timing`` is filled in even when the request fails, for the caller's log line.
+        """
         handle = self._registry.resolve(request.model)
         job = await self.prepare(request, handle)
-        images = await handle.engine.submit(job, progress)
+        images = await handle.engine.submit(job, progress, timing)
         stored = await asyncio.gather(*(self._off_loop(self._store, image, request, url_base) for image in images))
         result = ImagesResult(
             created=int(time.time()),
@@ -68,6 +75,7 @@ class ImageService:
             output_format=self._output_format(request),
             size=f"{job.width}x{job.height}",
             quality=request.quality,
+            steps=job.steps,
         )
         return result, handle.id
 
@@ -190,7 +198,7 @@ class ImageService:
         common = {"seed": image.seed, "revised_prompt": image.revised_prompt}
         if request.response_format == "url":
             name = self._storage.save(data, output_format)
-            return StoredImage(url=f"{url_base}/{name}", **common)
+            return StoredImage(url=self._storage.url(name, url_base), **common)
         return StoredImage(b64_json=base64.b64encode(data).decode("ascii"), **common)
 
     async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
