@@ -140,11 +140,23 @@ class HttpMetricsMiddleware:
             await self.app(scope, receive, send_counted)
         finally:
             self._metrics.in_flight.dec()
-            route = scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")
+            endpoint = route_template(scope)
             model = record_of(HTTPConnection(scope)).model or ""
             self._metrics.requests.labels(endpoint, model, str(status or 500)).inc()
             self._metrics.request_seconds.labels(endpoint).observe(time.monotonic() - started)
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route as a template (``/v1/images/files/{name}``), rebuilt from the path and
+    its parameters: the route object knows only its path inside the router that holds it."""
+    if "route" not in scope:
+        return "unmatched"
+    path = scope["path"]
+    for name, value in scope.get("path_params", {}).items():
+        head, found, tail = path.rpartition(str(value)) if str(value) else ("", "", "")
+        if found:
+            path = f"{head}{{{name}}}{tail}"
+    return path
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
