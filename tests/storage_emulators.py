@@ -71,7 +71,8 @@ def start_gcs(folder: Path) -> Emulator:
 
 
 def s3_options(endpoint: str) -> dict:
-    return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    client = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+    return {"key": "testing", "secret": "testing", "client_kwargs": client}
 
 
 def gcs_options(endpoint: str) -> dict:

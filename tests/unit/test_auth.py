@@ -74,7 +74,8 @@ def test_public_paths_need_no_key_and_the_rest_do(client):
     for path in ("/", "/v1/models", "/metrics", "/docs"):
         assert_envelope(client.get(path), 401)
         assert client.get(path, headers=bearer(GOOD)).status_code == 200
-    url = client.post(GEN, json={"prompt": "x", "response_format": "url"}, headers=bearer(GOOD)).json()["data"][0]["url"]
+    response = client.post(GEN, json={"prompt": "x", "response_format": "url"}, headers=bearer(GOOD))
+    url = response.json()["data"][0]["url"]
     assert client.get(url).status_code == 200  # no key: names are unguessable
     # Traversal attempts on the public file route are plain 404s.
     for bad in ("..%2F..%2Fetc%2Fpasswd", "..%2Fkeys.yaml", "%2Fetc%2Fpasswd", "1800000000-" + "A" * 32 + ".png"):
@@ -175,13 +176,14 @@ def test_websocket_takes_the_key_as_header_query_or_subprotocol(tmp_path):
             assert socket.receive_json() == {"key": f"key-{sha(GOOD)[:8]}"}
         with client.websocket_connect(f"/v1/test-socket?api_key={GOOD}") as socket:
             assert socket.receive_json()["key"].startswith("key-")
-        with client.websocket_connect("/v1/test-socket", subprotocols=["images.v1", KEY_SUBPROTOCOL_PREFIX + GOOD]) as socket:
+        offered = ["images.v1", KEY_SUBPROTOCOL_PREFIX + GOOD]
+        with client.websocket_connect("/v1/test-socket", subprotocols=offered) as socket:
             assert socket.accepted_subprotocol == "images.v1"  # never the key
             assert socket.receive_json()["key"].startswith("key-")
         for kwargs in ({}, {"headers": bearer("sk-wrong")}, {"subprotocols": [KEY_SUBPROTOCOL_PREFIX + "sk-wrong"]}):
-            with pytest.raises(WebSocketDenialResponse) as caught:
-                with client.websocket_connect("/v1/test-socket", **kwargs):
-                    pass
+            denied = pytest.raises(WebSocketDenialResponse)
+            with denied as caught, client.websocket_connect("/v1/test-socket", **kwargs):
+                pass
             assert caught.value.status_code == 401
             assert caught.value.json()["error"]["code"] == "invalid_api_key"
 

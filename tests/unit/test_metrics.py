@@ -111,7 +111,7 @@ def test_device_memory_from_the_probe_the_models_layer_hands_in(tmp_path):
     from diffuser_api.models.registry import ModelRegistry
 
     app = fake_app(tmp_path)
-    probe = lambda: [DeviceMemory("cuda:0", 100, 200, 1000), DeviceMemory("cuda:1", 1, 2, 3)]  # noqa: E731
+    probe = lambda: [DeviceMemory("cuda:0", 100, 200, 1000), DeviceMemory("cuda:1", 1, 2, 3)]
     app = create_app(app.state.settings, ModelRegistry(list(app.state.registry)), device_memory=probe)
     with TestClient(app) as client:
         samples = scrape(client)

@@ -106,7 +106,9 @@ def test_reset_durations_in_openai_style(seconds, text):
     assert openai_duration(seconds) == text
 
 
-@pytest.mark.parametrize(("value", "stored"), [(60, "60/minute"), ("60", "60/minute"), ("5 per 2 seconds", "5 per 2 seconds")])
+@pytest.mark.parametrize(
+    ("value", "stored"), [(60, "60/minute"), ("60", "60/minute"), ("5 per 2 seconds", "5 per 2 seconds")]
+)
 def test_limit_settings(value, stored):
     assert Settings(_env_file=None, rate_limit_requests=value).rate_limit_requests == stored
 

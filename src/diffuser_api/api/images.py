@@ -83,9 +83,9 @@ async def _run(
         raise InvalidRequest("Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
     values = {name: getattr(body, name) for name in REQUEST_FIELDS if hasattr(body, name)}
     image_request = ImageRequest(endpoint=endpoint, images=images, mask=mask, **values)
-    await admit_images(request, image_request.n)
     timing = JobTiming()
     with recording(request, image_request, timing) as record:
+        await admit_images(request, image_request.n)
         work = service.create(image_request, files_url_base(request, settings), timing=timing)
         result, model_id = await cancel_on_disconnect(request, work)
         note_result(record, result, model_id)

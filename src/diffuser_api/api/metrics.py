@@ -105,8 +105,11 @@ class LiveFigures(Collector):
         assert self._device_memory is not None
         families = {
             field: GaugeMetricFamily(f"diffuser_gpu_memory_{field}", f"Device memory, {text}", labels=["device"])
-            for field, text in (("allocated_bytes", "allocated by tensors"), ("reserved_bytes", "held by the "
-                                "caching allocator"), ("total_bytes", "total"))
+            for field, text in (
+                ("allocated_bytes", "allocated by tensors"),
+                ("reserved_bytes", "held by the caching allocator"),
+                ("total_bytes", "total"),
+            )
         }
         for memory in self._device_memory():
             for field, family in families.items():

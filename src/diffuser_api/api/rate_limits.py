@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 import limits
-from limits.storage import storage_from_string
 from limits.aio.strategies import STRATEGIES
+from limits.storage import storage_from_string
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
