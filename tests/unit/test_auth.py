@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from starlette.testclient import WebSocketDenialResponse
 
 from diffuser_api.api.auth import KEY_SUBPROTOCOL_PREFIX, ApiKeyMiddleware, PublicPaths, accepted_subprotocol
-from diffuser_api.api.keys import ApiKey, KeyStore, hash_key
+from diffuser_api.api.keys import ApiKey, KeyStore, hash_key, load_key_store
 from diffuser_api.config import Settings
 from tests.fakes import fake_app
 from tests.unit.test_api import GEN, assert_envelope, wait_ready
@@ -206,3 +206,12 @@ def test_websocket_without_denial_responses_is_closed_with_1008():
              "subprotocols": [], "state": {}}
     asyncio.run(middleware(scope, receive, send))
     assert sent == [{"type": "websocket.close", "code": 1008, "reason": "invalid_api_key"}]
+
+
+def test_keys_from_the_environment_are_secret_in_settings(monkeypatch):
+    monkeypatch.setenv("DIFFUSER_API_KEYS", " sk-env-a , sk-env-b ")
+    settings = Settings(_env_file=None)
+    assert "sk-env-a" not in repr(settings) and "sk-env-a" not in str(settings.model_dump())
+    store = load_key_store(settings)
+    assert store.find("sk-env-a").name == f"key-{sha('sk-env-a')[:8]}"
+    assert store.find("sk-env-b") is not None and store.find("sk-env-a , sk-env-b") is None

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
 from diffuser_api.errors import NotFound
 from diffuser_api.service.storage import ImageStorage
+from tests.fakes import fake_app
+from tests.unit.test_api import assert_envelope, wait_ready
 
 
 class Clock:
@@ -116,3 +120,17 @@ def test_without_ttl_nothing_expires(tmp_path: Path, clock: Clock) -> None:
 
 def test_cleanup_before_anything_is_stored(tmp_path: Path) -> None:
     assert ImageStorage(str(tmp_path / "never-written"), ttl_s=1).remove_expired() == 0
+
+
+def test_the_app_deletes_expired_images_in_the_background(tmp_path: Path) -> None:
+    app = fake_app(tmp_path, storage_ttl_s=1, storage_cleanup_interval_s=0.1)
+    with TestClient(app) as client:
+        wait_ready(client)
+        response = client.post("/v1/images/generations", json={"prompt": "x", "response_format": "url"})
+        name = response.json()["data"][0]["url"].rsplit("/", 1)[1]
+        assert client.get(f"/v1/images/files/{name}").status_code == 200
+        deadline = time.monotonic() + 5
+        while (tmp_path / "images" / name).exists():
+            assert time.monotonic() < deadline, "the cleanup task never removed the expired image"
+            time.sleep(0.1)
+        assert_envelope(client.get(f"/v1/images/files/{name}"), 404)

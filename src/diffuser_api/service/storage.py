@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import secrets
 import time
@@ -62,7 +63,8 @@ class ImageStorage:
         )
 
     def save(self, data: bytes, output_format: str) -> str:
-        name = f"{int(self._clock()):010d}-{secrets.token_urlsafe(24)}.{output_format}"
+        # Rounded up: an image may outlive its time to live by under a second, never fall short.
+        name = f"{math.ceil(self._clock()):010d}-{secrets.token_urlsafe(24)}.{output_format}"
         path = f"{self.root}/{name}"
         if self._local:
             self._save_local(data, path)
