@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Sequence
 
 import uvicorn
 
 from diffuser_api.config import Settings
+from diffuser_api.log_format import configure_logging
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     overrides = {key: value for key, value in vars(args).items() if key != "command" and value is not None}
     settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     from diffuser_api.main import build_app
 
     uvicorn.run(
@@ -40,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # uvicorn's loggers go through ours (format, key scrubbing); our access line replaces its own.
+        log_config=None,
+        access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
 

@@ -45,6 +45,21 @@ class Overloaded(DiffuserError):
         self.retry_after = retry_after
 
 
+class Unauthorized(DiffuserError):
+    """No API key, or one that matches no configured key; the message never repeats the key."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="invalid_api_key")
+
+
+class RateLimited(DiffuserError):
+    """The caller used up a requests or images limit; ``retry_after`` says when it frees up."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, code="rate_limit_exceeded")
+        self.retry_after = retry_after
+
+
 class Unavailable(DiffuserError):
     """The model is still loading, failed to load, or the server is shutting down."""
 

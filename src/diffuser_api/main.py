@@ -47,4 +47,6 @@ def build_registry(settings: Settings) -> ModelRegistry:
 
 
 def build_app(settings: Settings) -> FastAPI:
-    return create_app(settings, build_registry(settings))
+    from diffuser_api.models.device_memory import cuda_memory
+
+    return create_app(settings, build_registry(settings), device_memory=cuda_memory)

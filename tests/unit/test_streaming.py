@@ -195,3 +195,23 @@ class SlowSteppingRunner(FakeRunner):
             on_step(step, total, previews)
 
         return super().run(jobs, counting)
+
+
+def test_websocket_needs_the_key_when_keys_are_on(tmp_path):
+    from starlette.websockets import WebSocketDisconnect
+
+    with TestClient(fake_app(tmp_path, api_keys=["sk-right"])) as client:
+        with pytest.raises(WebSocketDisconnect):
+            with client.websocket_connect("/v1/images/ws") as socket:
+                socket.send_json({"prompt": "x"})
+                socket.receive_json()
+        for url, protocols in (("/v1/images/ws?api_key=sk-right", None),
+                               ("/v1/images/ws", ["openai-insecure-api-key.sk-right", "images.v1"])):
+            with client.websocket_connect(url, subprotocols=protocols) as socket:
+                socket.send_json({"prompt": "x", "num_inference_steps": 2})
+                messages = []
+                while not messages or messages[-1]["type"] not in ("done", "error"):
+                    messages.append(socket.receive_json())
+                assert messages[-1]["type"] == "done"
+                if protocols:
+                    assert socket.accepted_subprotocol == "images.v1"

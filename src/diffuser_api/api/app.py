@@ -7,28 +7,46 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from diffuser_api import __version__
-from diffuser_api.api import health, images, models, websocket
+from diffuser_api.api import files, health, images, metrics, models, websocket
+from diffuser_api.api.auth import ApiKeyMiddleware, PublicPaths
 from diffuser_api.api.errors import install_error_handlers
+from diffuser_api.api.keys import load_key_store
+from diffuser_api.api.metrics import HttpMetricsMiddleware, ServiceMetrics
+from diffuser_api.api.rate_limits import RateLimiter, RateLimitMiddleware
 from diffuser_api.api.request_id import RequestIdMiddleware
 from diffuser_api.config import Settings
+from diffuser_api.domain.devices import DeviceMemoryProbe
 from diffuser_api.models.registry import ModelRegistry
 from diffuser_api.service.images import ImageService
-from diffuser_api.service.storage import LocalStorage
+from diffuser_api.service.storage import ImageStorage, remove_expired_periodically
+
+# Headers browser code may read on a cross-origin response.
+EXPOSED_HEADERS = [
+    "x-request-id", "retry-after", *(f"x-ratelimit-{part}-{kind}" for kind in ("requests", "images")
+                                     for part in ("limit", "remaining", "reset")),
+]
 
 
-def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
+def create_app(
+    settings: Settings, registry: ModelRegistry, device_memory: DeviceMemoryProbe | None = None
+) -> FastAPI:
     """Models load in the background after start-up, so /health can say 503 meanwhile."""
-    storage = LocalStorage(settings.storage_dir)
+    storage = ImageStorage.from_settings(settings)
     service = ImageService(settings, registry, storage)
+    service_metrics = ServiceMetrics(registry, device_memory)
+    public = PublicPaths(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(registry.load_all())
+        cleanup = asyncio.create_task(remove_expired_periodically(storage, settings.storage_cleanup_interval_s))
         try:
             yield
         finally:
+            cleanup.cancel()
             await loading
             await registry.stop(settings.shutdown_grace_s)
             service.close()
@@ -43,9 +61,21 @@ def create_app(settings: Settings, registry: ModelRegistry) -> FastAPI:
     app.state.registry = registry
     app.state.storage = storage
     app.state.service = service
+    app.state.metrics = service_metrics
+    app.state.rate_limiter = RateLimiter(settings)
+    # Listed innermost first: the request id wraps everything, metrics see every answer,
+    # CORS answers preflights before keys are asked for, and limits count only known callers.
+    app.add_middleware(RateLimitMiddleware, limiter=app.state.rate_limiter, public=public)
+    app.add_middleware(ApiKeyMiddleware, keys=load_key_store(settings), public=public)
+    if settings.cors_allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=EXPOSED_HEADERS)
+    app.add_middleware(HttpMetricsMiddleware, metrics=service_metrics)
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(files.router, prefix=settings.api_prefix)
     app.include_router(models.router, prefix=settings.api_prefix)
     app.include_router(images.router, prefix=settings.api_prefix)
     app.include_router(websocket.router, prefix=settings.api_prefix)

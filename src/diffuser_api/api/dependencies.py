@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from diffuser_api.config import Settings
 from diffuser_api.models.registry import ModelRegistry
 from diffuser_api.service.images import ImageService
-from diffuser_api.service.storage import LocalStorage
+from diffuser_api.service.storage import ImageStorage
 
 
 def _settings(request: Request) -> Settings:
@@ -24,11 +24,11 @@ def _service(request: Request) -> ImageService:
     return request.app.state.service
 
 
-def _storage(request: Request) -> LocalStorage:
+def _storage(request: Request) -> ImageStorage:
     return request.app.state.storage
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(_registry)]
 ServiceDep = Annotated[ImageService, Depends(_service)]
-StorageDep = Annotated[LocalStorage, Depends(_storage)]
+StorageDep = Annotated[ImageStorage, Depends(_storage)]

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import HTTPConnection
 
 from diffuser_api.errors import (
     Cancelled,
@@ -26,7 +27,9 @@ from diffuser_api.errors import (
     NotSupported,
     Overloaded,
     PayloadTooLarge,
+    RateLimited,
     RequestTimeout,
+    Unauthorized,
     Unavailable,
 )
 
@@ -35,10 +38,12 @@ logger = logging.getLogger(__name__)
 # status, OpenAI error type, and whether the SDK should retry (None: let it decide by status).
 ERROR_TABLE: dict[type[DiffuserError], tuple[int, str, bool | None]] = {
     InvalidRequest: (400, "invalid_request_error", None),
+    Unauthorized: (401, "invalid_request_error", False),
     ModelNotFound: (404, "invalid_request_error", None),
     NotFound: (404, "invalid_request_error", None),
     PayloadTooLarge: (413, "invalid_request_error", False),
     Overloaded: (429, "requests", None),
+    RateLimited: (429, "requests", None),
     Cancelled: (499, "invalid_request_error", False),
     ModelFailure: (500, "server_error", None),
     NotSupported: (501, "not_supported_error", False),
@@ -47,7 +52,7 @@ ERROR_TABLE: dict[type[DiffuserError], tuple[int, str, bool | None]] = {
 }
 
 
-def request_id_of(request: Request) -> str:
+def request_id_of(request: HTTPConnection) -> str:
     return getattr(request.state, "request_id", "")
 
 
@@ -58,7 +63,7 @@ def envelope(
 
 
 def error_response(
-    request: Request,
+    request: HTTPConnection,
     status: int,
     message: str,
     error_type: str,
@@ -82,6 +87,8 @@ def describe_error(error: DiffuserError, request_id: str) -> tuple[int, dict[str
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         headers["retry-after"] = f"{retry_after:g}"
+    if status == 401:
+        headers["www-authenticate"] = "Bearer"
     message = error.message
     if status == 500:
         message = f"{message} (request id {request_id})"
@@ -89,7 +96,7 @@ def describe_error(error: DiffuserError, request_id: str) -> tuple[int, dict[str
     return status, envelope(request_id, message, error_type, error.param, error.code), headers
 
 
-async def diffuser_error_handler(request: Request, error: DiffuserError) -> JSONResponse:
+async def diffuser_error_handler(request: HTTPConnection, error: DiffuserError) -> JSONResponse:
     status, body, headers = describe_error(error, request_id_of(request))
     return JSONResponse(body, status_code=status, headers=headers)
 

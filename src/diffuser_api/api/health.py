@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from diffuser_api import __version__
 from diffuser_api.api.dependencies import RegistryDep, SettingsDep
+from diffuser_api.api.rate_limits import describe_limits
 from diffuser_api.domain import Capabilities, Task
 from diffuser_api.models.registry import ModelHandle, ModelStatus
 
@@ -23,13 +24,14 @@ async def health(registry: RegistryDep) -> dict[str, str]:
 
 
 @router.get("/", summary="Service information: models and what each endpoint can do")
-async def service_info(registry: RegistryDep, settings: SettingsDep) -> dict[str, Any]:
+async def service_info(registry: RegistryDep, settings: SettingsDep, request: Request) -> dict[str, Any]:
     return {
         "service": "diffuser-api",
         "version": __version__,
         "api_prefix": settings.api_prefix,
         "docs": "/docs",
         "models": [_describe(handle) for handle in registry],
+        "caller": describe_limits(request),
     }
 
 

@@ -1,4 +1,4 @@
-"""The three OpenAI image endpoints and the route that serves ``url`` results."""
+"""The three OpenAI image endpoints."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 
-from diffuser_api.api.dependencies import ServiceDep, SettingsDep, StorageDep
+from diffuser_api.api.dependencies import ServiceDep, SettingsDep
 from diffuser_api.api.disconnect import cancel_on_disconnect
 from diffuser_api.api.errors import describe_error, request_id_of
 from diffuser_api.api.forms import read_image_form
+from diffuser_api.api.rate_limits import admit_images
+from diffuser_api.api.request_record import note_result, note_stream, recording, timed_events
 from diffuser_api.api.schemas import (
     EditForm,
     EditJSONBody,
@@ -23,8 +25,8 @@ from diffuser_api.api.schemas import (
 from diffuser_api.api.streaming import sse_response
 from diffuser_api.config import Settings
 from diffuser_api.domain import Endpoint, ImageRequest, ImagesResult, Upload
+from diffuser_api.engine.job import JobTiming
 from diffuser_api.errors import InvalidRequest
-from diffuser_api.service.encoding import MEDIA_TYPES
 from diffuser_api.service.images import ImageService, response_quality, response_size
 from diffuser_api.service.uploads import decode_data_url
 
@@ -69,12 +71,6 @@ async def create_variation(request: Request, service: ServiceDep, settings: Sett
     return await _run(request, service, settings, Endpoint.VARIATIONS, body, form.images)
 
 
-@router.get("/images/files/{name}", summary="Download an image returned as a url")
-async def image_file(name: str, storage: StorageDep) -> FileResponse:
-    path = storage.path(name)
-    return FileResponse(path, media_type=MEDIA_TYPES[path.suffix.lstrip(".")])
-
-
 async def _run(
     request: Request,
     service: ImageService,
@@ -83,15 +79,25 @@ async def _run(
     body: ImageOptions,
     images: tuple[Upload, ...],
     mask: Upload | None = None,
+
 ) -> Response:
     image_request = build_image_request(settings, endpoint, body, images, mask)
-    if image_request.stream:
-        stream = await service.open_stream(image_request)
-        request_id = request_id_of(request)
-        return sse_response(
-            stream, image_request, lambda error: describe_error(error, request_id)[1], settings.stream_ping_s
-        )
-    result, _ = await cancel_on_disconnect(request, service.create(image_request, files_url_base(request, settings)))
+    timing = JobTiming()
+    with recording(request, image_request, timing) as record:
+        await admit_images(request, image_request.n)
+        if image_request.stream:
+            stream = await service.open_stream(image_request, timing)
+            note_stream(record, stream)
+            request_id = request_id_of(request)
+            return sse_response(
+                dataclasses.replace(stream, events=timed_events(record, timing, stream.events)),
+                image_request,
+                lambda error: describe_error(error, request_id)[1],
+                settings.stream_ping_s,
+            )
+        work = service.create(image_request, files_url_base(request, settings), timing=timing)
+        result, model_id = await cancel_on_disconnect(request, work)
+        note_result(record, result, model_id)
     return JSONResponse(images_response(result))
 
 

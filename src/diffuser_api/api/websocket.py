@@ -15,8 +15,10 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
+from diffuser_api.api.auth import accepted_subprotocol
 from diffuser_api.api.errors import describe_error, invalid_request_from
 from diffuser_api.api.images import build_image_request, json_uploads
+from diffuser_api.api.rate_limits import admit_images
 from diffuser_api.api.schemas import EditJSONBody, GenerationBody
 from diffuser_api.api.streaming import websocket_message
 from diffuser_api.config import Settings
@@ -32,12 +34,14 @@ REFUSED = 1008
 
 @router.websocket("/images/ws")
 async def image_socket(socket: WebSocket) -> None:
-    await socket.accept()
+    await socket.accept(subprotocol=accepted_subprotocol(socket.scope))
     settings: Settings = socket.app.state.settings
     service: ImageService = socket.app.state.service
     request_id = socket.scope.get("state", {}).get("request_id", "")
     try:
-        stream = await service.open_stream(parse_message(await socket.receive_json(), settings))
+        image_request = parse_message(await socket.receive_json(), settings)
+        await admit_images(socket, image_request.n)
+        stream = await service.open_stream(image_request)
         work = asyncio.ensure_future(_send_events(socket, stream.events))
         closed = asyncio.ensure_future(socket.receive())
         await asyncio.wait({work, closed}, return_when=asyncio.FIRST_COMPLETED)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+import limits
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from diffuser_api.domain.requests import Task
@@ -30,6 +31,22 @@ def _split_list(value: object) -> object:
 
 
 StrList = Annotated[list[str], NoDecode]
+
+
+def _per_minute(value: object) -> object:
+    """A bare number is per minute, the unit the OpenAI docs speak in."""
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        return f"{int(value)}/minute"
+    return value
+
+
+def _parseable(value: str) -> str:
+    limits.parse(value)  # raises ValueError naming the bad text
+    return value
+
+
+# A rate limit in the ``limits`` notation: "60/minute", "1000 per hour", "5/2 seconds", or 60.
+RateLimitText = Annotated[str, BeforeValidator(_per_minute), AfterValidator(_parseable)]
 
 
 class Settings(BaseSettings):
@@ -107,9 +124,43 @@ class Settings(BaseSettings):
         Path.home() / ".cache" / "diffuser-api" / "images", description="Where url responses are written."
     )
 
-    log_level: str = "info"
+    # Access: API keys, rate limits, browsers
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Accepted API keys; each is named key-<first 8 hex of its sha256>."
+    )
+    api_keys_file: Path | None = Field(
+        None, description="YAML or JSON list of keys: name, key_sha256, optional limits (requests, images)."
+    )
+    metrics_public: bool = Field(False, description="If true, /metrics needs no key even when keys are set.")
+    rate_limit_requests: RateLimitText | None = Field(
+        None, description="Requests per key (per client address without keys), e.g. 60/minute; a number is per minute."
+    )
+    rate_limit_images: RateLimitText | None = Field(
+        None, description="Images per key (per client address without keys), e.g. 100/minute."
+    )
+    rate_limit_storage_uri: str = Field(
+        "memory://", description="Where counts live: memory:// (one process) or redis://host:6379 (shared)."
+    )
+    rate_limit_strategy: Literal["moving-window", "fixed-window", "sliding-window-counter"] = "moving-window"
+    cors_allow_origins: StrList = Field(
+        default_factory=list, description="Origins browsers may call from (CORS); * for any. Empty: no CORS."
+    )
 
-    @field_validator("device", "trusted_proxies", mode="before")
+    # Storage for response_format=url, behind fsspec
+    storage_url: str | None = Field(
+        None, description="s3://bucket/prefix, gs://bucket/prefix or a local folder; default: storage_dir."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for storage_url as JSON (endpoint_url, key, token...)."
+    )
+    storage_presign: bool = Field(True, description="Hand out presigned URLs where the backend can sign (S3).")
+    storage_ttl_s: float | None = Field(3600.0, description="Stored images expire after this; none: keep forever.")
+    storage_cleanup_interval_s: float = Field(300.0, description="How often expired images are deleted.")
+
+    log_level: str = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line.")
+
+    @field_validator("device", "trusted_proxies", "api_keys", "cors_allow_origins", mode="before")
     @classmethod
     def _lists_from_env(cls, value: object) -> object:
         return _split_list(value)

@@ -41,3 +41,4 @@ class ImagesResult:
     output_format: str
     size: str
     quality: str | None
+    steps: int | None = None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from diffuser_api.domain import GeneratedImage, ImageJob
 from diffuser_api.engine.batching import BatchLimits, JobQueue
-from diffuser_api.engine.job import Job, ProgressSink
+from diffuser_api.engine.job import Job, JobTiming, ProgressSink
 from diffuser_api.engine.runner import ModelRunner
 from diffuser_api.engine.worker import BatchObserver, BatchReport, Worker
 from diffuser_api.errors import Overloaded, RequestTimeout, Unavailable
@@ -51,11 +51,14 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    async def submit(self, work: ImageJob, progress: ProgressSink | None = None) -> list[GeneratedImage]:
+    async def submit(
+        self, work: ImageJob, progress: ProgressSink | None = None, timing: JobTiming | None = None
+    ) -> list[GeneratedImage]:
         """Queue the work and wait for its images.
 
         Cancelling the awaiting task (client gone) cancels the job: a queued job never runs,
-        a running one stops at the next step once no client of its batch is left.
+        a running one stops at the next step once no client of its batch is left. ``timing``,
+        if given, gets the job's queue wait and compute time however it ends.
         """
         if not self._accepting:
             raise Unavailable("the server is shutting down", retry_after=1.0)
@@ -76,6 +79,9 @@ class Engine:
         except asyncio.CancelledError:
             self._cancel(job)
             raise
+        finally:
+            if timing is not None:
+                timing.record(job, time.monotonic())
 
     def queue_position(self, work: ImageJob) -> int | None:
         """0 for the next job to run; None once a worker has taken it."""

@@ -13,6 +13,21 @@ from diffuser_api.domain import GeneratedImage, ImageJob, StepProgress
 ProgressSink = Callable[[StepProgress], None]
 
 
+@dataclass
+class JobTiming:
+    """How long one job waited in the queue and computed, for its request's log line."""
+
+    queue_wait_s: float | None = None
+    compute_s: float | None = None
+
+    def record(self, job: Job, now: float) -> None:
+        if job.started_at is None:  # never left the queue (timeout, cancel, shutdown)
+            self.queue_wait_s = now - job.enqueued_at
+            return
+        self.queue_wait_s = job.started_at - job.enqueued_at
+        self.compute_s = now - job.started_at
+
+
 @dataclass(eq=False)
 class Job:
     """Crosses from the event loop to a worker thread and back through ``future``.

@@ -17,6 +17,7 @@ from PIL import Image
 
 from diffuser_api.domain import Capabilities, ImageJob, Task
 from diffuser_api.engine import Engine, EngineLimits, ModelRunner
+from diffuser_api.engine.worker import BatchObserver, BatchReport
 from diffuser_api.errors import ModelNotFound, Unavailable
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,15 @@ class ModelHandle:
         self._warmup = warmup
         self._engine: Engine | None = None
         self._loaded: LoadedRunners | None = None
+        self._batch_observers: list[BatchObserver] = []
+
+    def observe_batches(self, observer: BatchObserver) -> None:
+        """Subscribe (metrics) before loading; the engine built at load time reports to each."""
+        self._batch_observers.append(observer)
+
+    def _report_batch(self, report: BatchReport) -> None:
+        for observer in self._batch_observers:
+            observer(report)
 
     def load(self) -> None:
         """Blocking: call from a thread. A failure is kept and reported, not raised."""
@@ -72,7 +82,7 @@ class ModelHandle:
             return
         loaded.capabilities = loaded.capabilities.without(self._disabled)
         self._loaded = loaded
-        self._engine = Engine(loaded.runners, self._limits)
+        self._engine = Engine(loaded.runners, self._limits, self._report_batch)
         self._engine.start()
         self.load_seconds = time.monotonic() - started
         self.status = ModelStatus.READY

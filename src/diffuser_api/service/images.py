@@ -25,10 +25,11 @@ from diffuser_api.domain import (
     StoredImage,
     Task,
 )
+from diffuser_api.engine.job import JobTiming
 from diffuser_api.errors import InvalidRequest, NotSupported
 from diffuser_api.models.registry import ModelHandle, ModelRegistry
 from diffuser_api.service.encoding import encode_image
-from diffuser_api.service.storage import LocalStorage
+from diffuser_api.service.storage import ImageStorage
 from diffuser_api.service.streaming import ImageStream, job_events
 from diffuser_api.service.uploads import UploadLimits, decode_image, decode_mask
 
@@ -43,7 +44,7 @@ T = TypeVar("T")
 
 
 class ImageService:
-    def __init__(self, settings: Settings, registry: ModelRegistry, storage: LocalStorage) -> None:
+    def __init__(self, settings: Settings, registry: ModelRegistry, storage: ImageStorage) -> None:
         self._settings = settings
         self._registry = registry
         self._storage = storage
@@ -55,11 +56,19 @@ class ImageService:
     def close(self) -> None:
         self._codec.shutdown(wait=False, cancel_futures=True)
 
-    async def create(self, request: ImageRequest, url_base: str) -> tuple[ImagesResult, str]:
-        """Run one request end to end; returns the result and the id of the model that ran it."""
+    async def create(
+        self,
+        request: ImageRequest,
+        url_base: str,
+        timing: JobTiming | None = None,
+    ) -> tuple[ImagesResult, str]:
+        """Run one request end to end; returns the result and the id of the model that ran it.
+
+        ``timing`` is filled in even when the request fails, for the caller's log line.
+        """
         handle = self._registry.resolve(request.model)
         job = await self.prepare(request, handle)
-        images = await handle.engine.submit(job)
+        images = await handle.engine.submit(job, timing=timing)
         stored = await asyncio.gather(*(self._off_loop(self._store, image, request, url_base) for image in images))
         result = ImagesResult(
             created=int(time.time()),
@@ -67,10 +76,11 @@ class ImageService:
             output_format=self._output_format(request),
             size=f"{job.width}x{job.height}",
             quality=request.quality,
+            steps=job.steps,
         )
         return result, handle.id
 
-    async def open_stream(self, request: ImageRequest) -> ImageStream:
+    async def open_stream(self, request: ImageRequest, timing: JobTiming | None = None) -> ImageStream:
         """Check and prepare now (so a bad request is a plain HTTP error), run when iterated."""
         handle = self._registry.resolve(request.model)
         job = await self.prepare(request, handle)
@@ -84,7 +94,7 @@ class ImageService:
         async def store(image: GeneratedImage) -> StoredImage:
             return await self._off_loop(self._store, image, request, "")
 
-        return ImageStream(job, job_events(handle.engine, job, encode_preview, store))
+        return ImageStream(job, handle.id, job_events(handle.engine, job, encode_preview, store, timing))
 
     async def prepare(self, request: ImageRequest, handle: ModelHandle) -> ImageJob:
         caps = handle.capabilities
@@ -231,7 +241,7 @@ class ImageService:
         common = {"seed": image.seed, "revised_prompt": image.revised_prompt}
         if request.response_format == "url":
             name = self._storage.save(data, output_format)
-            return StoredImage(url=f"{url_base}/{name}", **common)
+            return StoredImage(url=self._storage.url(name, url_base), **common)
         return StoredImage(b64_json=base64.b64encode(data).decode("ascii"), **common)
 
     async def _off_loop(self, function: Callable[..., T], *args: object) -> T:

@@ -15,6 +15,7 @@ from PIL.Image import Image
 
 from diffuser_api.domain import GeneratedImage, ImageJob, StepProgress, StoredImage
 from diffuser_api.engine import Engine
+from diffuser_api.engine.job import JobTiming
 
 # How often a waiting stream re-reads its queue position (and lets pings flow).
 QUEUE_POLL_S = 0.25
@@ -53,6 +54,7 @@ class ImageStream:
     """A checked request whose events have not started yet: errors so far were plain HTTP."""
 
     job: ImageJob
+    model_id: str
     events: AsyncIterator[StreamEvent]
 
 
@@ -61,10 +63,11 @@ async def job_events(
     job: ImageJob,
     encode_preview: Callable[[Image], Awaitable[str]],
     store: Callable[[GeneratedImage], Awaitable[StoredImage]],
+    timing: JobTiming | None = None,
 ) -> AsyncIterator[StreamEvent]:
     """Run the job, yielding its progress; closing the iterator early cancels the job."""
     progress: asyncio.Queue[StepProgress] = asyncio.Queue()
-    task = asyncio.ensure_future(engine.submit(job, progress.put_nowait))
+    task = asyncio.ensure_future(engine.submit(job, progress.put_nowait, timing))
     partial_counts = [0] * job.n
     last_position: int | None = None
     getter: asyncio.Future[StepProgress] | None = None

@@ -1,0 +1,132 @@
+"""Requests and images per key (or client address): 429 with OpenAI's headers, and the SDK's
+retry waits as long as Retry-After says."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from diffuser_api.api.rate_limits import openai_duration
+from diffuser_api.config import Settings
+from tests.fakes import fake_app
+from tests.unit.test_api import GEN, assert_envelope, wait_ready
+from tests.unit.test_auth import bearer, sdk, sha
+
+
+def limited(tmp_path, **settings) -> TestClient:
+    return TestClient(fake_app(tmp_path, **settings))
+
+
+def test_requests_limit_by_address_gives_429_with_headers(tmp_path):
+    with limited(tmp_path, rate_limit_requests="2/minute") as client:
+        wait_ready(client)  # /health is public: not counted
+        first, second = (client.get("/v1/models") for _ in range(2))
+        assert first.status_code == second.status_code == 200
+        assert first.headers["x-ratelimit-limit-requests"] == "2"
+        assert [r.headers["x-ratelimit-remaining-requests"] for r in (first, second)] == ["1", "0"]
+        refused = client.get("/v1/models")
+        error = assert_envelope(refused, 429, code="rate_limit_exceeded")
+        assert error["type"] == "requests" and "2/minute" in error["message"]
+        assert 55 <= int(refused.headers["retry-after"]) <= 60
+        assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+        assert refused.headers["x-ratelimit-reset-requests"].endswith("s")
+        assert "x-ratelimit-limit-images" not in refused.headers
+
+
+def test_images_limit_counts_n(tmp_path):
+    with limited(tmp_path, rate_limit_images="5/minute") as client:
+        wait_ready(client)
+        ok = client.post(GEN, json={"prompt": "x", "n": 3})
+        assert ok.status_code == 200
+        assert (ok.headers["x-ratelimit-limit-images"], ok.headers["x-ratelimit-remaining-images"]) == ("5", "2")
+        refused = client.post(GEN, json={"prompt": "x", "n": 3})
+        assert_envelope(refused, 429, code="rate_limit_exceeded")
+        assert refused.headers["x-ratelimit-remaining-images"] == "2" and int(refused.headers["retry-after"]) >= 1
+        assert client.post(GEN, json={"prompt": "x", "n": 2}).status_code == 200
+        # More than the whole budget can never succeed: a 400 naming n, not a 429 to retry.
+        assert_envelope(client.post(GEN, json={"prompt": "x", "n": 6}), 400, "n")
+
+
+def test_per_key_overrides_and_separate_budgets(tmp_path):
+    keys = [
+        {"name": "small", "key_sha256": sha("sk-small"), "limits": {"requests": "1/minute"}},
+        {"name": "big", "key_sha256": sha("sk-big")},
+    ]
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump(keys))
+    with limited(tmp_path, api_keys_file=keys_file, rate_limit_requests="3/minute") as client:
+        wait_ready(client)
+        assert client.get("/v1/models", headers=bearer("sk-small")).status_code == 200
+        assert_envelope(client.get("/v1/models", headers=bearer("sk-small")), 429)
+        statuses = [client.get("/v1/models", headers=bearer("sk-big")).status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        # Refused keys are not charged against anyone.
+        assert_envelope(client.get("/v1/models", headers=bearer("sk-nobody")), 401)
+
+
+def test_sdk_retry_waits_for_retry_after_then_succeeds(tmp_path):
+    with limited(tmp_path, api_keys=["sk-k"], rate_limit_requests="1 per 2 seconds") as client:
+        wait_ready(client)
+        seen: list[tuple[int, str | None]] = []
+        client.event_hooks["response"].append(lambda r: seen.append((r.status_code, r.headers.get("retry-after"))))
+        images = sdk(client, "sk-k", max_retries=2).images
+        images.generate(prompt="first", size="32x32")
+        started = time.monotonic()
+        result = images.generate(prompt="second", size="32x32")
+        waited = time.monotonic() - started
+        assert result.data[0].b64_json
+        assert seen == [(200, None), (429, "2"), (200, None)]
+        assert 1.5 <= waited < 4  # Retry-After, not the SDK's own 0.5 s backoff
+
+
+def test_sdk_without_retries_sees_rate_limit_error(tmp_path):
+    with limited(tmp_path, api_keys=["sk-k"], rate_limit_requests="1/minute") as client:
+        wait_ready(client)
+        images = sdk(client, "sk-k", max_retries=0).images
+        images.generate(prompt="x", size="32x32")
+        with pytest.raises(openai.RateLimitError) as caught:
+            images.generate(prompt="x", size="32x32")
+        assert caught.value.code == "rate_limit_exceeded"
+        assert caught.value.response.headers["x-ratelimit-limit-requests"] == "1"
+
+
+def test_no_limits_no_headers(tmp_path):
+    with limited(tmp_path) as client:
+        wait_ready(client)
+        response = client.post(GEN, json={"prompt": "x"})
+        assert not [name for name in response.headers if name.startswith("x-ratelimit")]
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0.017, "17ms"), (1.0, "1s"), (59.2, "1m0s"), (360, "6m0s")])
+def test_reset_durations_in_openai_style(seconds, text):
+    assert openai_duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"), [(60, "60/minute"), ("60", "60/minute"), ("5 per 2 seconds", "5 per 2 seconds")]
+)
+def test_limit_settings(value, stored):
+    assert Settings(_env_file=None, rate_limit_requests=value).rate_limit_requests == stored
+
+
+def test_bad_limit_setting_is_refused():
+    with pytest.raises(ValueError, match="rate_limit_images"):
+        Settings(_env_file=None, rate_limit_images="lots per minute")
+
+
+def test_forwarded_address_counts_only_from_trusted_proxies(tmp_path):
+    with limited(tmp_path, rate_limit_requests="1/minute", trusted_proxies=["testclient"]) as client:
+        wait_ready(client)
+        for address in ("10.0.0.1", "10.0.0.2"):
+            assert client.get("/v1/models", headers={"x-forwarded-for": address}).status_code == 200
+        assert client.get("/v1/models", headers={"x-forwarded-for": "10.0.0.1"}).status_code == 429
+    with limited(tmp_path, rate_limit_requests="1/minute", trusted_proxies=[]) as client:
+        wait_ready(client)
+        assert client.get("/v1/models", headers={"x-forwarded-for": "10.0.0.1"}).status_code == 200
+        assert client.get("/v1/models", headers={"x-forwarded-for": "10.0.0.2"}).status_code == 429
+
+

@@ -1,0 +1,84 @@
+"""One log line per request with what it did; JSON on request; keys scrubbed from any line."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from diffuser_api.log_format import JsonFormatter, RedactKeys
+from tests.fakes import fake_app
+from tests.unit.test_api import GEN, wait_ready
+from tests.unit.test_auth import bearer, sdk
+
+
+@pytest.fixture()
+def client(tmp_path):
+    with TestClient(fake_app(tmp_path, api_keys=["sk-log-test"])) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+def access_records(caplog) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == "diffuser_api.access"]
+
+
+def test_one_line_per_request_with_its_work(client, caplog):
+    caplog.set_level(logging.INFO, logger="diffuser_api.access")
+    payload = {"prompt": "x", "n": 2, "size": "32x16", "num_inference_steps": 3}
+    client.post(GEN, json=payload, headers={**bearer("sk-log-test"), "x-request-id": "trace-42"})
+    (record,) = access_records(caplog)
+    fields = record.request
+    assert fields["request_id"] == "trace-42" and fields["status"] == 200
+    assert fields["key_name"].startswith("key-") and fields["model"] == "fake-model"
+    assert (fields["task"], fields["size"], fields["steps"], fields["images"]) == ("generations", "32x16", 3, 2)
+    assert fields["queue_wait_s"] >= 0 and fields["compute_s"] > 0
+    line = record.getMessage()
+    assert line.startswith("trace-42 POST /v1/images/generations 200 ")
+    for part in ("key=key-", "model=fake-model", "task=generations", "size=32x16", "steps=3", "images=2",
+                 "queue_wait=", "compute="):
+        assert part in line
+    assert "sk-log-test" not in line
+
+
+def test_failed_and_refused_requests_are_logged_too(client, caplog):
+    caplog.set_level(logging.INFO, logger="diffuser_api.access")
+    client.post(GEN, json={"prompt": "x", "size": "13x7"}, headers=bearer("sk-log-test"))
+    client.post(GEN, json={"prompt": "x"})
+    bad, refused = (record.request for record in access_records(caplog))
+    assert bad["status"] == 400 and bad["task"] == "generations" and "model" not in bad
+    assert refused["status"] == 401 and "key_name" not in refused
+
+
+def test_request_id_round_trips_through_the_sdk(client):
+    images = sdk(client, "sk-log-test").images
+    raw = images.with_raw_response.generate(prompt="x", size="32x32", extra_headers={"x-request-id": "mine-1"})
+    assert raw.headers["x-request-id"] == "mine-1"
+    with pytest.raises(openai.BadRequestError) as caught:
+        images.generate(prompt="x", size="13x7", extra_headers={"x-request-id": "mine-2"})
+    assert caught.value.request_id == "mine-2" and caught.value.body["request_id"] == "mine-2"
+
+
+def test_json_format_has_the_request_fields_at_top_level():
+    record = logging.LogRecord("diffuser_api.access", logging.INFO, __file__, 1, "req_1 GET / 200", None, None)
+    record.request = {"request_id": "req_1", "status": 200, "key_name": "alice"}
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["message"] == "req_1 GET / 200" and entry["level"] == "info"
+    assert (entry["request_id"], entry["status"], entry["key_name"]) == ("req_1", 200, "alice")
+
+
+@pytest.mark.parametrize(
+    ("message", "args"),
+    [
+        ('127.0.0.1:5000 - "WebSocket /v1/stream?api_key=%s&x=1" [accepted]', ("sk-secret",)),
+        ("offered subprotocols %s", (["images.v1", "openai-insecure-api-key.sk-secret"],)),
+        ("header was Authorization: Bearer sk-secret", None),
+    ],
+)
+def test_keys_are_scrubbed_from_any_log_line(message, args):
+    record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, message, args, None)
+    assert RedactKeys().filter(record)
+    assert "sk-secret" not in record.getMessage() and "***" in record.getMessage()
