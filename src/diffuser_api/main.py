@@ -34,6 +34,7 @@ def build_registry(settings: Settings) -> ModelRegistry:
         min_image_size=settings.min_image_size,
         max_image_size=settings.max_image_size,
         variation_strength=settings.variation_strength,
+        family=settings.family,
     )
     handle = ModelHandle(
         settings.model_id,

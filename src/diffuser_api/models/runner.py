@@ -11,6 +11,7 @@ from diffuser_api.domain import GeneratedImage, ImageJob, Task
 from diffuser_api.engine import StepCallback
 from diffuser_api.errors import OutOfMemory
 from diffuser_api.models.family import Family
+from diffuser_api.models.tasks import takes
 
 
 class DiffusersRunner:
@@ -23,6 +24,9 @@ class DiffusersRunner:
         self.name = name
         self.family = family
         self.pipelines = pipelines
+        # Pipelines with height/width get the job's size; the others (SD img2img) take it
+        # from the input image, which the service has resized to it.
+        self._sized = {task for task, pipe in pipelines.items() if takes(pipe, "height") and takes(pipe, "width")}
 
     def batch_key(self, job: ImageJob) -> Hashable:
         call_level = (job.task, job.width, job.height, job.steps, job.guidance_scale, job.true_cfg_scale, job.strength)
@@ -39,8 +43,10 @@ class DiffusersRunner:
             return tensors
 
         kwargs = self.family.call_kwargs(task, jobs)
+        if task in self._sized:
+            kwargs.update(height=jobs[0].height, width=jobs[0].width)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.family.call_scope(jobs):
                 images = pipe(**kwargs, output_type="pil", callback_on_step_end=step_end).images
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(f"out of device memory on {self.name}: {error}") from error
