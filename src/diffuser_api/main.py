@@ -35,6 +35,7 @@ def build_registry(settings: Settings) -> ModelRegistry:
         max_image_size=settings.max_image_size,
         variation_strength=settings.variation_strength,
         preview_scale=settings.preview_scale,
+        family=settings.family,
     )
     handle = ModelHandle(
         settings.model_id,

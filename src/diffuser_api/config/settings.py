@@ -68,6 +68,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Tasks to switch off even if the model can do them (generation, edit, ...). Never switches one on.",
     )
+    family: str | None = Field(
+        None,
+        description="Model family to serve the model as (sdxl, flux, qwen-image-edit, ...); "
+        "default: detected from the pipeline class in model_index.json.",
+    )
     warmup: bool = Field(True, description="Run one tiny generation after loading, before /health says ready.")
 
     # HTTP

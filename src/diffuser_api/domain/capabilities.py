@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from diffuser_api.domain.requests import Task
@@ -19,11 +20,13 @@ class SizeRules:
     def describe(self) -> str:
         return f"WxH with multiples of {self.multiple} between {self.min_side} and {self.max_side}"
 
-    def check(self, width: int, height: int, *, requested: str) -> None:
+    def check(self, width: int, height: int, *, requested: str, owner: str = "") -> None:
+        """``owner`` names the model and family whose rule this is, for the error message."""
         ok_range = all(self.min_side <= side <= self.max_side for side in (width, height))
         if not ok_range or width % self.multiple or height % self.multiple:
+            suffix = f" for {owner}" if owner else ""
             raise InvalidRequest(
-                f"size '{requested}' is not {self.describe()}", param="size", code="invalid_value"
+                f"size '{requested}' is not {self.describe()}{suffix}", param="size", code="invalid_value"
             )
 
     def fit(self, width: int, height: int) -> tuple[int, int]:
@@ -44,7 +47,13 @@ class Capabilities:
     """The contract between a model and the service.
 
     ``extras`` names the diffusers parameters the model honours; any other one, sent with a
-    value that would change the result, is refused with a 400 naming it.
+    value that would change the result, is refused with a 400 naming it. ``task_extras``
+    narrows that per task where the task's pipeline takes fewer (Qwen-Image-Edit takes
+    ``strength`` for masked edits only).
+
+    ``negative_prompt_scale`` names the scale that must exceed 1 for a negative prompt to
+    count: ``guidance_scale`` (classifier-free guidance) or ``true_cfg_scale`` (true CFG, which
+    also does nothing without a negative prompt); ``None`` if the model takes no negative prompt.
     """
 
     family: str
@@ -57,6 +66,13 @@ class Capabilities:
     variation_method: str | None
     max_input_images: int = 1
     notes: tuple[str, ...] = field(default=())
+    task_extras: Mapping[Task, frozenset[str]] = field(default_factory=dict)
+    default_true_cfg_scale: float | None = None
+    default_negative_prompt: str | None = None
+    negative_prompt_scale: str | None = "guidance_scale"
+
+    def extras_for(self, task: Task) -> frozenset[str]:
+        return self.task_extras.get(task, self.extras)
 
     def without(self, disabled: frozenset[Task]) -> Capabilities:
         """Settings may switch tasks off, never on."""

@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 from diffuser_api.errors import NotSupported
-from diffuser_api.models import stable_diffusion
+from diffuser_api.models import (
+    flux,
+    flux_kontext,
+    qwen_image,
+    qwen_image_edit,
+    qwen_image_edit_plus,
+    sd3,
+    sdxl,
+    stable_diffusion,
+)
 from diffuser_api.models.family import Family
 
-FAMILIES: tuple[Family, ...] = (stable_diffusion.FAMILY,)
+FAMILIES: tuple[Family, ...] = (
+    stable_diffusion.FAMILY,
+    sdxl.FAMILY,
+    sd3.FAMILY,
+    flux.FAMILY,
+    flux_kontext.FAMILY,
+    qwen_image.FAMILY,
+    qwen_image_edit.FAMILY,
+    qwen_image_edit_plus.FAMILY,
+)
 
 
 def family_for(pipeline_class: str, override: str | None = None) -> Family:

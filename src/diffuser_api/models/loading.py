@@ -1,32 +1,27 @@
 """Turns a model id into runners: resolve the source, load once per device, derive tasks.
 
 Hub ids, local folders and built-in tiny models all go through ``from_pretrained``, so a
-real checkpoint on a GPU is only a settings change.
+real checkpoint on a GPU is only a settings change. A pipeline built in memory (a benchmark's
+random-weight model) is served through the same ``runners_for_pipeline``.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.pipelines.auto_pipeline import (
-    AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
-    AUTO_INPAINT_PIPELINES_MAPPING,
-    AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
-    _get_task_class,
-)
 
 from diffuser_api.domain import Capabilities, SizeRules, Task
 from diffuser_api.models.families import family_for
-from diffuser_api.models.family import SIGNATURE_EXTRAS, UNIVERSAL_EXTRAS, Family
+from diffuser_api.models.family import Family
 from diffuser_api.models.registry import LoadedRunners
 from diffuser_api.models.runner import DiffusersRunner
+from diffuser_api.models.tasks import task_classes, task_extras
 from diffuser_api.models.tiny import ensure_tiny_model, is_tiny_model
 
 logger = logging.getLogger(__name__)
@@ -59,58 +54,58 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 def load_model(options: LoadOptions) -> LoadedRunners:
-    source = (
-        str(ensure_tiny_model(options.model_id, options.cache_dir))
-        if is_tiny_model(options.model_id)
-        else options.model_id
-    )
+    """One copy of the weights per distinct device, and one runner per listed device."""
+    tiny = is_tiny_model(options.model_id)
+    source = str(ensure_tiny_model(options.model_id, options.cache_dir)) if tiny else options.model_id
     pipeline_class = DiffusionPipeline.load_config(source)["_class_name"]
     family = family_for(pipeline_class, options.family)
-    runners: list[DiffusersRunner] = []
-    bases: dict[str, Any] = {}
-    for index, device in enumerate(resolve_devices(options.devices)):
-        if device in bases:
-            # A second worker on a device shares its weights but needs its own scheduler:
-            # schedulers keep per-call state and break when two threads step one.
-            first = bases[device]
-            base = type(first).from_pipe(first, scheduler=copy.deepcopy(first.scheduler), dtype=first.dtype)
-        else:
-            dtype = resolve_dtype(options.torch_dtype, device)
-            logger.info("loading %s (%s) on %s as %s", options.model_id, pipeline_class, device, dtype)
-            base = DiffusionPipeline.from_pretrained(source, dtype=dtype, **family.load_kwargs(source))
-            base = base.to(device)
-            bases[device] = base
-        runners.append(
-            DiffusersRunner(f"{device}#{index}", family, task_pipelines(base, family), options.preview_scale)
+    devices = resolve_devices(options.devices)
+    loaded: list[LoadedRunners] = []
+    for device in dict.fromkeys(devices):
+        dtype = resolve_dtype(options.torch_dtype, device)
+        logger.info(
+            "loading %s (%s, family %s) on %s as %s", options.model_id, pipeline_class, family.name, device, dtype
         )
-    capabilities = derive_capabilities(runners[0].pipelines, family, options, is_tiny_model(options.model_id))
-    return LoadedRunners(capabilities=capabilities, runners=runners, pipeline_class=pipeline_class)
+        base = DiffusionPipeline.from_pretrained(source, dtype=dtype, **family.load_kwargs(source)).to(device)
+        workers = tuple(d for d in devices if d == device)
+        loaded.append(runners_for_pipeline(base, family, replace(options, devices=workers), tiny=tiny))
+    return LoadedRunners(
+        capabilities=loaded[0].capabilities,
+        runners=[runner for part in loaded for runner in part.runners],
+        pipeline_class=pipeline_class,
+    )
+
+
+def runners_for_pipeline(base: Any, family: Family, options: LoadOptions, *, tiny: bool = False) -> LoadedRunners:
+    """Serve a pipeline that already sits on its device: one runner per entry of
+    ``options.devices`` (all naming that device), sharing its weights."""
+    runners: list[DiffusersRunner] = []
+    for index, device in enumerate(options.devices):
+        # A second worker on a device shares its weights but needs its own scheduler:
+        # schedulers keep per-call state and break when two threads step one.
+        pipe = (
+            base
+            if index == 0
+            else type(base).from_pipe(base, scheduler=copy.deepcopy(base.scheduler), dtype=base.dtype)
+        )
+        runners.append(
+            DiffusersRunner(f"{device}#{index}", family, task_pipelines(pipe, family), options.preview_scale)
+        )
+    capabilities = derive_capabilities(runners[0].pipelines, family, options, tiny)
+    return LoadedRunners(capabilities=capabilities, runners=runners, pipeline_class=type(base).__name__)
 
 
 def task_pipelines(base: Any, family: Family) -> dict[Task, Any]:
     """Every task the pipeline's diffusers family offers, all sharing the base's modules."""
-    name = type(base).__name__
+    converted: dict[type, Any] = {type(base): base}
     pipelines: dict[Task, Any] = {}
-    if type(base) in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values():
-        pipelines[Task.GENERATION] = base
-    for task, mapping in (
-        (Task.EDIT, AUTO_IMAGE2IMAGE_PIPELINES_MAPPING),
-        (Task.MASKED_EDIT, AUTO_INPAINT_PIPELINES_MAPPING),
-    ):
-        task_class = _get_task_class(mapping, name, throw_error_if_not_exist=False)
-        if task_class is not None:
-            pipelines[task] = base if task_class is type(base) else task_class.from_pipe(base, dtype=base.dtype)
-    if family.max_input_images > 1 and Task.EDIT in pipelines:
-        pipelines[Task.MULTI_IMAGE_EDIT] = pipelines[Task.EDIT]
-    if Task.EDIT in pipelines and _takes(pipelines[Task.EDIT], "strength"):
-        pipelines[Task.VARIATION] = pipelines[Task.EDIT]
-    for pipeline in pipelines.values():
+    for task, task_class in task_classes(type(base), family).items():
+        if task_class not in converted:
+            converted[task_class] = task_class.from_pipe(base, dtype=base.dtype)
+        pipelines[task] = converted[task_class]
+    for pipeline in converted.values():
         pipeline.set_progress_bar_config(disable=True)
     return pipelines
-
-
-def _takes(pipeline: Any, parameter: str) -> bool:
-    return parameter in inspect.signature(pipeline.__call__).parameters
 
 
 def native_size(pipeline: Any) -> int:
@@ -120,12 +115,30 @@ def native_size(pipeline: Any) -> int:
     return int(sample * getattr(pipeline, "vae_scale_factor", 8)) if sample else 1024
 
 
+def position_limit(pipeline: Any) -> int | None:
+    """The largest side a transformer's position table covers (SD3's ``pos_embed_max_size``)."""
+    config = getattr(getattr(pipeline, "transformer", None), "config", None)
+    table = getattr(config, "pos_embed_max_size", None)
+    if not table:
+        return None
+    return int(table * config.patch_size * getattr(pipeline, "vae_scale_factor", 8))
+
+
+def has_guidance_embedding(pipeline: Any) -> bool:
+    """False for transformers built without one (FLUX.1-schnell): guidance_scale does nothing."""
+    config = getattr(getattr(pipeline, "transformer", None), "config", None)
+    return getattr(config, "guidance_embeds", True) is not False
+
+
 def derive_capabilities(pipelines: dict[Task, Any], family: Family, options: LoadOptions, tiny: bool) -> Capabilities:
-    extras = set(UNIVERSAL_EXTRAS)
-    for parameter in SIGNATURE_EXTRAS:
-        if any(_takes(pipeline, parameter) for pipeline in pipelines.values()):
-            extras.add(parameter)
-    side = max(options.min_image_size, min(options.max_image_size, native_size(next(iter(pipelines.values())))))
+    first = next(iter(pipelines.values()))
+    extras = task_extras({task: type(pipe) for task, pipe in pipelines.items()}, family)
+    if not has_guidance_embedding(first):
+        extras = {task: names - {"guidance_scale"} for task, names in extras.items()}
+    honoured = frozenset().union(*extras.values())
+    max_side = min(options.max_image_size, position_limit(first) or options.max_image_size)
+    max_side -= max_side % family.size_multiple
+    side = max(options.min_image_size, min(max_side, native_size(first)))
     side -= side % family.size_multiple
     variation = (
         f"image-to-image from the input with the configured variation prompt at strength {options.variation_strength:g}"
@@ -135,11 +148,15 @@ def derive_capabilities(pipelines: dict[Task, Any], family: Family, options: Loa
     return Capabilities(
         family=family.name,
         tasks=frozenset(pipelines),
-        extras=frozenset(extras - family.ignored_extras),
-        size=SizeRules(family.size_multiple, options.min_image_size, options.max_image_size, side, side),
+        extras=honoured,
+        task_extras=extras,
+        size=SizeRules(family.size_multiple, options.min_image_size, max_side, side, side),
         default_steps=family.default_steps,
         default_guidance_scale=family.default_guidance_scale,
         default_strength=family.default_strength,
+        default_true_cfg_scale=family.default_true_cfg_scale,
+        default_negative_prompt=family.default_negative_prompt,
+        negative_prompt_scale=family.negative_prompt_scale if "negative_prompt" in honoured else None,
         variation_method=variation,
         max_input_images=family.max_input_images,
         notes=((TINY_MODEL_NOTE,) if tiny else ()) + family.notes,

@@ -125,7 +125,8 @@ def warm_up(loaded: LoadedRunners) -> None:
     task = Task.GENERATION if Task.GENERATION in caps.tasks else Task.EDIT
     images = () if task is Task.GENERATION else (Image.new("RGB", (side, side)),)
     job = ImageJob(task=task, prompt="warm-up", width=side, height=side, steps=2, seeds=(0,), images=images,
-                   strength=1.0 if task is Task.EDIT and "strength" in caps.extras else None)
+                   true_cfg_scale=caps.default_true_cfg_scale, negative_prompt=caps.default_negative_prompt,
+                   strength=1.0 if "strength" in caps.extras_for(task) else None)
     for runner in loaded.runners:
         runner.run([job], lambda step, total, previews: None)
 

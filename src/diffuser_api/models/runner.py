@@ -12,6 +12,7 @@ from diffuser_api.domain import GeneratedImage, ImageJob, Task
 from diffuser_api.engine import StepCallback
 from diffuser_api.errors import OutOfMemory
 from diffuser_api.models.family import Family
+from diffuser_api.models.tasks import takes
 
 
 class DiffusersRunner:
@@ -25,6 +26,9 @@ class DiffusersRunner:
         self.family = family
         self.pipelines = pipelines
         self.preview_scale = preview_scale
+        # Pipelines with height/width get the job's size; the others (SD img2img) take it
+        # from the input image, which the service has resized to it.
+        self._sized = {task for task, pipe in pipelines.items() if takes(pipe, "height") and takes(pipe, "width")}
 
     def batch_key(self, job: ImageJob) -> Hashable:
         call_level = (job.task, job.width, job.height, job.steps, job.guidance_scale, job.true_cfg_scale, job.strength)
@@ -47,8 +51,10 @@ class DiffusersRunner:
             return tensors
 
         kwargs = self.family.call_kwargs(first.task, jobs)
+        if first.task in self._sized:
+            kwargs.update(height=first.height, width=first.width)
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.family.call_scope(jobs):
                 images = pipe(
                     **kwargs,
                     output_type="pil",

@@ -4,11 +4,10 @@ from diffuser_api.models.family import Family
 
 FAMILY = Family(
     name="stable-diffusion",
-    pipeline_classes=frozenset(
-        {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
-    ),
+    pipeline_classes=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
     size_multiple=8,
     default_steps=30,
     default_guidance_scale=7.5,
     default_strength=0.8,
+    examples=("stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-2-1"),
 )

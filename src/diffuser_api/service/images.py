@@ -105,18 +105,17 @@ class ImageService:
                 f"model '{handle.id}' ({caps.family}) cannot do {task.value}; it supports: {offered}",
                 code="not_supported",
             )
-        self._check_parameters(request, task, caps, handle.id)
+        owner = f"model '{handle.id}' ({caps.family})"
+        self._check_parameters(request, task, caps, owner)
         images, mask = await self._off_loop(self._decode_uploads, request, caps)
-        width, height = self._size(request, caps, images)
+        width, height = self._size(request, caps, images, owner)
         images = tuple(image.resize((width, height), Image.Resampling.LANCZOS) for image in images)
         if mask is not None:
             mask = mask.resize((width, height), Image.Resampling.NEAREST)
         steps = self._steps(request, caps)
         strength = self._strength(request, task, caps, steps)
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - request.n)
-        guidance = request.guidance_scale
-        if guidance is None and "guidance_scale" in caps.extras:
-            guidance = self._settings.default_guidance_scale or caps.default_guidance_scale
+        guidance, true_cfg, negative = self._guidance(request, task, caps, owner)
         prompt = self._settings.variation_prompt if task is Task.VARIATION else (request.prompt or "")
         return ImageJob(
             task=task,
@@ -126,15 +125,15 @@ class ImageService:
             steps=steps,
             seeds=tuple(seed + index for index in range(request.n)),
             guidance_scale=guidance,
-            true_cfg_scale=request.true_cfg_scale,
-            negative_prompt=request.negative_prompt,
+            true_cfg_scale=true_cfg,
+            negative_prompt=negative,
             strength=strength,
             images=images,
             mask=mask,
             partial_images=(request.partial_images or 0) if request.stream else 0,
         )
 
-    def _check_parameters(self, request: ImageRequest, task: Task, caps: Capabilities, model_id: str) -> None:
+    def _check_parameters(self, request: ImageRequest, task: Task, caps: Capabilities, owner: str) -> None:
         if request.endpoint is not Endpoint.VARIATIONS and not (request.prompt or "").strip():
             raise InvalidRequest(
                 "prompt is required and must not be empty", param="prompt", code="missing_required_parameter"
@@ -149,9 +148,8 @@ class ImageService:
             )
         if request.background == "transparent":
             raise InvalidRequest(
-                f"background=transparent is not supported: model '{model_id}' ({caps.family}) makes opaque images",
-                param="background",
-                code="invalid_value",
+                f"background=transparent is not supported: {owner} makes opaque images",
+                param="background", code="invalid_value",
             )
         if self._output_format(request) == "png" and request.output_compression not in (None, 100):
             raise InvalidRequest(
@@ -162,24 +160,19 @@ class ImageService:
         if request.quality is not None and request.quality not in self._settings.quality_step_factors:
             allowed = ", ".join(self._settings.quality_step_factors)
             raise InvalidRequest(f"quality must be one of {allowed}", param="quality", code="invalid_value")
-        for name in EXTRA_PARAMETERS:
-            if getattr(request, name) is not None and name not in caps.extras:
-                raise InvalidRequest(
-                    f"{name} is not used by model '{model_id}' ({caps.family}); leave it out",
-                    param=name,
-                    code="unsupported_parameter",
-                )
         if task is Task.GENERATION and request.strength is not None:
-            raise InvalidRequest(
-                "strength applies to edits and variations, not generations",
-                param="strength",
-                code="unsupported_parameter",
-            )
+            raise InvalidRequest("strength applies to edits and variations, not generations",
+                                 param="strength", code="unsupported_parameter")
+        for name in EXTRA_PARAMETERS:
+            if getattr(request, name) is not None and name not in caps.extras_for(task):
+                raise InvalidRequest(
+                    f"{name} is not used by {owner} for {task.value}; leave it out",
+                    param=name, code="unsupported_parameter",
+                )
         if len(request.images) > caps.max_input_images:
             raise InvalidRequest(
-                f"model '{model_id}' takes at most {caps.max_input_images} input images; got {len(request.images)}",
-                param="image",
-                code="invalid_value",
+                f"{owner} takes at most {caps.max_input_images} input images; got {len(request.images)}",
+                param="image", code="invalid_value",
             )
 
     def _decode_uploads(
@@ -191,7 +184,39 @@ class ImageService:
             mask = decode_mask(request.mask.data, image_size=images[0].size, limits=self._limits)
         return images, mask
 
-    def _size(self, request: ImageRequest, caps: Capabilities, images: list[Image.Image]) -> tuple[int, int]:
+    def _guidance(
+        self, request: ImageRequest, task: Task, caps: Capabilities, owner: str
+    ) -> tuple[float | None, float | None, str | None]:
+        """Guidance scale, true CFG scale and negative prompt with defaults filled, refusing a
+        negative prompt its guidance would ignore and true CFG with nothing to contrast."""
+        extras = caps.extras_for(task)
+        guidance = request.guidance_scale
+        if guidance is None and "guidance_scale" in extras:
+            guidance = self._settings.default_guidance_scale or caps.default_guidance_scale
+        true_cfg = request.true_cfg_scale
+        if true_cfg is None and "true_cfg_scale" in extras:
+            true_cfg = caps.default_true_cfg_scale
+        negative = request.negative_prompt or None
+        if negative is None and request.true_cfg_scale is None:
+            negative = caps.default_negative_prompt
+        scale_name = caps.negative_prompt_scale
+        scale = {"guidance_scale": guidance, "true_cfg_scale": true_cfg}.get(scale_name or "")
+        if request.negative_prompt and (scale is None or scale <= 1):
+            raise InvalidRequest(
+                f"negative_prompt has no effect on {owner} unless {scale_name} is above 1; raise it or leave "
+                "negative_prompt out", param="negative_prompt", code="invalid_value",
+            )
+        if scale_name == "true_cfg_scale" and request.true_cfg_scale and request.true_cfg_scale > 1 and not negative:
+            raise InvalidRequest(
+                f"true_cfg_scale above 1 needs a negative_prompt on {owner}: true CFG contrasts the prompt with it "
+                "and diffusers silently skips it without one; send negative_prompt (\" \" will do)",
+                param="true_cfg_scale", code="invalid_value",
+            )
+        return guidance, true_cfg, negative
+
+    def _size(
+        self, request: ImageRequest, caps: Capabilities, images: list[Image.Image], owner: str
+    ) -> tuple[int, int]:
         if request.size in (None, "auto"):
             if images:
                 return caps.size.fit(*images[0].size)
@@ -202,7 +227,7 @@ class ImageService:
                 f"size '{request.size}' is not auto or {caps.size.describe()}", param="size", code="invalid_value"
             )
         width, height = int(match[1]), int(match[2])
-        caps.size.check(width, height, requested=request.size)
+        caps.size.check(width, height, requested=request.size, owner=owner)
         return width, height
 
     def _steps(self, request: ImageRequest, caps: Capabilities) -> int:
@@ -213,7 +238,7 @@ class ImageService:
         return max(1, round(base * factor))
 
     def _strength(self, request: ImageRequest, task: Task, caps: Capabilities, steps: int) -> float | None:
-        if task is Task.GENERATION or "strength" not in caps.extras:
+        if task is Task.GENERATION or "strength" not in caps.extras_for(task):
             return None
         strength = request.strength
         if strength is None:

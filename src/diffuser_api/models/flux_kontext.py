@@ -1,0 +1,38 @@
+"""FLUX.1 Kontext: edits guided by a prompt, and text-to-image when no image is given.
+
+diffusers has no image-to-image or inpainting mapping for it (``FluxKontextPipeline`` is its
+own edit pipeline), so masked edits and variations are 501. The pipeline ignores
+``height``/``width`` and rescales its output to ``max_area`` at the input's aspect ratio, and
+resizes the input to a preferred ~1 MPix size unless ``_auto_resize=False``: passing
+``max_area=width*height`` and no auto-resize gives exactly the requested size (the service has
+already resized the input to it). It takes one prompt per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from diffuser_api.domain import ImageJob, Task
+from diffuser_api.models.family import Family, prompt_per_call_kwargs
+from diffuser_api.models.previews import packed_preview
+
+
+def kontext_kwargs(task: Task, jobs: Sequence[ImageJob]) -> dict[str, Any]:
+    job = jobs[0]
+    return {**prompt_per_call_kwargs(task, jobs), "max_area": job.width * job.height, "_auto_resize": False}
+
+
+FAMILY = Family(
+    preview=packed_preview,
+    name="flux-kontext",
+    pipeline_classes=("FluxKontextPipeline",),
+    size_multiple=16,
+    default_steps=28,
+    default_guidance_scale=2.5,
+    default_true_cfg_scale=1.0,
+    negative_prompt_scale="true_cfg_scale",
+    batches_across_requests=False,
+    call_kwargs=kontext_kwargs,
+    examples=("black-forest-labs/FLUX.1-Kontext-dev",),
+)

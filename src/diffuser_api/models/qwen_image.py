@@ -1,0 +1,29 @@
+"""Qwen-Image: text-to-image, image-to-image and inpainting via from_pipe.
+
+Guidance is true CFG: ``true_cfg_scale`` (default 4) contrasts the prompt with a negative
+prompt (default " ", as the model card does); above 1 without one diffusers silently skips
+it. The pipelines take ``guidance_scale`` only for guidance-distilled checkpoints, which no
+released one is. Latents are packed 2x2 after a VAE with scale 8: multiples of 16.
+"""
+
+from diffuser_api.models.family import Family
+from diffuser_api.models.previews import qwen_preview
+
+TRUE_CFG = dict(
+    default_guidance_scale=None,
+    default_true_cfg_scale=4.0,
+    default_negative_prompt=" ",
+    negative_prompt_scale="true_cfg_scale",
+    ignored_extras=frozenset({"guidance_scale"}),
+)
+
+FAMILY = Family(
+    preview=qwen_preview,
+    name="qwen-image",
+    pipeline_classes=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
+    size_multiple=16,
+    default_steps=50,
+    default_strength=0.6,
+    examples=("Qwen/Qwen-Image",),
+    **TRUE_CFG,
+)
