@@ -81,7 +81,7 @@ class ImageService:
                 code="not_supported",
             )
         self._check_parameters(request, task, caps, handle.id)
-        images, mask = await self._off_loop(self._decode_uploads, request, caps)
+        images, mask = await self._off_loop(self._decode_uploads, request, caps) if request.images else ([], None)
         width, height = self._size(request, caps, images)
         images = tuple(image.resize((width, height), Image.Resampling.LANCZOS) for image in images)
         if mask is not None:
