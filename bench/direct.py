@@ -6,6 +6,7 @@ Its call arguments come from the family module the server uses, so both run the 
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -16,8 +17,8 @@ from diffusers import DiffusionPipeline
 
 from bench.measure import Measurement
 from diffuser_api.domain import ImageJob, Task
-from diffuser_api.models.family import Family
 from diffuser_api.models.families import family_for
+from diffuser_api.models.family import Family
 from diffuser_api.models.tiny import ensure_tiny_model
 
 PROMPT = "a watercolor fox"
@@ -61,4 +62,4 @@ class DirectPipeline:
             return tensors
 
         self._call(1, side, steps, callback=mark)
-        return statistics.median(later - earlier for earlier, later in zip(marks, marks[1:], strict=False))
+        return statistics.median(later - earlier for earlier, later in itertools.pairwise(marks))

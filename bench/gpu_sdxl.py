@@ -19,7 +19,8 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,27 +28,27 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]  # run as a script, with or without the package installed
 
-import torch  # noqa: E402
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from tests.servers import ThreadedServer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from bench import load, tables  # noqa: E402
-from bench.direct import DirectPipeline  # noqa: E402
-from bench.measure import Measurement, Target  # noqa: E402
-from diffuser_api.api.app import create_app  # noqa: E402
-from diffuser_api.config import Settings  # noqa: E402
-from diffuser_api.errors import NotSupported  # noqa: E402
-from diffuser_api.main import engine_limits  # noqa: E402
-from diffuser_api.models import stable_diffusion  # noqa: E402
-from diffuser_api.models.families import family_for  # noqa: E402
-from diffuser_api.models.family import Family  # noqa: E402
-from diffuser_api.models.loading import LoadOptions, derive_capabilities, task_pipelines  # noqa: E402
-from diffuser_api.models.registry import LoadedRunners, ModelHandle, ModelRegistry  # noqa: E402
-from diffuser_api.models.runner import DiffusersRunner  # noqa: E402
-from diffuser_api.models.tiny import sdxl as tiny_sdxl  # noqa: E402
-from diffuser_api.models.tiny import stable_diffusion as tiny_sd  # noqa: E402
-from diffuser_api.models.tiny.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer  # noqa: E402
-from tests.servers import ThreadedServer  # noqa: E402
+from bench import load, tables
+from bench.direct import DirectPipeline
+from bench.measure import Measurement, Target
+from diffuser_api.api.app import create_app
+from diffuser_api.config import Settings
+from diffuser_api.errors import NotSupported
+from diffuser_api.main import engine_limits
+from diffuser_api.models import stable_diffusion
+from diffuser_api.models.families import family_for
+from diffuser_api.models.family import Family
+from diffuser_api.models.loading import LoadOptions, derive_capabilities, task_pipelines
+from diffuser_api.models.registry import LoadedRunners, ModelHandle, ModelRegistry
+from diffuser_api.models.runner import DiffusersRunner
+from diffuser_api.models.tiny import sdxl as tiny_sdxl
+from diffuser_api.models.tiny import stable_diffusion as tiny_sd
+from diffuser_api.models.tiny.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer
 
 PIPELINE_CLASS = "StableDiffusionXLPipeline"
 MODEL_ID = "sdxl-random"
@@ -115,18 +116,24 @@ def build_pipeline(scenario: Scenario) -> StableDiffusionXLPipeline:
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = build_clip_tokenizer(Path(scratch))
     with creating_on(scenario.device, scenario.dtype):
-        pipe = StableDiffusionXLPipeline(
-            vae=AutoencoderKL(**scenario.vae),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**scenario.text_1)),
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**scenario.text_2)),
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer,
-            unet=UNet2DConditionModel(**scenario.unet),
-            scheduler=EulerDiscreteScheduler(**tiny_sd.SCHEDULER_CONFIG),
-            force_zeros_for_empty_prompt=True,
-            add_watermarker=False,
-        )
-    return pipe
+        models = {
+            "vae": AutoencoderKL(**scenario.vae),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**scenario.text_1)),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**scenario.text_2)),
+            "unet": UNet2DConditionModel(**scenario.unet),
+        }
+    # The scheduler keeps its tables in float32 on the host, as from_pretrained leaves them.
+    return StableDiffusionXLPipeline(
+        **models, tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=EulerDiscreteScheduler(**tiny_sd.SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True, add_watermarker=False,
+    )
+
+
+def on_passing_thread(function: Callable[[], Measurement]) -> Measurement:
+    """Run direct calls on a thread that ends afterwards: a live thread that ran torch keeps an
+    OpenMP team, which slows the server worker's CPU ops (see ``models/registry.py``)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(function).result()
 
 
 def sdxl_family() -> Family:
@@ -163,12 +170,12 @@ def device_name(device: str) -> str:
 
 def report(scenario: Scenario, phases: list[Measurement], targets: list[Target], elapsed_s: float) -> str:
     lines = [
-        f"# SDXL architecture, random weights: direct call vs. served ({'tiny, ' if scenario is TINY else ''}"
-        f"{scenario.side}×{scenario.side}, {scenario.steps} steps, {str(scenario.dtype).split('.')[-1]})",
+        (f"# SDXL architecture, random weights: direct call vs. served ({'tiny, ' if scenario is TINY else ''}"
+         f"{scenario.side}×{scenario.side}, {scenario.steps} steps, {str(scenario.dtype).split('.')[-1]})"),
         "",
         f"Device: {device_name(scenario.device)}. Server: create_app + uvicorn on 127.0.0.1 in the same process,",
-        f"max batch {scenario.batch}; latency per HTTP request includes PNG encoding and base64. "
-        f"Whole run: {elapsed_s:.0f} s.",
+        (f"max batch {scenario.batch}; latency per HTTP request includes PNG encoding and base64. "
+         f"Whole run: {elapsed_s:.0f} s."),
         "",
         *tables.measurements(phases, cpu=False),
         "",
@@ -195,10 +202,10 @@ def main() -> None:
     direct = DirectPipeline(pipe, family)
     side, steps, batch = scenario.side, scenario.steps, scenario.batch
     progress("direct calls")
-    direct_single = direct.measure("direct, 1 image per call", batch=1, side=side, steps=steps,
-                                   calls=scenario.single_calls)
-    direct_batched = direct.measure(f"direct, batches of {batch}", batch=batch, side=side, steps=steps,
-                                    calls=scenario.batched_calls)
+    direct_single = on_passing_thread(lambda: direct.measure(
+        "direct, 1 image per call", batch=1, side=side, steps=steps, calls=scenario.single_calls))
+    direct_batched = on_passing_thread(lambda: direct.measure(
+        f"direct, batches of {batch}", batch=batch, side=side, steps=steps, calls=scenario.batched_calls))
 
     settings = Settings(_env_file=None, model_id=MODEL_ID, max_batch_size=batch,
                         max_batch_pixels=batch * side * side, storage_dir=Path(tempfile.mkdtemp()) / "images")

@@ -66,7 +66,8 @@ class Measurement:
 def cpu_pressure() -> str:
     """How busy the machine is with other work: PSI where the kernel has it, else load average."""
     try:
-        some = open("/proc/pressure/cpu").readline().split()
+        with open("/proc/pressure/cpu") as pressure:
+            some = pressure.readline().split()
         return f"CPU pressure {some[1]}, {some[2]}; load average {os.getloadavg()[0]:.2f}"
     except OSError:
         return f"load average {os.getloadavg()[0]:.2f}"
@@ -74,7 +75,8 @@ def cpu_pressure() -> str:
 
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process so far, threads included (Linux /proc)."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from bench import tables  # noqa: E402
-from bench.measure import Measurement, Target  # noqa: E402
+from bench import tables
+from bench.measure import Measurement, Target
 
 
 @dataclass(frozen=True)

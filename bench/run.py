@@ -21,15 +21,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: bench/ and tests/ are importable from the root
 
-import diffusers  # noqa: E402
-import torch  # noqa: E402
+import diffusers
+import torch
+from tests.conftest import TINY_CACHE, LiveServer
 
-from bench import load, report  # noqa: E402
-from bench.direct import DirectPipeline  # noqa: E402
-from bench.disconnect import busy_after_disconnect_s  # noqa: E402
-from bench.measure import Measurement, Target, cpu_pressure  # noqa: E402
-from diffuser_api.config import Settings  # noqa: E402
-from tests.conftest import TINY_CACHE, LiveServer  # noqa: E402
+from bench import load, report
+from bench.direct import DirectPipeline
+from bench.disconnect import busy_after_disconnect_s
+from bench.measure import Measurement, Target, cpu_pressure
+from diffuser_api.config import Settings
 
 CLIENT_COUNTS = (1, 2, 4, 8, 16, 32)
 LATENCY_SIZE, LATENCY_STEPS = 256, 20
@@ -126,15 +126,15 @@ def main() -> None:
                busy_steps, "≤ 1 step", busy_steps <= 1.0, unit=" steps"),
     ]
     notes = [
-        f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPU cores shared with other work; "
-        f"before: {pressure_before}; after: {cpu_pressure()}",
-        f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), diffusers {diffusers.__version__}, "
-        f"server defaults (max batch {max_batch}, batch wait {defaults.batch_wait_ms:g} ms)",
+        (f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPU cores shared with other work; "
+         f"before: {pressure_before}; after: {cpu_pressure()}"),
+        (f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), diffusers {diffusers.__version__}, "
+         f"server defaults (max batch {max_batch}, batch wait {defaults.batch_wait_ms:g} ms)"),
         f"Direct and served phases ran in {ROUNDS} interleaved rounds; each row pools its rounds.",
-        "The load generator (asyncio + httpx) runs on the same cores as the server; its CPU column is "
-        "what it took from them.",
-        "Busy after a disconnect: latency of a 1-step 64² probe sent right after a client abandons a "
-        f"{DISCONNECT_SIZE}² request, minus the probe's latency on an idle server.",
+        ("The load generator (asyncio + httpx) runs on the same cores as the server; its CPU column is "
+         "what it took from them."),
+        ("Busy after a disconnect: latency of a 1-step 64² probe sent right after a client abandons a "
+         f"{DISCONNECT_SIZE}² request, minus the probe's latency on an idle server."),
     ]
     results = report.Results(
         phases=[latency["direct"], latency["served"], throughput["single"], throughput["batched"],
