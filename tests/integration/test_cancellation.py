@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 GEN = "/v1/images/generations"
 VAR = "/v1/images/variations"
-GIVE_UP_AFTER_S = 0.4
+GIVE_UP_AFTER_S = 1.0
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
@@ -92,21 +92,21 @@ def test_disconnected_queued_request_never_runs(serve):
 @pytest.mark.parametrize(
     "path, request_options",
     [
-        (GEN, {"json": {"prompt": "running", "size": "32x32", "num_inference_steps": 200}}),
+        (GEN, {"json": {"prompt": "running", "size": "32x32", "num_inference_steps": 90}}),
         (VAR, {"files": {"image": ("in.png", png_bytes((32, 32)), "image/png")},
-               "data": {"num_inference_steps": "200", "size": "32x32"}}),
+               "data": {"num_inference_steps": "90", "size": "32x32"}}),
     ],
     ids=["json", "multipart"],
 )
 def test_disconnected_running_request_stops_within_one_step(serve, path, request_options):
-    runner = FakeRunner(step_delay_s=0.05)
+    runner = FakeRunner(step_delay_s=0.1)  # one step is the server's allowance to notice the disconnect
     server = serve(runner)
     give_up(server, path, **request_options)
     assert runner.batches, f"the request did not start within {GIVE_UP_AFTER_S} s"
     batch = runner.batches[0]
     steps_at_disconnect = batch.steps
     wait_until(lambda: batch.finished_at is not None, "the abandoned batch to stop")
-    assert 0 < steps_at_disconnect < 200
+    assert 0 < steps_at_disconnect < 90
     assert batch.steps - steps_at_disconnect <= 1
     started = time.monotonic()
     response = httpx.post(f"{server.base_url}{GEN}", json={"prompt": "next", "size": "32x32"}, timeout=30)
