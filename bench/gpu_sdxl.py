@@ -124,7 +124,8 @@ def build_pipeline(scenario: Scenario) -> StableDiffusionXLPipeline:
         }
     # The scheduler keeps its tables in float32 on the host, as from_pretrained leaves them.
     return StableDiffusionXLPipeline(
-        **models, tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=EulerDiscreteScheduler(**tiny_sd.SCHEDULER_CONFIG),
+        **models, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        scheduler=EulerDiscreteScheduler(**tiny_sd.SCHEDULER_CONFIG),
         force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
 

@@ -41,7 +41,9 @@ def markdown(results: Results) -> str:
         "|---|---|---|---|---|",
     ]
     for on, off in zip(results.sweep_on, results.sweep_off, strict=True):
-        lines.append(f"| {on.clients} | {on.images_per_s:.1f} | {on.p95_ms:.1f} | {off.images_per_s:.1f} | {off.p95_ms:.1f} |")
+        lines.append(
+            f"| {on.clients} | {on.images_per_s:.1f} | {on.p95_ms:.1f} | {off.images_per_s:.1f} | {off.p95_ms:.1f} |"
+        )
     lines += ["", "## Conditions", ""] + [f"- {note}" for note in results.notes]
     return "\n".join(lines) + "\n"
 

@@ -36,5 +36,6 @@ def measurements(phases: Sequence[Measurement], *, cpu: bool = True) -> list[str
 def targets(items: Sequence[Target]) -> list[str]:
     lines = ["| ratio | measured | target | met |", "|---|---|---|---|"]
     for target in items:
-        lines.append(f"| {target.name} | {target.value:.2f}{target.unit} | {target.goal} | {'yes' if target.met else 'no'} |")
+        met = "yes" if target.met else "no"
+        lines.append(f"| {target.name} | {target.value:.2f}{target.unit} | {target.goal} | {met} |")
     return lines
