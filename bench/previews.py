@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.conftest import LiveServer  # noqa: E402
+from tests.conftest import LiveServer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAYLOAD = {"prompt": "a lighthouse at dusk", "size": "256x256", "num_inference_steps": 20, "stream": True, "seed": 1}

@@ -98,6 +98,25 @@ async def test_jobs_queued_behind_a_busy_worker_run_in_one_call() -> None:
 
 
 @run_async
+async def test_lone_client_starts_at_once_and_overlapping_clients_wait_to_batch() -> None:
+    runner = FakeRunner()
+    async with serving(runner, batch_wait_s=0.5) as engine:
+        await engine.submit(image_job("first"))
+        started = time.monotonic()
+        assert_images_of(await engine.submit(image_job("alone")), "alone")
+        assert time.monotonic() - started < 0.25, "a lone request waited for company"
+        blocker = await block_worker(engine, runner)
+        during = [await submit(engine, prompt) for prompt in ("during-1", "during-2")]
+        runner.gate.set()
+        await asyncio.gather(blocker, *during)
+        early = await submit(engine, "early")
+        await asyncio.sleep(0.05)
+        late = await submit(engine, "late")
+        await asyncio.gather(early, late)
+    assert runner.batch_of("early").prompts == ("early", "late")
+
+
+@run_async
 async def test_jobs_of_different_size_or_steps_are_not_merged() -> None:
     runner = FakeRunner()
     async with serving(runner) as engine:

@@ -1,4 +1,8 @@
-"""Parts built once by ``create_app`` and handed to routes through FastAPI dependencies."""
+"""Parts built once by ``create_app`` and handed to routes through FastAPI dependencies.
+
+They are ``async`` because FastAPI runs plain functions on its thread pool: four thread hops
+per request, each taking the GIL from the model worker, just to read an attribute.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +16,19 @@ from diffuser_api.service.images import ImageService
 from diffuser_api.service.storage import ImageStorage
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def _registry(request: Request) -> ModelRegistry:
+async def _registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def _service(request: Request) -> ImageService:
+async def _service(request: Request) -> ImageService:
     return request.app.state.service
 
 
-def _storage(request: Request) -> ImageStorage:
+async def _storage(request: Request) -> ImageStorage:
     return request.app.state.storage
 
 

@@ -113,7 +113,9 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(64, description="Queued requests per model; beyond, 429 with Retry-After.")
     max_batch_size: int = Field(8, description="Most images in one pipeline call.")
     max_batch_pixels: int = Field(8 * 1024 * 1024, description="Most output pixels in one pipeline call.")
-    batch_wait_ms: float = Field(5.0, description="How long a worker waits for compatible requests to batch.")
+    batch_wait_ms: float = Field(
+        5.0, description="How long a worker waits for compatible requests to batch, while requests overlap."
+    )
     request_timeout_s: float = Field(300.0, description="Past this a request is cancelled and answers 504.")
 
     # Streaming

@@ -36,6 +36,7 @@ class JobQueue:
         self._jobs: deque[Job] = deque()
         self._ready = threading.Condition()
         self._closed = False
+        self.arrivals = 0  # jobs ever offered: a worker compares it to see if others came meanwhile
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -50,6 +51,7 @@ class JobQueue:
             if self._closed or len(self._jobs) >= self._max_jobs:
                 return False
             self._jobs.append(job)
+            self.arrivals += 1
             self._ready.notify_all()
             return True
 

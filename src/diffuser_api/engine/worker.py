@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -50,6 +51,7 @@ class Worker:
         self.runner = runner
         self._queue = queue
         self._limits = limits
+        self._lone_limits = dataclasses.replace(limits, wait_s=0.0)
         self._observe = observe
         self._thread = threading.Thread(target=self._loop, name=f"worker-{runner.name}", daemon=True)
         self.busy = False
@@ -61,16 +63,22 @@ class Worker:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
+        overlapping = True  # gather until a lone request shows there is nobody to wait for
         while True:
+            limits = self._limits if overlapping else self._lone_limits
             try:
-                batch = self._queue.take_batch(lambda job: self.runner.batch_key(job.work), self._limits)
+                batch = self._queue.take_batch(lambda job: self.runner.batch_key(job.work), limits)
             except QueueClosed:
                 return
+            arrivals = self._queue.arrivals
             self.busy = True
             try:
                 self._run(batch)
             finally:
                 self.busy = False
+            # Waiting for company pays only while requests overlap. A batch of one during which
+            # nothing arrived was a lone client: its next request would wait for nobody.
+            overlapping = len(batch) > 1 or self._queue.arrivals != arrivals
 
     def _run(self, batch: list[Job]) -> None:
         now = time.monotonic()

@@ -107,7 +107,7 @@ class ImageService:
             )
         owner = f"model '{handle.id}' ({caps.family})"
         self._check_parameters(request, task, caps, owner)
-        images, mask = await self._off_loop(self._decode_uploads, request, caps)
+        images, mask = await self._off_loop(self._decode_uploads, request, caps) if request.images else ([], None)
         width, height = self._size(request, caps, images, owner)
         images = tuple(image.resize((width, height), Image.Resampling.LANCZOS) for image in images)
         if mask is not None:
