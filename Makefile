@@ -31,6 +31,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/previews.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -37,9 +37,11 @@ def streamed_seconds(base_url: str, partial_images: int) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--preview-scale", help="DIFFUSER_PREVIEW_SCALE for the server (default: its own)")
     args = parser.parse_args()
+    env = {"DIFFUSER_PREVIEW_SCALE": args.preview_scale} if args.preview_scale else {}
     with tempfile.TemporaryDirectory() as scratch:
-        server = LiveServer(Path(scratch))
+        server = LiveServer(Path(scratch), **env)
         try:
             server.wait_ready()
             streamed_seconds(server.base_url, 3)  # first-call costs out of the way
