@@ -121,9 +121,9 @@ class Settings(BaseSettings):
     # Streaming
     stream_ping_s: float = Field(5.0, description="Seconds between ': ping' keep-alive comments on SSE streams.")
     preview_scale: float = Field(
-        0.5, gt=0.0, le=1.0,
-        description="Streamed previews decode latents scaled by this factor, then resize up: 0.5 costs about "
-        "a quarter of a full VAE decode; 1.0 gives full-resolution previews.",
+        0.25, gt=0.0, le=1.0,
+        description="Streamed previews decode latents scaled by this factor, then resize up: 0.25 costs a "
+        "sixteenth of a full VAE decode or less; 1.0 gives full-resolution previews.",
     )
 
     # Storage for response_format=url
