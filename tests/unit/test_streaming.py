@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.fakes import FakeRunner, colour_of, fake_app, png_bytes
-from tests.inprocess import serve_in_thread
+from tests.servers import ThreadedServer
 from tests.unit.test_api import assert_envelope, wait_ready
 
 GEN = "/v1/images/generations"
@@ -167,7 +167,9 @@ def test_dropping_the_stream_stops_the_work(tmp_path):
     """A client that closes the SSE stream cancels its job at the next step."""
     steps_run: list[int] = []
     runner = SlowSteppingRunner(steps_run)
-    with serve_in_thread(fake_app(tmp_path, runner)) as base_url:
+    with ThreadedServer(fake_app(tmp_path, runner)) as server:
+        server.wait_ready()
+        base_url = server.base_url
         payload = {"prompt": "long", "stream": True, "num_inference_steps": 200}
         with httpx.stream("POST", f"{base_url}{GEN}", json=payload, timeout=10) as response:
             assert response.status_code == 200
