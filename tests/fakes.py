@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,14 @@ from diffuser_api.api.app import create_app
 from diffuser_api.config import Settings
 from diffuser_api.domain import Capabilities, GeneratedImage, ImageJob, SizeRules, Task
 from diffuser_api.engine import EngineLimits, StepCallback
+from diffuser_api.errors import OutOfMemory
 from diffuser_api.models.registry import LoadedRunners, ModelHandle, ModelRegistry
 
 ALL_BUT_MULTI = frozenset(Task) - {Task.MULTI_IMAGE_EDIT}
+
+
+# A closed gate that nobody opens fails the step instead of hanging the test run.
+GATE_TIMEOUT_S = 10.0
 
 
 def colour_of(prompt: str, seed: int) -> tuple[int, int, int]:
@@ -34,33 +41,94 @@ def preview_of(job: ImageJob, step: int) -> Image.Image:
     return Image.new("RGB", (job.width, job.height), (step * 10 % 256,) * 3)
 
 
+def image_job(
+    prompt: str, *, seeds: tuple[int, ...] = (1,), size: tuple[int, int] = (64, 64), steps: int = 2
+) -> ImageJob:
+    return ImageJob(task=Task.GENERATION, prompt=prompt, width=size[0], height=size[1], steps=steps, seeds=seeds)
+
+
+@dataclass
+class RecordedBatch:
+    jobs: tuple[ImageJob, ...]
+    started_at: float = field(default_factory=time.monotonic)
+    finished_at: float | None = None
+    steps: int = 0
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        return tuple(job.prompt for job in self.jobs)
+
+    @property
+    def images(self) -> int:
+        return sum(job.n for job in self.jobs)
+
+
 class FakeRunner:
-    name = "fake#0"
+    """Implements ``ModelRunner`` with no torch; jobs share a batch when task, size and steps match.
 
-    def __init__(self, *, fail_on_prompt: str | None = None, gate: threading.Event | None = None) -> None:
-        self.fail_on_prompt = fail_on_prompt
+    Its image colour is a function of (prompt, seed) alone, so a test can tell whether a result
+    went to the right job and whether batching changed it. Tests hold a step shut with ``gate``
+    (a blocked worker), slow every step with ``step_delay_s``, make prompts fail with
+    ``fail_on``, and read back every batch it ran.
+    """
+
+    def __init__(
+        self,
+        name: str = "fake#0",
+        *,
+        step_delay_s: float = 0.0,
+        fail_on: dict[str, Exception] | None = None,
+        max_images: int | None = None,
+        gate: threading.Event | None = None,
+    ) -> None:
+        self.name = name
+        self.step_delay_s = step_delay_s
+        self.fail_on = fail_on or {}
+        self.max_images = max_images
+        if gate is None:
+            gate = threading.Event()
+            gate.set()
         self.gate = gate
-        self.jobs_seen: list[ImageJob] = []
+        self.batches: list[RecordedBatch] = []
 
-    def batch_key(self, job: ImageJob) -> Any:
+    def batch_key(self, job: ImageJob) -> Hashable:
         return (job.task, job.width, job.height, job.steps)
 
     def run(self, jobs: Sequence[ImageJob], on_step: StepCallback) -> list[list[GeneratedImage]]:
-        self.jobs_seen.extend(jobs)
-        steps = jobs[0].steps
-        for step in range(1, steps + 1):
-            if self.gate is not None:
-                assert self.gate.wait(10), "test gate never opened"
-            on_step(step, steps, lambda step=step: [[preview_of(job, step) for _ in job.seeds] for job in jobs])
-        if any(job.prompt == self.fail_on_prompt for job in jobs):
-            raise RuntimeError("fake pipeline exploded")
-        return [
-            [
-                GeneratedImage(Image.new("RGB", (job.width, job.height), colour_of(job.prompt, seed)), seed, job.prompt)
-                for seed in job.seeds
-            ]
-            for job in jobs
-        ]
+        record = RecordedBatch(tuple(jobs))
+        self.batches.append(record)
+        try:
+            for job in jobs:
+                if job.prompt in self.fail_on:
+                    raise self.fail_on[job.prompt]
+            if self.max_images is not None and record.images > self.max_images:
+                raise OutOfMemory(f"{record.images} images do not fit; at most {self.max_images} do")
+            total = jobs[0].steps
+            for step in range(1, total + 1):
+                if not self.gate.wait(GATE_TIMEOUT_S):
+                    raise TimeoutError("the test never opened the runner's gate")
+                if self.step_delay_s:
+                    time.sleep(self.step_delay_s)
+                record.steps += 1
+                on_step(step, total, lambda step=step: [[preview_of(job, step) for _ in job.seeds] for job in jobs])
+            return [[self._image(job, seed) for seed in job.seeds] for job in jobs]
+        finally:
+            record.finished_at = time.monotonic()
+
+    @property
+    def jobs_seen(self) -> list[ImageJob]:
+        return [job for batch in self.batches for job in batch.jobs]
+
+    def started(self, prompt: str) -> bool:
+        return any(prompt in batch.prompts for batch in self.batches)
+
+    def batch_of(self, prompt: str) -> RecordedBatch:
+        return next(batch for batch in self.batches if prompt in batch.prompts)
+
+    @staticmethod
+    def _image(job: ImageJob, seed: int) -> GeneratedImage:
+        image = Image.new("RGB", (job.width, job.height), colour_of(job.prompt, seed))
+        return GeneratedImage(image, seed=seed, revised_prompt=job.prompt or None)
 
 
 def fake_capabilities(tasks: frozenset[Task] = ALL_BUT_MULTI) -> Capabilities:

@@ -18,9 +18,8 @@ import pytest
 from diffuser_api.config import Settings
 from diffuser_api.engine import Engine
 from diffuser_api.main import engine_limits
-from tests.fakes import fake_app, png_bytes
+from tests.fakes import FakeRunner, fake_app, png_bytes
 from tests.servers import ThreadedServer
-from tests.unit.engine_fakes import FakeRunner
 
 pytestmark = pytest.mark.slow
 

@@ -342,7 +342,8 @@ def test_model_without_generation_is_501(tmp_path):
 
 
 def test_pipeline_failure_is_500_and_next_request_works(tmp_path):
-    with TestClient(fake_app(tmp_path, FakeRunner(fail_on_prompt="explode"))) as client:
+    runner = FakeRunner(fail_on={"explode": RuntimeError("fake pipeline exploded")})
+    with TestClient(fake_app(tmp_path, runner)) as client:
         wait_ready(client)
         error = assert_envelope(client.post(GEN, json={"prompt": "explode"}), 500)
         assert error["type"] == "server_error" and error["request_id"] in error["message"]

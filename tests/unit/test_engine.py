@@ -18,7 +18,7 @@ import pytest
 from diffuser_api.domain import GeneratedImage
 from diffuser_api.engine import Engine, EngineLimits
 from diffuser_api.errors import InvalidRequest, ModelFailure, OutOfMemory, Overloaded, RequestTimeout, Unavailable
-from tests.unit.engine_fakes import FakeRunner, colour_for, image_job
+from tests.fakes import FakeRunner, colour_of, image_job
 
 TEST_TIMEOUT_S = 10.0
 
@@ -70,7 +70,7 @@ async def block_worker(engine: Engine, runner: FakeRunner) -> asyncio.Task[list[
 
 def assert_images_of(images: list[GeneratedImage], prompt: str, seeds: tuple[int, ...] = (1,)) -> None:
     assert [image.seed for image in images] == list(seeds)
-    assert [image.image.getpixel((0, 0)) for image in images] == [colour_for(prompt, seed) for seed in seeds]
+    assert [image.image.getpixel((0, 0)) for image in images] == [colour_of(prompt, seed) for seed in seeds]
 
 
 @run_async

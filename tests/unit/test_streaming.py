@@ -94,7 +94,8 @@ def test_invalid_streamed_request_is_a_plain_error(client):
 
 
 def test_failure_after_the_stream_started_is_an_error_event(tmp_path):
-    with TestClient(fake_app(tmp_path, FakeRunner(fail_on_prompt="explode"))) as client:
+    runner = FakeRunner(fail_on={"explode": RuntimeError("fake pipeline exploded")})
+    with TestClient(fake_app(tmp_path, runner)) as client:
         wait_ready(client)
         with client.stream("POST", GEN, json={"prompt": "explode", "stream": True}) as response:
             events = sse_events(response)
@@ -165,38 +166,20 @@ def test_websocket_reports_queue_position(tmp_path):
 
 def test_dropping_the_stream_stops_the_work(tmp_path):
     """A client that closes the SSE stream cancels its job at the next step."""
-    steps_run: list[int] = []
-    runner = SlowSteppingRunner(steps_run)
+    runner = FakeRunner(step_delay_s=0.02)
     with ThreadedServer(fake_app(tmp_path, runner)) as server:
         server.wait_ready()
-        base_url = server.base_url
         payload = {"prompt": "long", "stream": True, "num_inference_steps": 200}
-        with httpx.stream("POST", f"{base_url}{GEN}", json=payload, timeout=10) as response:
+        with httpx.stream("POST", f"{server.base_url}{GEN}", json=payload, timeout=10) as response:
             assert response.status_code == 200
             deadline = time.monotonic() + 5
-            while len(steps_run) < 3:
+            while not runner.started("long") or runner.batch_of("long").steps < 3:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
-        dropped_at = len(steps_run)
+        dropped_at = runner.batch_of("long").steps
         time.sleep(0.5)
-        assert len(steps_run) <= dropped_at + 2  # stopped within a step or so of noticing
-        assert httpx.post(f"{base_url}{GEN}", json={"prompt": "next"}, timeout=10).status_code == 200
-
-
-class SlowSteppingRunner(FakeRunner):
-    """Each step takes 20 ms and is recorded, so a test can see when work stops."""
-
-    def __init__(self, steps_run: list[int]) -> None:
-        super().__init__()
-        self.steps_run = steps_run
-
-    def run(self, jobs, on_step):
-        def counting(step, total, previews):
-            time.sleep(0.02)
-            self.steps_run.append(step)
-            on_step(step, total, previews)
-
-        return super().run(jobs, counting)
+        assert runner.batch_of("long").steps <= dropped_at + 2  # stopped within a step or so of noticing
+        assert httpx.post(f"{server.base_url}{GEN}", json={"prompt": "next"}, timeout=10).status_code == 200
 
 
 def test_websocket_needs_the_key_when_keys_are_on(tmp_path):
