@@ -130,3 +130,36 @@ def test_forwarded_address_counts_only_from_trusted_proxies(tmp_path):
         assert client.get("/v1/models", headers={"x-forwarded-for": "10.0.0.2"}).status_code == 429
 
 
+
+
+@pytest.fixture()
+def redis_uri():
+    """A Redis protocol server on a free loopback port (fakeredis, with Lua for the limits
+    library's scripts), so the shared-store path runs against a real socket."""
+    import threading
+
+    from fakeredis import TcpFakeServer
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    server = TcpFakeServer(("127.0.0.1", port), server_type="redis")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_replicas_share_counts_through_redis(tmp_path, redis_uri):
+    """Two servers (replicas) with one Redis store enforce one budget between them."""
+    settings = {"rate_limit_requests": "3/minute", "rate_limit_storage_uri": redis_uri}
+    with limited(tmp_path / "a", **settings) as first, limited(tmp_path / "b", **settings) as second:
+        wait_ready(first)
+        wait_ready(second)
+        statuses = [client.get("/v1/models").status_code for client in (first, second, first)]
+        assert statuses == [200, 200, 200]
+        assert_envelope(second.get("/v1/models"), 429, code="rate_limit_exceeded")
+        assert_envelope(first.get("/v1/models"), 429, code="rate_limit_exceeded")
