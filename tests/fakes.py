@@ -151,6 +151,7 @@ def fake_app(
     tasks: frozenset[Task] = ALL_BUT_MULTI,
     load_gate: threading.Event | None = None,
     limits: EngineLimits | None = None,
+    tracer_provider: Any = None,
     **settings: Any,
 ) -> FastAPI:
     runner = runner or FakeRunner()
@@ -167,7 +168,9 @@ def fake_app(
         limits or EngineLimits(request_timeout_s=10.0),
         disabled_tasks=frozenset(config.disabled_tasks),
     )
-    return create_app(config, ModelRegistry([handle], strict_names=config.strict_model_names))
+    return create_app(
+        config, ModelRegistry([handle], strict_names=config.strict_model_names), tracer_provider=tracer_provider
+    )
 
 
 def png_bytes(size: tuple[int, int] = (40, 40), colour: tuple[int, ...] = (200, 30, 30), mode: str = "RGB") -> bytes:

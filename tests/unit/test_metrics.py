@@ -85,11 +85,19 @@ def test_queue_depth_and_in_flight_while_busy(tmp_path):
         threads = [threading.Thread(target=client.post, args=(GEN,), kwargs={"json": {"prompt": p}}) for p in "ab"]
         for thread in threads:
             thread.start()
+
+        def observed() -> tuple[float, float, float]:
+            samples = scrape(client)
+            return (
+                value(samples, "diffuser_queue_depth", model="fake-model"),
+                value(samples, "diffuser_requests_in_flight"),  # two generations and the scrape
+                value(samples, "diffuser_busy_workers", model="fake-model"),
+            )
+
+        # The requests arrive in their own time: wait for one running and one queued.
         deadline = time.monotonic() + 5
-        while value(samples := scrape(client), "diffuser_queue_depth", model="fake-model") < 1:
-            assert time.monotonic() < deadline, "the second request never queued"
-        assert value(samples, "diffuser_requests_in_flight") == 3  # two generations and the scrape
-        assert value(samples, "diffuser_busy_workers", model="fake-model") == 1
+        while (state := observed()) != (1, 3, 1):
+            assert time.monotonic() < deadline, f"never saw one running and one queued: {state}"
         gate.set()
         for thread in threads:
             thread.join(10)

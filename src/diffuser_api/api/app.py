@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -17,11 +18,15 @@ from diffuser_api.api.keys import load_key_store
 from diffuser_api.api.metrics import HttpMetricsMiddleware, ServiceMetrics
 from diffuser_api.api.rate_limits import RateLimiter, RateLimitMiddleware
 from diffuser_api.api.request_id import RequestIdMiddleware
+from diffuser_api.api.tracer_provider import tracer_provider_from
 from diffuser_api.config import Settings
 from diffuser_api.domain.devices import DeviceMemoryProbe
 from diffuser_api.models.registry import ModelRegistry
 from diffuser_api.service.images import ImageService
 from diffuser_api.service.storage import ImageStorage, remove_expired_periodically
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 # Headers browser code may read on a cross-origin response.
 EXPOSED_HEADERS = [
@@ -31,9 +36,18 @@ EXPOSED_HEADERS = [
 
 
 def create_app(
-    settings: Settings, registry: ModelRegistry, device_memory: DeviceMemoryProbe | None = None
+    settings: Settings,
+    registry: ModelRegistry,
+    device_memory: DeviceMemoryProbe | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> FastAPI:
-    """Models load in the background after start-up, so /health can say 503 meanwhile."""
+    """Models load in the background after start-up, so /health can say 503 meanwhile.
+
+    ``tracer_provider`` traces requests instead of the one ``settings.otel_exporter`` asks for;
+    its owner shuts it down, while one built here is shut down (flushed) with the app.
+    """
+    built_provider = None if tracer_provider is not None else tracer_provider_from(settings)
+    tracer_provider = tracer_provider or built_provider
     storage = ImageStorage.from_settings(settings)
     service = ImageService(settings, registry, storage)
     service_metrics = ServiceMetrics(registry, device_memory)
@@ -50,6 +64,8 @@ def create_app(
             await loading
             await registry.stop(settings.shutdown_grace_s)
             service.close()
+            if built_provider is not None:
+                built_provider.shutdown()
 
     app = FastAPI(
         title="Diffuser API",
@@ -63,14 +79,19 @@ def create_app(
     app.state.service = service
     app.state.metrics = service_metrics
     app.state.rate_limiter = RateLimiter(settings)
-    # Listed innermost first: the request id wraps everything, metrics see every answer,
-    # CORS answers preflights before keys are asked for, and limits count only known callers.
+    # Listed innermost first: the request id wraps everything (traces read its record), metrics
+    # see every answer, CORS answers preflights before keys are asked for, and limits count only
+    # known callers.
     app.add_middleware(RateLimitMiddleware, limiter=app.state.rate_limiter, public=public)
     app.add_middleware(ApiKeyMiddleware, keys=load_key_store(settings), public=public)
     if settings.cors_allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=EXPOSED_HEADERS)
     app.add_middleware(HttpMetricsMiddleware, metrics=service_metrics)
+    if tracer_provider is not None:
+        from diffuser_api.api.tracing import TracingMiddleware  # OpenTelemetry is an optional extra
+
+        app.add_middleware(TracingMiddleware, tracer=tracer_provider.get_tracer("diffuser_api", __version__))
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     app.include_router(health.router)

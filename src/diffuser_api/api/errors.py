@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 
+from diffuser_api.api.request_record import record_of
 from diffuser_api.errors import (
     Cancelled,
     DiffuserError,
@@ -97,6 +98,7 @@ def describe_error(error: DiffuserError, request_id: str) -> tuple[int, dict[str
 
 
 async def diffuser_error_handler(request: HTTPConnection, error: DiffuserError) -> JSONResponse:
+    record_of(request).error_type = type(error).__name__
     status, body, headers = describe_error(error, request_id_of(request))
     return JSONResponse(body, status_code=status, headers=headers)
 

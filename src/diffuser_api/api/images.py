@@ -86,7 +86,7 @@ async def _run(
     with recording(request, image_request, timing) as record:
         await admit_images(request, image_request.n)
         if image_request.stream:
-            stream = await service.open_stream(image_request, timing)
+            stream = await service.open_stream(image_request, timing, record.timeline)
             note_stream(record, stream)
             request_id = request_id_of(request)
             return sse_response(
@@ -95,7 +95,9 @@ async def _run(
                 lambda error: describe_error(error, request_id)[1],
                 settings.stream_ping_s,
             )
-        work = service.create(image_request, files_url_base(request, settings), timing=timing)
+        work = service.create(
+            image_request, files_url_base(request, settings), timing=timing, timeline=record.timeline
+        )
         result, model_id = await cancel_on_disconnect(request, work)
         note_result(record, result, model_id)
     return JSONResponse(images_response(result))

@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import HTTPConnection
 
 from diffuser_api.domain import ImageRequest, ImagesResult
+from diffuser_api.domain.timeline import Timeline
 from diffuser_api.engine.job import JobTiming
+from diffuser_api.errors import DiffuserError
 from diffuser_api.service.streaming import ImageStream, StreamEvent
 
 STATE_KEY = "record"
@@ -32,10 +34,16 @@ class RequestRecord:
     images: int | None = None
     queue_wait_s: float | None = None
     compute_s: float | None = None
+    error_type: str | None = None  # the exception a failed request ended with
+    # Its phases for the trace; the log line has their durations above.
+    timeline: Timeline = field(default_factory=Timeline, repr=False)
 
     def fields(self) -> dict[str, Any]:
-        """The set fields, for JSON logs."""
-        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+        """The set fields but the timeline, for JSON logs."""
+        return {
+            item.name: value for item in dataclasses.fields(self)
+            if item.name != "timeline" and (value := getattr(self, item.name)) is not None
+        }
 
     def line(self) -> str:
         """One greppable text line: the request first, then what is known about its work."""
@@ -65,7 +73,7 @@ def recording(connection: HTTPConnection, request: ImageRequest, timing: JobTimi
     try:
         yield record
     finally:
-        record.queue_wait_s, record.compute_s = timing.queue_wait_s, timing.compute_s
+        _note_timing(record, timing)
 
 
 def note_result(record: RequestRecord, result: ImagesResult, model_id: str) -> None:
@@ -84,5 +92,15 @@ async def timed_events(
     try:
         async for event in events:
             yield event
+    except DiffuserError as error:  # the client gets it as an error event, after a 200
+        record.error_type = type(error).__name__
+        raise
     finally:
-        record.queue_wait_s, record.compute_s = timing.queue_wait_s, timing.compute_s
+        _note_timing(record, timing)
+
+
+def _note_timing(record: RequestRecord, timing: JobTiming) -> None:
+    """A stream's job has not run when its handler returns: its timing is still empty then, and is
+    noted again as the stream ends."""
+    record.queue_wait_s, record.compute_s = timing.queue_wait_s, timing.compute_s
+    record.timeline.add(*timing.phases)

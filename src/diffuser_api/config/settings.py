@@ -164,6 +164,14 @@ class Settings(BaseSettings):
     storage_ttl_s: float | None = Field(3600.0, description="Stored images expire after this; none: keep forever.")
     storage_cleanup_interval_s: float = Field(300.0, description="How often expired images are deleted.")
 
+    # Tracing (OpenTelemetry, the `otel` extra)
+    otel_exporter: Literal["none", "console", "otlp"] = Field(
+        "none",
+        description="Where request traces go: none, console (stdout), or otlp (OTLP over HTTP; the standard "
+        "OTEL_EXPORTER_OTLP_* variables set its endpoint and headers).",
+    )
+    otel_service_name: str = Field("diffuser-api", description="service.name of the traces.")
+
     log_level: str = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line.")
 

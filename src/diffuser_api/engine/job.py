@@ -9,23 +9,37 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from diffuser_api.domain import GeneratedImage, ImageJob, StepProgress
+from diffuser_api.domain.timeline import Phase
 
 ProgressSink = Callable[[StepProgress], None]
 
 
 @dataclass
 class JobTiming:
-    """How long one job waited in the queue and computed, for its request's log line."""
+    """How long one job waited in the queue and computed, for its request's log line, and when
+    (as phases on the wall clock), for its trace."""
 
     queue_wait_s: float | None = None
     compute_s: float | None = None
+    phases: tuple[Phase, ...] = ()
 
     def record(self, job: Job, now: float) -> None:
+        offset_ns = time.time_ns() - time.monotonic_ns()
+
+        def wall_ns(monotonic_s: float) -> int:
+            return offset_ns + round(monotonic_s * 1e9)
+
         if job.started_at is None:  # never left the queue (timeout, cancel, shutdown)
             self.queue_wait_s = now - job.enqueued_at
+            self.phases = (Phase("queue wait", wall_ns(job.enqueued_at), wall_ns(now)),)
             return
         self.queue_wait_s = job.started_at - job.enqueued_at
         self.compute_s = now - job.started_at
+        self.phases = (
+            Phase("queue wait", wall_ns(job.enqueued_at), wall_ns(job.started_at)),
+            # The whole pipeline call of the job's batch: text encoding, denoising, VAE decode.
+            Phase("denoising", wall_ns(job.started_at), wall_ns(now)),
+        )
 
 
 @dataclass(eq=False)

@@ -9,7 +9,6 @@ import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import TypeVar
 
 from PIL import Image
@@ -25,6 +24,7 @@ from diffuser_api.domain import (
     StoredImage,
     Task,
 )
+from diffuser_api.domain.timeline import Timeline
 from diffuser_api.engine.job import JobTiming
 from diffuser_api.errors import InvalidRequest, NotSupported
 from diffuser_api.models.registry import ModelHandle, ModelRegistry
@@ -61,15 +61,20 @@ class ImageService:
         request: ImageRequest,
         url_base: str,
         timing: JobTiming | None = None,
+        timeline: Timeline | None = None,
     ) -> tuple[ImagesResult, str]:
         """Run one request end to end; returns the result and the id of the model that ran it.
 
-        ``timing`` is filled in even when the request fails, for the caller's log line.
+        ``timing`` is filled in even when the request fails, for the caller's log line;
+        ``timeline`` gets the encoding and storage phases, for its trace.
         """
         handle = self._registry.resolve(request.model)
         job = await self.prepare(request, handle)
         images = await handle.engine.submit(job, timing=timing)
-        stored = await asyncio.gather(*(self._off_loop(self._store, image, request, url_base) for image in images))
+        timeline = timeline or Timeline()
+        stored = await asyncio.gather(
+            *(self._off_loop(self._store, image, request, url_base, timeline) for image in images)
+        )
         result = ImagesResult(
             created=int(time.time()),
             images=tuple(stored),
@@ -80,19 +85,19 @@ class ImageService:
         )
         return result, handle.id
 
-    async def open_stream(self, request: ImageRequest, timing: JobTiming | None = None) -> ImageStream:
+    async def open_stream(
+        self, request: ImageRequest, timing: JobTiming | None = None, timeline: Timeline | None = None
+    ) -> ImageStream:
         """Check and prepare now (so a bad request is a plain HTTP error), run when iterated."""
         handle = self._registry.resolve(request.model)
         job = await self.prepare(request, handle)
+        timeline = timeline or Timeline()
 
         async def encode_preview(image: Image.Image) -> str:
-            data = await self._off_loop(
-                partial(encode_image, quick=True), image, self._output_format(request), request.output_compression
-            )
-            return base64.b64encode(data).decode("ascii")
+            return await self._off_loop(self._encode_preview, image, request, timeline)
 
         async def store(image: GeneratedImage) -> StoredImage:
-            return await self._off_loop(self._store, image, request, "")
+            return await self._off_loop(self._store, image, request, "", timeline)
 
         return ImageStream(job, handle.id, job_events(handle.engine, job, encode_preview, store, timing))
 
@@ -260,14 +265,23 @@ class ImageService:
     def _output_format(self, request: ImageRequest) -> str:
         return request.output_format or "png"
 
-    def _store(self, image: GeneratedImage, request: ImageRequest, url_base: str) -> StoredImage:
+    def _store(self, image: GeneratedImage, request: ImageRequest, url_base: str, timeline: Timeline) -> StoredImage:
+        """Encoding includes base64 for b64_json answers; only url answers are stored."""
         output_format = self._output_format(request)
-        data = encode_image(image.image, output_format, request.output_compression)
         common = {"seed": image.seed, "revised_prompt": image.revised_prompt}
-        if request.response_format == "url":
+        with timeline.phase("encoding", seed=image.seed, output_format=output_format):
+            data = encode_image(image.image, output_format, request.output_compression)
+            if request.response_format != "url":
+                return StoredImage(b64_json=base64.b64encode(data).decode("ascii"), **common)
+        with timeline.phase("storage", seed=image.seed, bytes=len(data)):
             name = self._storage.save(data, output_format)
             return StoredImage(url=self._storage.url(name, url_base), **common)
-        return StoredImage(b64_json=base64.b64encode(data).decode("ascii"), **common)
+
+    def _encode_preview(self, image: Image.Image, request: ImageRequest, timeline: Timeline) -> str:
+        output_format = self._output_format(request)
+        with timeline.phase("encoding", preview=True, output_format=output_format):
+            data = encode_image(image, output_format, request.output_compression, quick=True)
+            return base64.b64encode(data).decode("ascii")
 
     async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._codec, function, *args)
