@@ -41,7 +41,8 @@ class DirectPipeline:
                      guidance_scale=self.family.default_guidance_scale)
             for seed in range(batch)
         ]
-        kwargs = self.family.call_kwargs(Task.GENERATION, jobs)
+        # The size is added per call, as the server's runner adds it for pipelines that take one.
+        kwargs = self.family.call_kwargs(Task.GENERATION, jobs) | {"height": side, "width": side}
         started = time.perf_counter()
         with torch.inference_mode():
             self.pipe(**kwargs, output_type="pil", callback_on_step_end=callback)
