@@ -51,6 +51,15 @@ def test_images_limit_counts_n(tmp_path):
         assert_envelope(client.post(GEN, json={"prompt": "x", "n": 6}), 400, "n")
 
 
+def test_refused_requests_spend_no_image_budget(tmp_path):
+    with limited(tmp_path, rate_limit_images="2/minute") as client:
+        wait_ready(client)
+        assert_envelope(client.post(GEN, json={"prompt": "x", "n": 2, "size": "13x7"}), 400, "size")
+        assert_envelope(client.post(GEN, json={"prompt": "x", "n": 2, "stream": True, "size": "13x7"}), 400, "size")
+        assert client.post(GEN, json={"prompt": "x", "n": 2}).status_code == 200
+        assert_envelope(client.post(GEN, json={"prompt": "x"}), 429, code="rate_limit_exceeded")
+
+
 def test_per_key_overrides_and_separate_budgets(tmp_path):
     keys = [
         {"name": "small", "key_sha256": sha("sk-small"), "limits": {"requests": "1/minute"}},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -83,10 +84,11 @@ async def _run(
 ) -> Response:
     image_request = build_image_request(settings, endpoint, body, images, mask)
     timing = JobTiming()
+    # Images count against the caller's budget only once the service found the request valid.
+    admit = partial(admit_images, request)
     with recording(request, image_request, timing) as record:
-        await admit_images(request, image_request.n)
         if image_request.stream:
-            stream = await service.open_stream(image_request, timing, record.timeline)
+            stream = await service.open_stream(image_request, timing, record.timeline, admit)
             note_stream(record, stream)
             request_id = request_id_of(request)
             return sse_response(
@@ -96,7 +98,7 @@ async def _run(
                 settings.stream_ping_s,
             )
         work = service.create(
-            image_request, files_url_base(request, settings), timing=timing, timeline=record.timeline
+            image_request, files_url_base(request, settings), timing=timing, timeline=record.timeline, admit=admit
         )
         result, model_id = await cancel_on_disconnect(request, work)
         note_result(record, result, model_id)

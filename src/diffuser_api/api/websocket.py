@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -40,8 +41,7 @@ async def image_socket(socket: WebSocket) -> None:
     request_id = socket.scope.get("state", {}).get("request_id", "")
     try:
         image_request = parse_message(await socket.receive_json(), settings)
-        await admit_images(socket, image_request.n)
-        stream = await service.open_stream(image_request)
+        stream = await service.open_stream(image_request, admit=partial(admit_images, socket))
         work = asyncio.ensure_future(_send_events(socket, stream.events))
         closed = asyncio.ensure_future(socket.receive())
         await asyncio.wait({work, closed}, return_when=asyncio.FIRST_COMPLETED)

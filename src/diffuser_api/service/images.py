@@ -7,7 +7,7 @@ import base64
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -41,6 +41,8 @@ EXTRA_PARAMETERS = ("guidance_scale", "true_cfg_scale", "negative_prompt", "stre
 MAX_SEED = 2**32 - 1
 
 T = TypeVar("T")
+# Admission control (e.g. a per-key image budget), told how many images a valid request makes.
+Admission = Callable[[int], Awaitable[None]]
 
 
 class ImageService:
@@ -62,14 +64,18 @@ class ImageService:
         url_base: str,
         timing: JobTiming | None = None,
         timeline: Timeline | None = None,
+        admit: Admission | None = None,
     ) -> tuple[ImagesResult, str]:
         """Run one request end to end; returns the result and the id of the model that ran it.
 
         ``timing`` is filled in even when the request fails, for the caller's log line;
-        ``timeline`` gets the encoding and storage phases, for its trace.
+        ``timeline`` gets the encoding and storage phases, for its trace; ``admit`` is told the
+        image count once the request is known to be valid, before any work is queued.
         """
         handle = self._registry.resolve(request.model)
         job = await self.prepare(request, handle)
+        if admit is not None:
+            await admit(job.n)
         images = await handle.engine.submit(job, timing=timing)
         timeline = timeline or Timeline()
         stored = await asyncio.gather(
@@ -86,11 +92,17 @@ class ImageService:
         return result, handle.id
 
     async def open_stream(
-        self, request: ImageRequest, timing: JobTiming | None = None, timeline: Timeline | None = None
+        self,
+        request: ImageRequest,
+        timing: JobTiming | None = None,
+        timeline: Timeline | None = None,
+        admit: Admission | None = None,
     ) -> ImageStream:
         """Check and prepare now (so a bad request is a plain HTTP error), run when iterated."""
         handle = self._registry.resolve(request.model)
         job = await self.prepare(request, handle)
+        if admit is not None:
+            await admit(job.n)
         timeline = timeline or Timeline()
 
         async def encode_preview(image: Image.Image) -> str:
