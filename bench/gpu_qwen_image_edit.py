@@ -33,7 +33,6 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -47,8 +46,10 @@ from diffusers import (
 from PIL import Image
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]  # run as a script, with or without the package installed
 
+from bench.random_weights import created_on
 from diffuser_api.api.app import create_app
 from diffuser_api.config import Settings
 from diffuser_api.main import engine_limits
@@ -112,18 +113,6 @@ SCHEDULER = dict(
 )
 # Qwen/Qwen-Image-Edit processor/preprocessor_config.json
 VISION_PIXELS = dict(min_pixels=3136, max_pixels=12845056)
-
-
-@contextlib.contextmanager
-def created_on(device: str, dtype: torch.dtype) -> Iterator[None]:
-    """New parameters are born on ``device`` in ``dtype``: no CPU copy, no fp32 detour."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def build_pipeline(tiny_sizes: bool, device: str, dtype: torch.dtype) -> QwenImageEditPipeline:

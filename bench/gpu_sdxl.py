@@ -13,13 +13,12 @@ report and writes it to ``$OUT/gpu_sdxl.md`` (or ``bench/results/gpu_sdxl.md``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from bench import load, tables
 from bench.direct import DirectPipeline
 from bench.measure import Measurement, Target
+from bench.random_weights import created_on
 from diffuser_api.api.app import create_app
 from diffuser_api.config import Settings
 from diffuser_api.errors import NotSupported
@@ -99,23 +99,11 @@ TINY = Scenario(tiny_sdxl.UNET_XL_CONFIG, tiny_sd.VAE_CONFIG, tiny_sd.CLIP_CONFI
                 torch.float32, side=64, steps=4, batch=8, clients=8, single_calls=5, batched_calls=5)
 
 
-@contextlib.contextmanager
-def creating_on(device: str, dtype: torch.dtype) -> Iterator[None]:
-    """Create parameters directly on the device in the target dtype: no float32 copy on the host."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def build_pipeline(scenario: Scenario) -> StableDiffusionXLPipeline:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = build_clip_tokenizer(Path(scratch))
-    with creating_on(scenario.device, scenario.dtype):
+    with created_on(scenario.device, scenario.dtype):
         models = {
             "vae": AutoencoderKL(**scenario.vae),
             "text_encoder": CLIPTextModel(CLIPTextConfig(**scenario.text_1)),
