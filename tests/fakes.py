@@ -141,6 +141,7 @@ def fake_capabilities(tasks: frozenset[Task] = ALL_BUT_MULTI) -> Capabilities:
         default_guidance_scale=7.5,
         default_strength=0.8,
         variation_method="image-to-image with an empty prompt" if Task.VARIATION in tasks else None,
+        max_input_images=3 if Task.MULTI_IMAGE_EDIT in tasks else 1,
     )
 
 

@@ -335,6 +335,17 @@ def test_disabled_task_is_501(tmp_path):
         assert client.get("/").json()["models"][0]["endpoints"]["variations"]["supported"] is False
 
 
+def test_mask_with_several_images_is_501_not_ignored(tmp_path):
+    with TestClient(fake_app(tmp_path, tasks=frozenset(Task))) as client:
+        wait_ready(client)
+        files = [("image[]", ("a.png", png_bytes(), "image/png")), ("image[]", ("b.png", png_bytes(), "image/png"))]
+        assert client.post(EDIT, data={"prompt": "x"}, files=files).status_code == 200
+        mask = ("mask", ("m.png", png_bytes(colour=(0, 0, 0, 0), mode="RGBA"), "image/png"))
+        response = client.post(EDIT, data={"prompt": "x"}, files=[*files, mask])
+        error = assert_envelope(response, 501, code="not_supported")
+        assert "mask" in error["message"]
+
+
 def test_model_without_generation_is_501(tmp_path):
     with TestClient(fake_app(tmp_path, tasks=ALL_BUT_MULTI - {Task.GENERATION})) as client:
         wait_ready(client)

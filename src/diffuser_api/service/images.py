@@ -123,6 +123,13 @@ class ImageService:
                 code="not_supported",
             )
         owner = f"model '{handle.id}' ({caps.family})"
+        if task is Task.MULTI_IMAGE_EDIT and request.mask is not None:
+            # No diffusers pipeline inpaints from several images; never drop the mask silently.
+            raise NotSupported(
+                f"{owner} cannot do a masked edit with several images; send one image with the mask, "
+                "or several images without one",
+                code="not_supported",
+            )
         self._check_parameters(request, task, caps, owner)
         images, mask = await self._off_loop(self._decode_uploads, request, caps) if request.images else ([], None)
         width, height = self._size(request, caps, images, owner)
