@@ -131,11 +131,14 @@ class FakeRunner:
         return GeneratedImage(image, seed=seed, revised_prompt=job.prompt or None)
 
 
-def fake_capabilities(tasks: frozenset[Task] = ALL_BUT_MULTI) -> Capabilities:
+FAKE_EXTRAS = frozenset({"num_inference_steps", "seed", "guidance_scale", "negative_prompt", "strength"})
+
+
+def fake_capabilities(tasks: frozenset[Task] = ALL_BUT_MULTI, extras: frozenset[str] = FAKE_EXTRAS) -> Capabilities:
     return Capabilities(
         family="fake",
         tasks=tasks,
-        extras=frozenset({"num_inference_steps", "seed", "guidance_scale", "negative_prompt", "strength"}),
+        extras=extras,
         size=SizeRules(multiple=8, min_side=16, max_side=256, default_width=32, default_height=32),
         default_steps=4,
         default_guidance_scale=7.5,
@@ -150,6 +153,7 @@ def fake_app(
     runner: FakeRunner | None = None,
     *,
     tasks: frozenset[Task] = ALL_BUT_MULTI,
+    extras: frozenset[str] = FAKE_EXTRAS,
     load_gate: threading.Event | None = None,
     limits: EngineLimits | None = None,
     tracer_provider: Any = None,
@@ -160,7 +164,7 @@ def fake_app(
     def load() -> LoadedRunners:
         if load_gate is not None:
             assert load_gate.wait(10), "load gate never opened"
-        return LoadedRunners(fake_capabilities(tasks), [runner], "FakePipeline")
+        return LoadedRunners(fake_capabilities(tasks, extras), [runner], "FakePipeline")
 
     config = Settings(_env_file=None, model_id="fake-model", storage_dir=tmp_path / "images", **settings)
     handle = ModelHandle(

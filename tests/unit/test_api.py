@@ -13,7 +13,7 @@ from PIL import Image
 
 from diffuser_api.domain import Task
 from diffuser_api.engine import EngineLimits
-from tests.fakes import ALL_BUT_MULTI, FakeRunner, colour_of, fake_app, png_bytes
+from tests.fakes import ALL_BUT_MULTI, FAKE_EXTRAS, FakeRunner, colour_of, fake_app, png_bytes
 
 GEN = "/v1/images/generations"
 EDIT = "/v1/images/edits"
@@ -136,6 +136,7 @@ def test_public_base_url_setting(tmp_path):
         ({"prompt": "x", "background": "transparent"}, "background", "invalid_value"),
         ({"prompt": "x", "stream": True, "response_format": "url"}, "response_format", "invalid_value"),
         ({"prompt": "x", "stream": True, "partial_images": 4}, "partial_images", "invalid_value"),
+        ({"prompt": "x", "partial_images": 2}, "partial_images", "invalid_value"),
         ({"prompt": "x", "output_compression": 50}, "output_compression", "invalid_value"),
         ({"prompt": "x", "quality": "ultra"}, "quality", "invalid_value"),
         ({"prompt": "x", "response_format": "gif"}, "response_format", "invalid_value"),
@@ -217,6 +218,21 @@ def test_edit_multipart_single_image_and_mask(tmp_path):
     assert (edit.task, edit.n, edit.strength) == (Task.EDIT, 2, 0.5)
     assert masked.task is Task.MASKED_EDIT and masked.mask.size == (32, 32) and masked.images[0].size == (32, 32)
     assert masked.mask.getpixel((0, 0)) == 255  # transparent in OpenAI's mask = repaint for diffusers
+
+
+def test_input_fidelity_high_lowers_strength_where_there_is_one(tmp_path):
+    runner = FakeRunner()
+    files = {"image": ("a.png", png_bytes(), "image/png")}
+    with TestClient(fake_app(tmp_path, runner)) as client:
+        wait_ready(client)
+        for fidelity in ("low", "high"):
+            assert client.post(EDIT, data={"prompt": "x", "input_fidelity": fidelity}, files=files).status_code == 200
+    assert [job.strength for job in runner.jobs_seen] == [0.8, pytest.approx(0.48)]
+    with TestClient(fake_app(tmp_path, extras=FAKE_EXTRAS - {"strength"})) as client:
+        wait_ready(client)
+        response = client.post(EDIT, data={"prompt": "x", "input_fidelity": "high"}, files=files)
+        assert_envelope(response, 400, "input_fidelity", "invalid_value")
+        assert client.post(EDIT, data={"prompt": "x", "input_fidelity": "low"}, files=files).status_code == 200
 
 
 def test_edit_json_body_with_data_urls(client):

@@ -170,6 +170,17 @@ class ImageService:
                 param="response_format",
                 code="invalid_value",
             )
+        if request.partial_images and not request.stream:
+            raise InvalidRequest(
+                "partial_images needs stream=true: previews are only sent as stream events",
+                param="partial_images", code="invalid_value",
+            )
+        if request.input_fidelity == "high" and "strength" not in caps.extras_for(task):
+            raise InvalidRequest(
+                f"input_fidelity=high has no effect on {owner} for {task.value}: it lowers the edit strength, "
+                "which this pipeline does not take",
+                param="input_fidelity", code="invalid_value",
+            )
         if request.background == "transparent":
             raise InvalidRequest(
                 f"background=transparent is not supported: {owner} makes opaque images",
