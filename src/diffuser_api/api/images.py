@@ -80,7 +80,6 @@ async def _run(
     body: ImageOptions,
     images: tuple[Upload, ...],
     mask: Upload | None = None,
-
 ) -> Response:
     image_request = build_image_request(settings, endpoint, body, images, mask)
     timing = JobTiming()
