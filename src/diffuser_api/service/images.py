@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -16,7 +15,6 @@ from PIL import Image
 from diffuser_api.config import Settings
 from diffuser_api.domain import (
     Capabilities,
-    Endpoint,
     GeneratedImage,
     ImageJob,
     ImageRequest,
@@ -26,18 +24,25 @@ from diffuser_api.domain import (
 )
 from diffuser_api.domain.timeline import Timeline
 from diffuser_api.engine.job import JobTiming
-from diffuser_api.errors import InvalidRequest, NotSupported
+from diffuser_api.errors import NotSupported
 from diffuser_api.models.registry import ModelHandle, ModelRegistry
 from diffuser_api.service.encoding import encode_image
 from diffuser_api.service.storage import ImageStorage
 from diffuser_api.service.streaming import ImageStream, job_events
 from diffuser_api.service.uploads import UploadLimits, decode_image, decode_mask
+from diffuser_api.service.validation import (
+    check_request,
+    output_format_of,
+    resolve_guidance,
+    resolve_size,
+    resolve_steps,
+    resolve_strength,
+    task_of,
+)
 
-SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 # Sizes and qualities OpenAI's response schema knows; others are left out of the echo.
 RESPONSE_SIZES = {"1024x1024", "1024x1536", "1536x1024"}
 RESPONSE_QUALITIES = {"low", "medium", "high"}
-EXTRA_PARAMETERS = ("guidance_scale", "true_cfg_scale", "negative_prompt", "strength")
 MAX_SEED = 2**32 - 1
 
 T = TypeVar("T")
@@ -84,7 +89,7 @@ class ImageService:
         result = ImagesResult(
             created=int(time.time()),
             images=tuple(stored),
-            output_format=self._output_format(request),
+            output_format=output_format_of(request),
             size=f"{job.width}x{job.height}",
             quality=request.quality,
             steps=job.steps,
@@ -115,7 +120,7 @@ class ImageService:
 
     async def prepare(self, request: ImageRequest, handle: ModelHandle) -> ImageJob:
         caps = handle.capabilities
-        task = _task_of(request)
+        task = task_of(request)
         if task not in caps.tasks:
             offered = ", ".join(sorted(caps.tasks)) or "nothing"
             raise NotSupported(
@@ -130,16 +135,16 @@ class ImageService:
                 "or several images without one",
                 code="not_supported",
             )
-        self._check_parameters(request, task, caps, owner)
+        check_request(request, task, caps, owner, self._settings)
         images, mask = await self._off_loop(self._decode_uploads, request, caps) if request.images else ([], None)
-        width, height = self._size(request, caps, images, owner)
+        width, height = resolve_size(request, caps, images, owner)
         images = tuple(image.resize((width, height), Image.Resampling.LANCZOS) for image in images)
         if mask is not None:
             mask = mask.resize((width, height), Image.Resampling.NEAREST)
-        steps = self._steps(request, caps)
-        strength = self._strength(request, task, caps, steps)
+        steps = resolve_steps(request, caps, self._settings)
+        strength = resolve_strength(request, task, caps, steps, self._settings)
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - request.n)
-        guidance, true_cfg, negative = self._guidance(request, task, caps, owner)
+        guidance, true_cfg, negative = resolve_guidance(request, task, caps, owner, self._settings)
         prompt = self._settings.variation_prompt if task is Task.VARIATION else (request.prompt or "")
         return ImageJob(
             task=task,
@@ -157,59 +162,6 @@ class ImageService:
             partial_images=(request.partial_images or 0) if request.stream else 0,
         )
 
-    def _check_parameters(self, request: ImageRequest, task: Task, caps: Capabilities, owner: str) -> None:
-        if request.endpoint is not Endpoint.VARIATIONS and not (request.prompt or "").strip():
-            raise InvalidRequest(
-                "prompt is required and must not be empty", param="prompt", code="missing_required_parameter"
-            )
-        if request.n > self._settings.max_n:
-            raise InvalidRequest(f"n must be at most {self._settings.max_n}", param="n", code="invalid_value")
-        if request.stream and request.response_format == "url":
-            raise InvalidRequest(
-                "streamed images always come as b64_json; leave out response_format=url",
-                param="response_format",
-                code="invalid_value",
-            )
-        if request.partial_images and not request.stream:
-            raise InvalidRequest(
-                "partial_images needs stream=true: previews are only sent as stream events",
-                param="partial_images", code="invalid_value",
-            )
-        if request.input_fidelity == "high" and "strength" not in caps.extras_for(task):
-            raise InvalidRequest(
-                f"input_fidelity=high has no effect on {owner} for {task.value}: it lowers the edit strength, "
-                "which this pipeline does not take",
-                param="input_fidelity", code="invalid_value",
-            )
-        if request.background == "transparent":
-            raise InvalidRequest(
-                f"background=transparent is not supported: {owner} makes opaque images",
-                param="background", code="invalid_value",
-            )
-        if self._output_format(request) == "png" and request.output_compression not in (None, 100):
-            raise InvalidRequest(
-                "output_compression applies to jpeg and webp only; PNG is lossless",
-                param="output_compression",
-                code="invalid_value",
-            )
-        if request.quality is not None and request.quality not in self._settings.quality_step_factors:
-            allowed = ", ".join(self._settings.quality_step_factors)
-            raise InvalidRequest(f"quality must be one of {allowed}", param="quality", code="invalid_value")
-        if task is Task.GENERATION and request.strength is not None:
-            raise InvalidRequest("strength applies to edits and variations, not generations",
-                                 param="strength", code="unsupported_parameter")
-        for name in EXTRA_PARAMETERS:
-            if getattr(request, name) is not None and name not in caps.extras_for(task):
-                raise InvalidRequest(
-                    f"{name} is not used by {owner} for {task.value}; leave it out",
-                    param=name, code="unsupported_parameter",
-                )
-        if len(request.images) > caps.max_input_images:
-            raise InvalidRequest(
-                f"{owner} takes at most {caps.max_input_images} input images; got {len(request.images)}",
-                param="image", code="invalid_value",
-            )
-
     def _decode_uploads(
         self, request: ImageRequest, caps: Capabilities
     ) -> tuple[list[Image.Image], Image.Image | None]:
@@ -219,85 +171,9 @@ class ImageService:
             mask = decode_mask(request.mask.data, image_size=images[0].size, limits=self._limits)
         return images, mask
 
-    def _guidance(
-        self, request: ImageRequest, task: Task, caps: Capabilities, owner: str
-    ) -> tuple[float | None, float | None, str | None]:
-        """Guidance scale, true CFG scale and negative prompt with defaults filled, refusing a
-        negative prompt its guidance would ignore and true CFG with nothing to contrast."""
-        extras = caps.extras_for(task)
-        guidance = request.guidance_scale
-        if guidance is None and "guidance_scale" in extras:
-            guidance = self._settings.default_guidance_scale or caps.default_guidance_scale
-        true_cfg = request.true_cfg_scale
-        if true_cfg is None and "true_cfg_scale" in extras:
-            true_cfg = caps.default_true_cfg_scale
-        negative = request.negative_prompt or None
-        if negative is None and request.true_cfg_scale is None:
-            negative = caps.default_negative_prompt
-        scale_name = caps.negative_prompt_scale
-        scale = {"guidance_scale": guidance, "true_cfg_scale": true_cfg}.get(scale_name or "")
-        if request.negative_prompt and (scale is None or scale <= 1):
-            raise InvalidRequest(
-                f"negative_prompt has no effect on {owner} unless {scale_name} is above 1; raise it or leave "
-                "negative_prompt out", param="negative_prompt", code="invalid_value",
-            )
-        if scale_name == "true_cfg_scale" and request.true_cfg_scale and request.true_cfg_scale > 1 and not negative:
-            raise InvalidRequest(
-                f"true_cfg_scale above 1 needs a negative_prompt on {owner}: true CFG contrasts the prompt with it "
-                "and diffusers silently skips it without one; send negative_prompt (\" \" will do)",
-                param="true_cfg_scale", code="invalid_value",
-            )
-        return guidance, true_cfg, negative
-
-    def _size(
-        self, request: ImageRequest, caps: Capabilities, images: list[Image.Image], owner: str
-    ) -> tuple[int, int]:
-        if request.size in (None, "auto"):
-            if images:
-                return caps.size.fit(*images[0].size)
-            return caps.size.default_width, caps.size.default_height
-        match = SIZE_PATTERN.match(request.size)
-        if match is None:
-            raise InvalidRequest(
-                f"size '{request.size}' is not auto or {caps.size.describe()}", param="size", code="invalid_value"
-            )
-        width, height = int(match[1]), int(match[2])
-        caps.size.check(width, height, requested=request.size, owner=owner)
-        return width, height
-
-    def _steps(self, request: ImageRequest, caps: Capabilities) -> int:
-        if request.num_inference_steps is not None:
-            return request.num_inference_steps
-        base = self._settings.default_steps or caps.default_steps
-        factor = self._settings.quality_step_factors.get(request.quality or "auto", 1.0)
-        return max(1, round(base * factor))
-
-    def _strength(self, request: ImageRequest, task: Task, caps: Capabilities, steps: int) -> float | None:
-        if task is Task.GENERATION or "strength" not in caps.extras_for(task):
-            return None
-        strength = request.strength
-        if strength is None:
-            if task is Task.VARIATION:
-                strength = self._settings.variation_strength
-            else:
-                strength = caps.default_strength
-                # High input fidelity keeps more of the input: change less of it.
-                if request.input_fidelity == "high" and strength is not None:
-                    strength = strength * 0.6
-        if strength is not None and int(steps * strength) < 1:
-            raise InvalidRequest(
-                f"strength {strength:g} x {steps} steps runs no denoising step; raise strength or num_inference_steps",
-                param="strength",
-                code="invalid_value",
-            )
-        return strength
-
-    def _output_format(self, request: ImageRequest) -> str:
-        return request.output_format or "png"
-
     def _store(self, image: GeneratedImage, request: ImageRequest, url_base: str, timeline: Timeline) -> StoredImage:
         """Encoding includes base64 for b64_json answers; only url answers are stored."""
-        output_format = self._output_format(request)
+        output_format = output_format_of(request)
         common = {"seed": image.seed, "revised_prompt": image.revised_prompt}
         with timeline.phase("encoding", seed=image.seed, output_format=output_format):
             data = encode_image(image.image, output_format, request.output_compression)
@@ -308,7 +184,7 @@ class ImageService:
             return StoredImage(url=self._storage.url(name, url_base), **common)
 
     def _encode_preview(self, image: Image.Image, request: ImageRequest, timeline: Timeline) -> str:
-        output_format = self._output_format(request)
+        output_format = output_format_of(request)
         with timeline.phase("encoding", preview=True, output_format=output_format):
             data = encode_image(image, output_format, request.output_compression, quick=True)
             return base64.b64encode(data).decode("ascii")
@@ -316,15 +192,6 @@ class ImageService:
     async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._codec, function, *args)
 
-
-def _task_of(request: ImageRequest) -> Task:
-    if request.endpoint is Endpoint.GENERATIONS:
-        return Task.GENERATION
-    if request.endpoint is Endpoint.VARIATIONS:
-        return Task.VARIATION
-    if len(request.images) > 1:
-        return Task.MULTI_IMAGE_EDIT
-    return Task.MASKED_EDIT if request.mask is not None else Task.EDIT
 
 
 def response_size(size: str) -> str | None:
