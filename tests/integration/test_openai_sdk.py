@@ -54,6 +54,8 @@ def test_generate_b64(client):
     first, second = (pixels(item.b64_json) for item in result.data)
     assert first.shape == (64, 64, 3) and np.abs(first - second).max() > 2
     assert result.data[0].revised_prompt == "a red fox"
+    assert result.usage.input_tokens_details.text_tokens == result.usage.input_tokens > 0
+    assert result.usage.output_tokens == 0
 
 
 def test_generate_url_downloads(client):

@@ -23,7 +23,7 @@ from diffuser_api.api.schemas import (
     VariationForm,
     reject_unknown_fields,
 )
-from diffuser_api.api.streaming import sse_response
+from diffuser_api.api.streaming import sse_response, usage
 from diffuser_api.config import Settings
 from diffuser_api.domain import Endpoint, ImageRequest, ImagesResult, Upload
 from diffuser_api.engine.job import JobTiming
@@ -139,6 +139,8 @@ def images_response(result: ImagesResult) -> dict[str, Any]:
         body["size"] = size
     if quality := response_quality(result.quality):
         body["quality"] = quality
+    if result.prompt_tokens is not None:
+        body["usage"] = usage(result.prompt_tokens)
     return body
 
 

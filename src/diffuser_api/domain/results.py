@@ -42,3 +42,5 @@ class ImagesResult:
     size: str
     quality: str | None
     steps: int | None = None
+    # Text tokens of the prompt as the encoder saw them, for OpenAI's ``usage``.
+    prompt_tokens: int | None = None

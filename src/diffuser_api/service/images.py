@@ -93,6 +93,7 @@ class ImageService:
             size=f"{job.width}x{job.height}",
             quality=request.quality,
             steps=job.steps,
+            prompt_tokens=images[0].prompt_tokens if images else None,
         )
         return result, handle.id
 
