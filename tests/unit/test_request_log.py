@@ -82,3 +82,16 @@ def test_keys_are_scrubbed_from_any_log_line(message, args):
     record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, message, args, None)
     assert RedactKeys().filter(record)
     assert "sk-secret" not in record.getMessage() and "***" in record.getMessage()
+
+
+def test_websocket_session_is_logged_with_its_work_and_never_its_key(client, caplog):
+    caplog.set_level(logging.INFO, logger="diffuser_api.access")
+    with client.websocket_connect("/v1/images/ws?api_key=sk-log-test") as socket:
+        socket.send_json({"prompt": "x", "size": "32x16", "num_inference_steps": 3})
+        while socket.receive_json()["type"] != "done":
+            pass
+    (record,) = [entry for entry in access_records(caplog) if entry.request["path"] == "/v1/images/ws"]
+    fields = record.request
+    assert (fields["task"], fields["size"], fields["steps"], fields["images"]) == ("generations", "32x16", 3, 1)
+    assert fields["model"] == "fake-model" and fields["compute_s"] > 0
+    assert "sk-log-test" not in record.getMessage()

@@ -20,10 +20,12 @@ from diffuser_api.api.auth import accepted_subprotocol
 from diffuser_api.api.errors import describe_error, invalid_request_from
 from diffuser_api.api.images import build_image_request, json_uploads
 from diffuser_api.api.rate_limits import admit_images
+from diffuser_api.api.request_record import note_stream, recording
 from diffuser_api.api.schemas import EditJSONBody, GenerationBody
 from diffuser_api.api.streaming import websocket_message
 from diffuser_api.config import Settings
 from diffuser_api.domain import Endpoint, ImageRequest
+from diffuser_api.engine.job import JobTiming
 from diffuser_api.errors import DiffuserError, InvalidRequest
 from diffuser_api.service.images import ImageService
 
@@ -41,24 +43,33 @@ async def image_socket(socket: WebSocket) -> None:
     request_id = socket.scope.get("state", {}).get("request_id", "")
     try:
         image_request = parse_message(await socket.receive_json(), settings)
-        stream = await service.open_stream(image_request, admit=partial(admit_images, socket))
-        work = asyncio.ensure_future(_send_events(socket, stream.events))
-        closed = asyncio.ensure_future(socket.receive())
-        await asyncio.wait({work, closed}, return_when=asyncio.FIRST_COMPLETED)
-        if not work.done():  # the client left (or spoke out of turn): stop the work
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
-            return
-        closed.cancel()
-        work.result()
-        await socket.send_json({"type": "done"})
-        await socket.close()
+        timing = JobTiming()
+        # The session's log line names its work like an HTTP request's does.
+        with recording(socket, image_request, timing) as record:
+            stream = await service.open_stream(image_request, timing, admit=partial(admit_images, socket))
+            note_stream(record, stream)
+            await _serve(socket, stream.events)
     except WebSocketDisconnect:
         return
     except DiffuserError as error:
         await socket.send_json({"type": "error", **describe_error(error, request_id)[1]})
         await socket.close(REFUSED)
+
+
+async def _serve(socket: WebSocket, events: Any) -> None:
+    """Send the events while watching the socket: a client that leaves cancels the work."""
+    work = asyncio.ensure_future(_send_events(socket, events))
+    closed = asyncio.ensure_future(socket.receive())
+    await asyncio.wait({work, closed}, return_when=asyncio.FIRST_COMPLETED)
+    if not work.done():  # the client left (or spoke out of turn): stop the work
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        return
+    closed.cancel()
+    work.result()
+    await socket.send_json({"type": "done"})
+    await socket.close()
 
 
 async def _send_events(socket: WebSocket, events: Any) -> None:
