@@ -224,3 +224,17 @@ def test_tracing_off_loads_no_opentelemetry_sdk_or_tracing_code():
 def test_console_exporter_prints_the_spans():
     output = run_probe("console")
     assert '"name": "POST /v1/images/generations"' in output and '"name": "denoising"' in output
+
+
+def test_a_websocket_session_is_one_span_with_its_phases(client, exporter):
+    with client.websocket_connect(f"/v1/images/ws?api_key={KEY}") as socket:
+        socket.send_json({"prompt": "fox", "size": "32x16", "num_inference_steps": 3, "partial_images": 1})
+        while socket.receive_json()["type"] != "done":
+            pass
+    server, children = request_span(exporter)
+    assert server.name == "WS /v1/images/ws"
+    attributes = dict(server.attributes)
+    assert (attributes["diffuser.task"], attributes["diffuser.size"], attributes["diffuser.steps"]) == (
+        "generations", "32x16", 3)
+    assert {"queue wait", "denoising", "encoding"} <= set(children)
+    assert len(children["encoding"]) == 2  # the preview and the final image

@@ -32,15 +32,16 @@ class TracingMiddleware:
         self._tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+        method = scope.get("method", "WS")  # a WebSocket session is one span too
         span = self._tracer.start_span(
-            scope["method"],
+            method,
             context=PROPAGATOR.extract(headers),
             kind=SpanKind.SERVER,
-            attributes={"http.request.method": scope["method"], "url.path": scope["path"],
+            attributes={"http.request.method": method, "url.path": scope["path"],
                         "url.scheme": scope.get("scheme", "http")},
         )
         error: BaseException | None = None
@@ -56,7 +57,7 @@ class TracingMiddleware:
     def _finish(self, span: Span, scope: Scope, record: RequestRecord, error: BaseException | None) -> None:
         if "route" in scope:
             route = route_template(scope)
-            span.update_name(f"{scope['method']} {route}")
+            span.update_name(f"{scope.get('method', 'WS')} {route}")
             span.set_attribute("http.route", route)
         status = record.status if error is None and record.status else 500
         span.set_attribute("http.response.status_code", status)

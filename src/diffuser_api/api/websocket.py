@@ -46,7 +46,9 @@ async def image_socket(socket: WebSocket) -> None:
         timing = JobTiming()
         # The session's log line names its work like an HTTP request's does.
         with recording(socket, image_request, timing) as record:
-            stream = await service.open_stream(image_request, timing, admit=partial(admit_images, socket))
+            stream = await service.open_stream(
+                image_request, timing, record.timeline, admit=partial(admit_images, socket)
+            )
             note_stream(record, stream)
             await _serve(socket, stream.events)
     except WebSocketDisconnect:
