@@ -360,6 +360,7 @@ def test_mask_with_several_images_is_501_not_ignored(tmp_path):
         response = client.post(EDIT, data={"prompt": "x"}, files=[*files, mask])
         error = assert_envelope(response, 501, code="not_supported")
         assert "mask" in error["message"]
+        assert_still_serves(client)
 
 
 def test_model_without_generation_is_501(tmp_path):
