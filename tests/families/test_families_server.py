@@ -39,7 +39,7 @@ EXPECTED = {
     "tiny-sdxl": Expect("sdxl", frozenset({G, E, M, V}), (72, 64), "100x100", 8),
     "tiny-sd3": Expect("sd3", frozenset({G, E, M, V}), (80, 64), "72x64", 16),
     "tiny-flux": Expect("flux", frozenset({G, E, M, V}), (80, 64), "72x64", 16),
-    "tiny-flux-kontext": Expect("flux-kontext", frozenset({G, E}), (80, 64), "72x64", 16),
+    "tiny-flux-kontext": Expect("flux-kontext", frozenset({G, E, M}), (80, 64), "72x64", 16),
     "tiny-qwen-image": Expect("qwen-image", frozenset({G, E, M, V}), (80, 64), "72x64", 16),
     "tiny-qwen-image-edit": Expect("qwen-image-edit", frozenset({E, M}), (96, 64), "80x64", 32),
     "tiny-qwen-image-edit-plus": Expect("qwen-image-edit-plus", frozenset({E, X}), (80, 64), "72x64", 16),

@@ -120,6 +120,9 @@ class Family:
     # Whether prompts and images may differ between the rows of one call.
     batches_across_requests: bool = True
     max_input_images: int = 1
+    # Task pipelines diffusers has for this family but its AutoPipeline mappings do not name
+    # (task -> diffusers class name); made with ``from_pipe`` like the mapped ones.
+    unmapped_task_pipelines: tuple[tuple[Task, str], ...] = ()
     call_kwargs: CallKwargs = prompt_list_kwargs
     # Wraps every pipeline call (e.g. a per-call override of a diffusers module constant).
     call_scope: CallScope = no_scope

@@ -1,7 +1,8 @@
 """FLUX.1 Kontext: edits guided by a prompt, and text-to-image when no image is given.
 
-diffusers has no image-to-image or inpainting mapping for it (``FluxKontextPipeline`` is its
-own edit pipeline), so masked edits and variations are 501. The pipeline ignores
+``FluxKontextPipeline`` is its own edit pipeline; masked edits use diffusers'
+``FluxKontextInpaintPipeline``, which no AutoPipeline mapping names, so the family names it.
+Variations are 501: the edit pipeline takes no strength. The pipelines ignore
 ``height``/``width`` and rescales its output to ``max_area`` at the input's aspect ratio, and
 resizes the input to a preferred ~1 MPix size unless ``_auto_resize=False``: passing
 ``max_area=width*height`` and no auto-resize gives exactly the requested size (the service has
@@ -31,8 +32,10 @@ FAMILY = Family(
     default_steps=28,
     default_guidance_scale=2.5,
     default_true_cfg_scale=1.0,
+    default_strength=1.0,
     negative_prompt_scale="true_cfg_scale",
     batches_across_requests=False,
+    unmapped_task_pipelines=((Task.MASKED_EDIT, "FluxKontextInpaintPipeline"),),
     call_kwargs=kontext_kwargs,
     examples=("black-forest-labs/FLUX.1-Kontext-dev",),
 )

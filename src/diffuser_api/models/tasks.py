@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import diffusers
 from diffusers.pipelines.auto_pipeline import (
     AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
     AUTO_INPAINT_PIPELINES_MAPPING,
@@ -37,6 +38,8 @@ def task_classes(pipeline_class: type, family: Family) -> dict[Task, type]:
         task_class = _get_task_class(mapping, pipeline_class.__name__, throw_error_if_not_exist=False)
         if task_class is not None:
             classes[task] = task_class
+    for task, class_name in family.unmapped_task_pipelines:
+        classes.setdefault(task, getattr(diffusers, class_name))
     if family.max_input_images > 1 and Task.EDIT in classes:
         classes[Task.MULTI_IMAGE_EDIT] = classes[Task.EDIT]
     # Variations are image-to-image from the input, which needs a strength below 1.
