@@ -6,7 +6,8 @@ component has the real architecture and size (configs written out below from the
 the Qwen-Image VAE), with random bfloat16 weights created directly on the GPU (no CPU copy,
 no fp32 detour). The tokenizer is the byte-level one of the tiny models (its special tokens
 are wired into the text encoder's config), so nothing is read from the hub. The pipeline is
-served in-process by ``create_app`` + uvicorn on 127.0.0.1 through ``runners_for_pipeline``,
+served in-process (``tests.servers.ThreadedServer``: ``create_app`` + uvicorn on 127.0.0.1)
+through ``runners_for_pipeline``,
 and the edit is one multipart POST, as a client sends it. Random weights make grey images:
 the numbers are about time and memory, not quality.
 
@@ -14,29 +15,23 @@ the numbers are about time and memory, not quality.
     python bench/gpu_qwen_image_edit.py --tiny     # CPU, tiny configs: checks the script in seconds
 
 The report (markdown) is printed and written to ``$OUT`` (default ``bench/results``). It
-needs only what the server needs (standard-library HTTP client).
+needs what the server needs plus httpx, which the GPU machine's image has.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import io
-import json
 import os
 import platform
-import socket
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
-import uuid
 from pathlib import Path
 
+import httpx
 import torch
-import uvicorn
 from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
@@ -48,6 +43,8 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]  # run as a script, with or without the package installed
+
+from tests.servers import ThreadedServer
 
 from bench.random_weights import created_on
 from diffuser_api.api.app import create_app
@@ -136,46 +133,17 @@ def build_pipeline(tiny_sizes: bool, device: str, dtype: torch.dtype) -> QwenIma
     )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def multipart(fields: dict[str, str], files: dict[str, bytes]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-             for name, value in fields.items()]
-    for name, data in files.items():
-        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n'
-        parts.append(head.encode() + b"Content-Type: image/png\r\n\r\n" + data + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
-def wait_ready(base_url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{base_url}/health", timeout=5) as response:
-            if response.status == 200:
-                return
-        time.sleep(0.2)
-    raise TimeoutError("server never became ready")
-
-
 def edit_over_http(base_url: str, size: int, steps: int) -> tuple[float, Image.Image]:
     buffer = io.BytesIO()
     Image.effect_noise((size, size), 64).convert("RGB").save(buffer, format="PNG")
-    body, content_type = multipart(
-        {"prompt": "turn the sky into a sunset", "size": f"{size}x{size}", "num_inference_steps": str(steps),
-         "seed": "0", "response_format": "b64_json"},
-        {"image": buffer.getvalue()},
-    )
-    request = urllib.request.Request(f"{base_url}/v1/images/edits", data=body, headers={"Content-Type": content_type})
+    fields = {"prompt": "turn the sky into a sunset", "size": f"{size}x{size}", "num_inference_steps": str(steps),
+              "seed": "0", "response_format": "b64_json"}
     started = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=600) as response:
-        payload = json.load(response)
+    response = httpx.post(f"{base_url}/v1/images/edits", data=fields,
+                          files={"image": ("image.png", buffer.getvalue(), "image/png")}, timeout=600)
     elapsed = time.perf_counter() - started
-    image = Image.open(io.BytesIO(base64.b64decode(payload["data"][0]["b64_json"])))
+    response.raise_for_status()
+    image = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
     return elapsed, image
 
 
@@ -209,20 +177,11 @@ def main() -> None:
                           max_image_size=settings.max_image_size, variation_strength=settings.variation_strength)
     family = qwen_image_edit.FAMILY
     handle = ModelHandle(MODEL_ID, lambda: runners_for_pipeline(pipe, family, options), engine_limits(settings))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, ModelRegistry([handle])), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base_url, timeout_s=120)
+    with ThreadedServer(create_app(settings, ModelRegistry([handle]))) as server:
+        server.wait_ready(timeout_s=120)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        request_s, image = edit_over_http(base_url, size, args.steps)
-    finally:
-        server.should_exit = True
-        thread.join(30)
+        request_s, image = edit_over_http(server.base_url, size, args.steps)
     assert image.size == (size, size), f"asked for {size}x{size}, got {image.size}"
 
     card = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"

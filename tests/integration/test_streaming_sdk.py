@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import io
-
 import numpy as np
 import pytest
-from PIL import Image
 
-from tests.integration.test_openai_sdk import noise_png
+from tests.integration.test_openai_sdk import noise_png, pixels
 
 pytestmark = pytest.mark.slow
-
-
-def decoded(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
 
 
 def test_generation_stream_with_partial_images(client):
@@ -26,11 +18,11 @@ def test_generation_stream_with_partial_images(client):
     )
     assert [event.type for event in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
     assert [event.partial_image_index for event in events[:2]] == [0, 1]
-    final = decoded(events[-1].b64_json)
+    final = pixels(events[-1].b64_json)
     for event in events:
-        assert decoded(event.b64_json).shape == (64, 128, 3)
+        assert pixels(event.b64_json).shape == (64, 128, 3)
     for partial in events[:2]:
-        assert np.abs(decoded(partial.b64_json) - final).max() > 2
+        assert np.abs(pixels(partial.b64_json) - final).max() > 2
 
 
 def test_edit_stream_and_several_images(client):
@@ -44,4 +36,4 @@ def test_edit_stream_and_several_images(client):
     assert len(completed) == 2 and len(partials) == 4
     assert sorted(event.model_extra["image_index"] for event in completed) == [0, 1]
     for event in events:
-        assert decoded(event.b64_json).shape == (64, 64, 3)
+        assert pixels(event.b64_json).shape == (64, 64, 3)
