@@ -33,12 +33,14 @@ class Engine:
     """Owns one model's queue and its workers (one per device or model copy)."""
 
     def __init__(
-        self, runners: Sequence[ModelRunner], limits: EngineLimits, observe: BatchObserver | None = None
+        self, runners: Sequence[ModelRunner], limits: EngineLimits, observers: Sequence[BatchObserver] = ()
     ) -> None:
+        """``observers`` (e.g. metrics) hear of every finished batch; the sequence is read at each
+        batch, so observers added to it later are heard too."""
         self.limits = limits
         self._queue = JobQueue(limits.max_queue_size)
         batch_limits = BatchLimits(limits.max_batch_size, limits.max_batch_pixels, limits.batch_wait_s)
-        self._observers = [self._record] + ([observe] if observe else [])
+        self._observers = observers
         self.workers = [Worker(runner, self._queue, batch_limits, self._notify) for runner in runners]
         self._recent_compute_s: deque[float] = deque(maxlen=20)
         self._accepting = True
@@ -107,6 +109,7 @@ class Engine:
         )
 
     def _notify(self, report: BatchReport) -> None:
+        self._record(report)
         for observe in self._observers:
             observe(report)
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from diffuser_api.domain import Capabilities, ImageJob, Task
 from diffuser_api.engine import Engine, EngineLimits, ModelRunner
-from diffuser_api.engine.worker import BatchObserver, BatchReport
+from diffuser_api.engine.worker import BatchObserver
 from diffuser_api.errors import ModelNotFound, Unavailable
 
 logger = logging.getLogger(__name__)
@@ -66,10 +66,6 @@ class ModelHandle:
         """Subscribe (metrics) before loading; the engine built at load time reports to each."""
         self._batch_observers.append(observer)
 
-    def _report_batch(self, report: BatchReport) -> None:
-        for observer in self._batch_observers:
-            observer(report)
-
     def load(self) -> None:
         """Blocking: call from a thread. A failure is kept and reported, not raised."""
         started = time.monotonic()
@@ -83,7 +79,7 @@ class ModelHandle:
             return
         loaded.capabilities = loaded.capabilities.without(self._disabled)
         self._loaded = loaded
-        self._engine = Engine(loaded.runners, self._limits, self._report_batch)
+        self._engine = Engine(loaded.runners, self._limits, self._batch_observers)
         self._engine.start()
         self.load_seconds = time.monotonic() - started
         self.status = ModelStatus.READY
