@@ -81,8 +81,14 @@ class Settings(BaseSettings):
     api_prefix: str = "/v1"
     public_base_url: str | None = Field(None, description="Base for url responses; default: the request's own.")
     trusted_proxies: StrList = Field(
-        default_factory=lambda: ["127.0.0.1"],
-        description="Client addresses whose X-Forwarded-Proto/Host are honoured when building URLs.",
+        default_factory=list,
+        description="Proxy addresses or networks (10.0.0.0/8) whose X-Forwarded-For/-Proto/-Host count, for the "
+        "whole app and uvicorn alike; the client is the right-most forwarded address not in this list.",
+    )
+    allowed_hosts: StrList | None = Field(
+        None,
+        description="Host header allow-list (DNS rebinding); default: localhost, 127.0.0.1 and [::1] on any port "
+        "when bound to a loopback address, any host otherwise. * allows any.",
     )
     strict_model_names: bool = Field(
         False, description="If false, OpenAI model names (dall-e-*, gpt-image-*) route to the default model."
@@ -92,10 +98,34 @@ class Settings(BaseSettings):
     )
     shutdown_grace_s: float = Field(30.0, description="On SIGTERM, how long to finish in-flight requests.")
 
+    # Bodies and connections: enforced while reading, before anything is parsed
+    max_json_bytes: int = Field(
+        1024 * 1024, description="Largest body of generations and the other small routes (413 above)."
+    )
+    max_edit_bytes: int = Field(
+        64 * 1024 * 1024, description="Largest whole body of edits and variations, JSON or multipart (413 above)."
+    )
+    max_upload_bytes: int = Field(25 * 1024 * 1024, description="Largest image or mask part (413 above).")
+    max_discard_bytes: int = Field(
+        64 * 1024 * 1024,
+        description="After a 413, the rest of the body is read and dropped up to this many bytes, so clients that "
+        "send before reading still see the answer; past it the connection is closed.",
+    )
+    max_connections: int = Field(256, description="Most open connections; beyond, 503 with Retry-After.")
+    body_timeout_s: float = Field(
+        30.0, description="A request body that makes no progress for this long is answered 408."
+    )
+
     # Request bounds and defaults
-    max_upload_bytes: int = Field(25 * 1024 * 1024, description="Largest accepted upload (413 above).")
     max_input_pixels: int = Field(
-        64 * 1024 * 1024, description="Largest decoded upload in pixels; above is a decompression bomb (400)."
+        4096 * 4096, description="Largest upload in pixels, read from its header before decoding (400 above)."
+    )
+    max_steps: int = Field(100, description="Most denoising steps per request (400 above).")
+    max_pixel_steps: int = Field(
+        2**30, description="Most n x width x height x steps per request (400 above): the cost cap of one request."
+    )
+    max_codec_queue: int = Field(
+        32, description="Most decode and encode tasks waiting for the codec threads; beyond, 429 with Retry-After."
     )
     min_image_size: int = 64
     max_image_size: int = 2048
@@ -149,6 +179,16 @@ class Settings(BaseSettings):
         "memory://", description="Where counts live: memory:// (one process) or redis://host:6379 (shared)."
     )
     rate_limit_strategy: Literal["moving-window", "fixed-window", "sliding-window-counter"] = "moving-window"
+    rate_limit_on_store_error: Literal["allow", "deny"] = Field(
+        "allow",
+        description="When the rate-limit store cannot be reached: allow (serve, log, count a metric) or deny (503).",
+    )
+    rate_limit_store_timeout_s: float = Field(
+        0.5, gt=0.0, le=1.0, description="Longest wait for the rate-limit store on any call."
+    )
+    rate_limit_auth_failures: RateLimitText = Field(
+        "20/minute", description="Failed API-key checks allowed per client address; beyond, 429."
+    )
     cors_allow_origins: StrList = Field(
         default_factory=list, description="Origins browsers may call from (CORS); * for any. Empty: no CORS."
     )
@@ -163,6 +203,9 @@ class Settings(BaseSettings):
     storage_presign: bool = Field(True, description="Hand out presigned URLs where the backend can sign (S3).")
     storage_ttl_s: float | None = Field(3600.0, description="Stored images expire after this; none: keep forever.")
     storage_cleanup_interval_s: float = Field(300.0, description="How often expired images are deleted.")
+    storage_max_bytes: int | None = Field(
+        None, description="Quota of the local image store; the oldest images are deleted first. None: no quota."
+    )
 
     # Tracing (OpenTelemetry, the `otel` extra)
     otel_exporter: Literal["none", "console", "otlp"] = Field(
@@ -175,7 +218,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line.")
 
-    @field_validator("device", "trusted_proxies", "api_keys", "cors_allow_origins", mode="before")
+    @field_validator("device", "trusted_proxies", "allowed_hosts", "api_keys", "cors_allow_origins", mode="before")
     @classmethod
     def _lists_from_env(cls, value: object) -> object:
         return _split_list(value)
