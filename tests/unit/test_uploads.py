@@ -10,10 +10,15 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import EpsImagePlugin, GifImagePlugin, Image, ImageFile, PngImagePlugin, TiffImagePlugin, WebPImagePlugin
 
 from diffuser_api.errors import InvalidRequest, PayloadTooLarge
 from diffuser_api.service.uploads import UploadLimits, decode_data_url, decode_image, decode_mask
+
+ACCEPTED_MESSAGE = "is not a readable image; accepted formats are PNG, JPEG, WebP, GIF, BMP or TIFF"
+# A complete EPS file: Pillow reads its bounding box, then would run Ghostscript for the pixels.
+MINIMAL_EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n"
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>'
 
 LIMITS = UploadLimits(max_bytes=10 * 1024 * 1024, max_pixels=64 * 1024 * 1024)
 
@@ -99,6 +104,50 @@ def test_animated_gif_gives_first_frame() -> None:
     assert image.getpixel((4, 4)) == (255, 0, 0)
 
 
+@pytest.mark.parametrize(
+    ("fmt", "plugin"),
+    [
+        ("GIF", GifImagePlugin.GifImageFile),
+        ("TIFF", TiffImagePlugin.TiffImageFile),
+        ("PNG", PngImagePlugin.PngImageFile),
+        ("WEBP", WebPImagePlugin.WebPImageFile),
+    ],
+)
+def test_only_the_first_frame_is_ever_read(monkeypatch: pytest.MonkeyPatch, fmt: str, plugin: type) -> None:
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((250, 0, 0), (0, 250, 0), (0, 0, 250))]
+    data = encode(frames[0], fmt, save_all=True, append_images=frames[1:])
+    assert Image.open(io.BytesIO(data)).n_frames == 3
+    frames_read: list[int] = []
+    read_frame = plugin._seek
+
+    def recording_seek(self: Image.Image, frame: int, *args: object, **kwargs: object) -> None:
+        frames_read.append(frame)
+        read_frame(self, frame, *args, **kwargs)
+
+    monkeypatch.setattr(plugin, "_seek", recording_seek)
+    red, green, blue = decode_image(data, param="image", limits=LIMITS).getpixel((4, 4))
+    assert red > 200 and green < 40 and blue < 40
+    assert set(frames_read) <= {0}
+
+
+def test_bmp_and_tiff_are_accepted() -> None:
+    for fmt in ("BMP", "TIFF"):
+        image = decode_image(encode(Image.new("RGB", (6, 4), (1, 2, 3)), fmt), param="image", limits=LIMITS)
+        assert (image.size, image.getpixel((0, 0))) == ((6, 4), (1, 2, 3))
+
+
+def test_large_jpeg_is_decoded_at_a_reduced_scale_that_still_covers_the_output() -> None:
+    data = encode(Image.new("RGB", (1024, 768), (0, 120, 240)), "JPEG")
+    assert decode_image(data, param="image", limits=LIMITS).size == (1024, 768)
+    for at_least, size in ((192, (256, 192)), (256, (512, 384)), (385, (1024, 768))):
+        image = decode_image(data, param="image", limits=LIMITS, at_least=at_least)
+        assert image.size == size and min(image.size) >= at_least
+        red, green, blue = image.getpixel((size[0] // 2, size[1] // 2))
+        assert red < 20 and 100 < green < 140 and blue > 220
+    png = encode(Image.new("RGB", (1024, 768)), "PNG")
+    assert decode_image(png, param="image", limits=LIMITS, at_least=256).size == (1024, 768)
+
+
 # decode_image: refusals
 
 
@@ -120,6 +169,53 @@ def test_unreadable_bytes_are_invalid_image(data: bytes) -> None:
         decode_image(data, param="image[]", limits=LIMITS)
     assert caught.value.param == "image[]"
     assert caught.value.code == "invalid_image"
+    assert caught.value.message == "image[] " + ACCEPTED_MESSAGE
+
+
+def disallowed_formats() -> list:
+    """Formats Pillow reads (shown by opening each without our list) that uploads may not use."""
+    made = [
+        pytest.param(encode(Image.new("RGB", (16, 16), (9, 9, 9)), fmt), fmt, id=fmt)
+        for fmt in ("PCX", "ICO", "TGA", "PPM", "SGI", "DDS", "QOI", "EPS")
+    ]
+    return [*made, pytest.param(MINIMAL_EPS, "EPS", id="minimal-eps-text")]
+
+
+@pytest.mark.parametrize(("data", "fmt"), disallowed_formats())
+def test_formats_pillow_knows_but_we_do_not_accept_are_refused(
+    monkeypatch: pytest.MonkeyPatch, data: bytes, fmt: str
+) -> None:
+    assert Image.open(io.BytesIO(data)).format == fmt
+
+    def ghostscript_reached(self: ImageFile.ImageFile) -> None:
+        raise AssertionError("the EPS reader ran: the next step is Ghostscript")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", ghostscript_reached)
+    with pytest.raises(InvalidRequest) as caught:
+        decode_image(data, param="image", limits=LIMITS)
+    assert (caught.value.param, caught.value.code) == ("image", "invalid_image")
+    assert caught.value.message == "image " + ACCEPTED_MESSAGE
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(SVG, id="svg"),
+        pytest.param(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(), id="random-bytes"),
+    ],
+)
+def test_svg_and_random_bytes_are_refused(data: bytes) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        decode_mask(data, image_size=(10, 10), limits=LIMITS)
+    assert (caught.value.param, caught.value.message) == ("mask", "mask " + ACCEPTED_MESSAGE)
+
+
+def test_pillows_words_are_logged_not_returned(caplog: pytest.LogCaptureFixture) -> None:
+    truncated = noisy_png()[: len(noisy_png()) // 2]
+    with caplog.at_level("DEBUG", logger="diffuser_api.service.uploads"), pytest.raises(InvalidRequest) as caught:
+        decode_image(truncated, param="image", limits=LIMITS)
+    assert "truncated" not in caught.value.message and "0x" not in caught.value.message
+    assert any("image" in record.getMessage() and "truncated" in record.getMessage() for record in caplog.records)
 
 
 def test_empty_upload_is_invalid() -> None:
@@ -132,11 +228,16 @@ def test_empty_upload_is_invalid() -> None:
 def test_oversized_upload_is_payload_too_large() -> None:
     data = noisy_png()
     with pytest.raises(PayloadTooLarge) as caught:
-        decode_image(data, param="image", limits=UploadLimits(max_bytes=len(data) - 1, max_pixels=10**9))
+        decode_image(data, param="image", limits=UploadLimits(max_bytes=len(data) - 1, max_pixels=10**8))
     assert caught.value.param == "image"
     assert str(len(data) - 1) in caught.value.message
 
 
+def no_decoding(self: ImageFile.ImageFile) -> None:
+    raise AssertionError("pixels were decoded")
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize(
     ("data", "max_pixels"),
     [
@@ -151,16 +252,44 @@ def test_decompression_bomb_is_refused_before_decoding(
     monkeypatch: pytest.MonkeyPatch, data: bytes, max_pixels: int
 ) -> None:
     assert len(data) < 600_000  # small file, huge image
-
-    def no_decoding(self: ImageFile.ImageFile) -> None:
-        raise AssertionError("pixels were decoded")
-
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     with pytest.raises(InvalidRequest) as caught:
         decode_image(data, param="image", limits=UploadLimits(max_bytes=10**7, max_pixels=max_pixels))
     assert caught.value.param == "image"
     assert caught.value.code == "invalid_image"
     assert "decompression bomb" in caught.value.message
+
+
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
+def test_bomb_is_told_our_limit_where_pillows_warning_is_an_error() -> None:
+    limits = UploadLimits(max_bytes=10**7, max_pixels=64 * 1024 * 1024)
+    with pytest.raises(InvalidRequest) as caught:
+        decode_image(bilevel_png(10_000, 10_000, with_pixels=False), param="image", limits=limits)
+    assert f"limit {64 * 1024 * 1024}" in caught.value.message
+
+
+def test_pillows_own_threshold_is_not_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings are the one source: Pillow only warns between its threshold and ours."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    limits = UploadLimits(max_bytes=10**6, max_pixels=2000)
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert decode_image(bilevel_png(40, 40), param="image", limits=limits).size == (40, 40)
+    with pytest.raises(InvalidRequest) as caught:
+        decode_image(bilevel_png(60, 60), param="image", limits=limits)
+    assert "limit 2000" in caught.value.message
+
+
+def test_a_limit_pillow_would_override_is_refused_at_startup() -> None:
+    with pytest.raises(ValueError, match="max_input_pixels"):
+        UploadLimits(max_bytes=10**6, max_pixels=2 * Image.MAX_IMAGE_PIXELS + 1)
+
+
+def test_a_side_too_long_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(InvalidRequest) as caught:
+        decode_image(bilevel_png(20_000, 8), param="image", limits=LIMITS)
+    assert (caught.value.param, caught.value.code) == ("image", "invalid_image")
+    assert "20000x8" in caught.value.message and "16384" in caught.value.message
 
 
 def test_image_at_the_pixel_limit_is_accepted() -> None:
@@ -215,6 +344,28 @@ def test_mask_of_another_size_is_refused_with_both_sizes() -> None:
         decode_mask(data, image_size=(8, 10), limits=LIMITS)
     assert caught.value.param == "mask"
     assert "4x6" in caught.value.message and "8x10" in caught.value.message
+
+
+def test_mask_of_another_size_is_refused_before_its_pixels_are_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = bilevel_png(4000, 3000)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(InvalidRequest) as caught:
+        decode_mask(data, image_size=(40, 30), limits=LIMITS)
+    assert caught.value.param == "mask"
+    assert "4000x3000" in caught.value.message and "40x30" in caught.value.message
+
+
+def test_mask_turned_upright_by_exif_matches_the_image() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 6x4, shown 4x6
+    source = Image.new("RGBA", (6, 4), (0, 0, 0, 255))
+    source.putpixel((0, 0), (0, 0, 0, 0))
+    data = encode(source, "PNG", exif=exif)
+    mask = decode_mask(data, image_size=(4, 6), limits=LIMITS)
+    assert mask.size == (4, 6) and mask.getpixel((3, 0)) == 255
+    with pytest.raises(InvalidRequest) as caught:
+        decode_mask(encode(source, "PNG"), image_size=(4, 6), limits=LIMITS)  # no EXIF: really 6x4
+    assert "6x4" in caught.value.message
 
 
 def test_unreadable_mask_names_the_mask() -> None:

@@ -7,8 +7,6 @@ import base64
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
 from PIL import Image
 
@@ -26,6 +24,7 @@ from diffuser_api.domain.timeline import Timeline
 from diffuser_api.engine.job import JobTiming
 from diffuser_api.errors import NotSupported
 from diffuser_api.models.registry import ModelHandle, ModelRegistry
+from diffuser_api.service.codec_pool import CodecPool
 from diffuser_api.service.encoding import encode_image
 from diffuser_api.service.storage import ImageStorage
 from diffuser_api.service.streaming import ImageStream, job_events
@@ -45,9 +44,13 @@ RESPONSE_SIZES = {"1024x1024", "1024x1536", "1536x1024"}
 RESPONSE_QUALITIES = {"low", "medium", "high"}
 MAX_SEED = 2**32 - 1
 
-T = TypeVar("T")
 # Admission control (e.g. a per-key image budget), told how many images a valid request makes.
 Admission = Callable[[int], Awaitable[None]]
+# Two threads: decoding and encoding are short, and the model workers need the CPU more.
+CODEC_THREADS = 2
+# Pillow's resize first shrinks by an integer factor while the image stays above this many
+# times the output, then resamples: far less work on a large input, the same picture.
+REDUCING_GAP = 3.0
 
 
 class ImageService:
@@ -56,12 +59,10 @@ class ImageService:
         self._registry = registry
         self._storage = storage
         self._limits = UploadLimits(settings.max_upload_bytes, settings.max_input_pixels)
-        # Decoding uploads and encoding PNGs is CPU work that must block neither the event
-        # loop nor a model worker.
-        self._codec = ThreadPoolExecutor(max_workers=2, thread_name_prefix="codec")
+        self.codec = CodecPool(CODEC_THREADS, settings.max_codec_queue)
 
     def close(self) -> None:
-        self._codec.shutdown(wait=False, cancel_futures=True)
+        self.codec.close()
 
     async def create(
         self,
@@ -75,16 +76,14 @@ class ImageService:
 
         ``timing`` is filled in even when the request fails, for the caller's log line;
         ``timeline`` gets the encoding and storage phases, for its trace; ``admit`` is told the
-        image count once the request is known to be valid, before any work is queued.
+        image count once the request is known to be valid, before any upload is decoded.
         """
         handle = self._registry.resolve(request.model)
-        job = await self.prepare(request, handle)
-        if admit is not None:
-            await admit(job.n)
+        job = await self.prepare(request, handle, admit)
         images = await handle.engine.submit(job, timing=timing)
         timeline = timeline or Timeline()
         stored = await asyncio.gather(
-            *(self._off_loop(self._store, image, request, url_base, timeline) for image in images)
+            *(self.codec.run_admitted(self._store, image, request, url_base, timeline) for image in images)
         )
         result = ImagesResult(
             created=int(time.time()),
@@ -106,20 +105,23 @@ class ImageService:
     ) -> ImageStream:
         """Check and prepare now (so a bad request is a plain HTTP error), run when iterated."""
         handle = self._registry.resolve(request.model)
-        job = await self.prepare(request, handle)
-        if admit is not None:
-            await admit(job.n)
+        job = await self.prepare(request, handle, admit)
         timeline = timeline or Timeline()
 
         async def encode_preview(image: Image.Image) -> str:
-            return await self._off_loop(self._encode_preview, image, request, timeline)
+            return await self.codec.run_admitted(self._encode_preview, image, request, timeline)
 
         async def store(image: GeneratedImage) -> StoredImage:
-            return await self._off_loop(self._store, image, request, "", timeline)
+            return await self.codec.run_admitted(self._store, image, request, "", timeline)
 
         return ImageStream(job, handle.id, job_events(handle.engine, job, encode_preview, store, timing))
 
-    async def prepare(self, request: ImageRequest, handle: ModelHandle) -> ImageJob:
+    async def prepare(self, request: ImageRequest, handle: ModelHandle, admit: Admission | None = None) -> ImageJob:
+        """Check the request, charge it to ``admit``, then decode its uploads.
+
+        Every check that needs no pixels comes first, so an invalid request is not charged; the
+        charge comes before decoding, so a caller over budget costs no decode work.
+        """
         caps = handle.capabilities
         task = task_of(request)
         if task not in caps.tasks:
@@ -137,15 +139,18 @@ class ImageService:
                 code="not_supported",
             )
         check_request(request, task, caps, owner, self._settings)
-        images, mask = await self._off_loop(self._decode_uploads, request, caps) if request.images else ([], None)
-        width, height = resolve_size(request, caps, images, owner)
-        images = tuple(image.resize((width, height), Image.Resampling.LANCZOS) for image in images)
-        if mask is not None:
-            mask = mask.resize((width, height), Image.Resampling.NEAREST)
+        # An edit's size=auto is its first upload's, known once decoded; any other is checked now.
+        size = None if request.images and request.size in (None, "auto") else resolve_size(request, caps, [], owner)
         steps = resolve_steps(request, caps, self._settings)
         strength = resolve_strength(request, task, caps, steps, self._settings)
-        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - request.n)
         guidance, true_cfg, negative = resolve_guidance(request, task, caps, owner, self._settings)
+        if admit is not None:
+            await admit(request.n)
+        if request.images:
+            images, mask, (width, height) = await self.codec.run(self._decode_uploads, request, caps, owner, size)
+        else:
+            images, mask, (width, height) = (), None, size
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - request.n)
         prompt = self._settings.variation_prompt if task is Task.VARIATION else (request.prompt or "")
         return ImageJob(
             task=task,
@@ -164,13 +169,28 @@ class ImageService:
         )
 
     def _decode_uploads(
-        self, request: ImageRequest, caps: Capabilities
-    ) -> tuple[list[Image.Image], Image.Image | None]:
-        images = [decode_image(upload.data, param=upload.param, limits=self._limits) for upload in request.images]
+        self, request: ImageRequest, caps: Capabilities, owner: str, size: tuple[int, int] | None
+    ) -> tuple[tuple[Image.Image, ...], Image.Image | None, tuple[int, int]]:
+        """The uploads decoded and resized to the output ``size`` (from the first one's when None).
+
+        A JPEG is decoded at reduced scale when the output size is known and no mask has to
+        match it at full size.
+        """
+        at_least = max(size) if size is not None and request.mask is None else None
+        images = [
+            decode_image(upload.data, param=upload.param, limits=self._limits, at_least=at_least)
+            for upload in request.images
+        ]
         mask = None
         if request.mask is not None:
             mask = decode_mask(request.mask.data, image_size=images[0].size, limits=self._limits)
-        return images, mask
+        width, height = size or resolve_size(request, caps, images, owner)
+        resized = tuple(
+            image.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP) for image in images
+        )
+        if mask is not None:
+            mask = mask.resize((width, height), Image.Resampling.NEAREST)
+        return resized, mask, (width, height)
 
     def _store(self, image: GeneratedImage, request: ImageRequest, url_base: str, timeline: Timeline) -> StoredImage:
         """Encoding includes base64 for b64_json answers; only url answers are stored."""
@@ -189,9 +209,6 @@ class ImageService:
         with timeline.phase("encoding", preview=True, output_format=output_format):
             data = encode_image(image, output_format, request.output_compression, quick=True)
             return base64.b64encode(data).decode("ascii")
-
-    async def _off_loop(self, function: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._codec, function, *args)
 
 
 
