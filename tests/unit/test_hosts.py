@@ -64,6 +64,8 @@ def test_configured_hosts_replace_the_default():
     assert not hosts.allows("api.example") and not hosts.allows("api.example:8444")
     assert not hosts.allows("localhost")
     assert allow_list(host="127.0.0.1", allowed_hosts="*").allows("evil.example")
+    with pytest.raises(ValueError, match="'images.example:https'"):
+        allow_list(allowed_hosts="images.example:https")
 
 
 def test_websocket_origins():

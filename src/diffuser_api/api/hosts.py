@@ -78,8 +78,14 @@ class HostAllowList:
 
     def __init__(self, entries: Sequence[str] | None) -> None:
         self._any = entries is None or "*" in entries
-        parsed = [split_host(entry) for entry in entries or ()]
-        self._entries = [entry for entry in parsed if entry is not None]
+        self._entries = [] if entries is None or self._any else [self._parse(entry) for entry in entries]
+
+    @staticmethod
+    def _parse(entry: str) -> tuple[str, int | None]:
+        parsed = split_host(entry)
+        if parsed is None:  # said at start-up, not as a 400 to every request
+            raise ValueError(f"allowed_hosts entry '{entry}' is not name, name:port, *.domain or *")
+        return parsed
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HostAllowList:
