@@ -166,6 +166,9 @@ def fake_app(
             assert load_gate.wait(10), "load gate never opened"
         return LoadedRunners(fake_capabilities(tasks, extras), [runner], "FakePipeline")
 
+    # TestClient sends Host "testserver", which the loopback default refuses; tests of the
+    # allow-list pass allowed_hosts=None to get the real default.
+    settings.setdefault("allowed_hosts", ["*"])
     config = Settings(_env_file=None, model_id="fake-model", storage_dir=tmp_path / "images", **settings)
     handle = ModelHandle(
         "fake-model",

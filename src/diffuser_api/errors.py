@@ -25,6 +25,11 @@ class NotSupported(DiffuserError):
     """The loaded model cannot do the *task* asked for (generation, edit, masked edit, ...)."""
 
 
+class Forbidden(DiffuserError):
+    """A request the server will not take from where it came, such as a WebSocket opened by a page
+    of another origin; unlike ``Unauthorized``, no key would change the answer."""
+
+
 class ModelNotFound(DiffuserError):
     """No served model answers to the requested name."""
 

@@ -2,6 +2,8 @@
 
 Our own lines never carry a key, but a WebSocket client may put one in its URL and other
 libraries log URLs; the scrubbing filter sits on the handler, so it covers every logger.
+Clients also choose text that gets logged (a path, a model name): its control characters are
+escaped, so a ``%0a`` in a path cannot forge a log line of its own.
 """
 
 from __future__ import annotations
@@ -9,10 +11,27 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from datetime import UTC, datetime
+from typing import TextIO
 
 SECRETS = re.compile(r"(api_key=|openai-insecure-api-key\.|Bearer\s+)[^\s&\"',]+", re.IGNORECASE)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# C0 and C1 controls, DEL, and Unicode's line and paragraph separators: what a terminal or a
+# log shipper may take for a new line or a command.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_control_characters(text: str) -> str:
+    """``\\n``, ``\\r``, ``\\t``, else ``\\xNN`` or ``\\uNNNN``: visible, and on one line."""
+    return CONTROL_CHARACTERS.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    character = match.group()
+    code = ord(character)
+    return SHORT_ESCAPES.get(character) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
 class RedactKeys(logging.Filter):
@@ -22,6 +41,14 @@ class RedactKeys(logging.Filter):
         if scrubbed != message:
             record.msg, record.args = scrubbed, None
         return True
+
+
+class TextFormatter(logging.Formatter):
+    """One line per message; a traceback after it keeps its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's API)
+        record.message = escape_control_characters(record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -40,8 +67,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(level: str, log_format: str) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+def log_handler(log_format: str, stream: TextIO | None = None) -> logging.Handler:
+    """The handler every logger writes through: formatted, keys scrubbed. Default: stderr."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
     handler.addFilter(RedactKeys())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    return handler
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    logging.basicConfig(level=level.upper(), handlers=[log_handler(log_format)], force=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 
@@ -9,7 +10,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from diffuser_api.log_format import JsonFormatter, RedactKeys
+from diffuser_api.log_format import JsonFormatter, RedactKeys, log_handler
 from tests.fakes import fake_app
 from tests.unit.test_api import GEN, wait_ready
 from tests.unit.test_auth import bearer, sdk
@@ -95,3 +96,41 @@ def test_websocket_session_is_logged_with_its_work_and_never_its_key(client, cap
     assert (fields["task"], fields["size"], fields["steps"], fields["images"]) == ("generations", "32x16", 3, 1)
     assert fields["model"] == "fake-model" and fields["compute_s"] > 0
     assert "sk-log-test" not in record.getMessage()
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_newline_in_the_path_cannot_forge_a_log_line(tmp_path, log_format):
+    output = io.StringIO()
+    handler = log_handler(log_format, output)
+    access = logging.getLogger("diffuser_api.access")
+    access.addHandler(handler)
+    previous_level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        with TestClient(fake_app(tmp_path)) as client:
+            wait_ready(client)
+            output.truncate(0)
+            output.seek(0)
+            response = client.get("/v1/%0aFAKE%0d%0aLINE%e2%80%a8 x")
+            assert response.status_code == 404
+            assert client.get("/v1/models").status_code == 200
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(previous_level)
+    lines = output.getvalue().splitlines()
+    assert len(lines) == 2 and not any(line.startswith("FAKE") or line.startswith("LINE") for line in lines)
+    escaped = "/v1/\\nFAKE\\r\\nLINE\\u2028 x"
+    if log_format == "json":
+        entry = json.loads(lines[0])
+        assert entry["path"] == escaped and escaped in entry["message"]
+    else:
+        assert f"GET {escaped} 404" in lines[0]
+
+
+def test_text_log_lines_escape_control_characters_from_any_logger():
+    output = io.StringIO()
+    handler = log_handler("text", output)
+    record = logging.LogRecord("any", logging.WARNING, __file__, 1, "model %s\x1b[31m", ("'x\nFAKE'",), None)
+    handler.handle(record)
+    assert output.getvalue().count("\n") == 1
+    assert "model 'x\\nFAKE'\\x1b[31m" in output.getvalue()

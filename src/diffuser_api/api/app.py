@@ -14,6 +14,7 @@ from diffuser_api import __version__
 from diffuser_api.api import files, health, images, metrics, models, websocket
 from diffuser_api.api.auth import ApiKeyMiddleware, PublicPaths
 from diffuser_api.api.errors import install_error_handlers
+from diffuser_api.api.hosts import BrowserSafetyMiddleware, HostAllowList, WebSocketOrigins
 from diffuser_api.api.keys import load_key_store
 from diffuser_api.api.metrics import HttpMetricsMiddleware, ServiceMetrics
 from diffuser_api.api.rate_limits import RateLimiter, RateLimitMiddleware
@@ -80,13 +81,16 @@ def create_app(
     app.state.metrics = service_metrics
     app.state.rate_limiter = RateLimiter(settings)
     # Listed innermost first: the request id wraps everything (traces read its record), metrics
-    # see every answer, CORS answers preflights before keys are asked for, and limits count only
-    # known callers.
+    # see every answer, unknown hosts and foreign WebSocket origins are refused before anything
+    # else answers them, CORS answers preflights before keys are asked for, and limits count
+    # only known callers.
     app.add_middleware(RateLimitMiddleware, limiter=app.state.rate_limiter, public=public)
     app.add_middleware(ApiKeyMiddleware, keys=load_key_store(settings), public=public)
     if settings.cors_allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=EXPOSED_HEADERS)
+    app.add_middleware(BrowserSafetyMiddleware, hosts=HostAllowList.from_settings(settings),
+                       origins=WebSocketOrigins(settings.cors_allow_origins))
     app.add_middleware(HttpMetricsMiddleware, metrics=service_metrics)
     if tracer_provider is not None:
         from diffuser_api.api.tracing import TracingMiddleware  # OpenTelemetry is an optional extra

@@ -21,6 +21,7 @@ from diffuser_api.api.request_record import record_of
 from diffuser_api.errors import (
     Cancelled,
     DiffuserError,
+    Forbidden,
     InvalidRequest,
     ModelFailure,
     ModelNotFound,
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 ERROR_TABLE: dict[type[DiffuserError], tuple[int, str, bool | None]] = {
     InvalidRequest: (400, "invalid_request_error", None),
     Unauthorized: (401, "invalid_request_error", False),
+    Forbidden: (403, "invalid_request_error", False),
     ModelNotFound: (404, "invalid_request_error", None),
     NotFound: (404, "invalid_request_error", None),
     PayloadTooLarge: (413, "invalid_request_error", False),

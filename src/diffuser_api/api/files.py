@@ -7,6 +7,7 @@ and clients can fetch results without a key.
 from __future__ import annotations
 
 import asyncio
+import math
 
 from fastapi import APIRouter
 from fastapi.responses import Response
@@ -16,10 +17,21 @@ from diffuser_api.service.encoding import MEDIA_TYPES
 
 router = APIRouter(tags=["images"])
 
+# Kept forever (no time to live): a year, the longest max-age caches are told to honour.
+FOREVER_S = 365 * 24 * 3600
+
 
 @router.get("/images/files/{name}", summary="Download an image returned as a url")
 async def image_file(name: str, storage: StorageDep) -> Response:
     # Object stores answer over the network: off the event loop.
     data = await asyncio.to_thread(storage.read, name)
-    return Response(data, media_type=MEDIA_TYPES[name.rsplit(".", 1)[-1]],
-                    headers={"cache-control": "private, max-age=3600"})
+    media_type = MEDIA_TYPES[name.rsplit(".", 1)[-1]]
+    return Response(data, media_type=media_type, headers=file_headers(storage.remaining_s(name)))
+
+
+def file_headers(remaining_s: float | None) -> dict[str, str]:
+    """A name's bytes never change, so caches may keep them as long as the image lives, not
+    longer (a cached copy would outlive its deletion); ``private`` keeps them out of shared
+    caches. ``nosniff``: browsers take the bytes as the image type we say, never as HTML."""
+    max_age = FOREVER_S if remaining_s is None else max(0, math.floor(remaining_s))
+    return {"cache-control": f"private, max-age={max_age}, immutable", "x-content-type-options": "nosniff"}

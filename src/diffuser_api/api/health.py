@@ -17,6 +17,8 @@ router = APIRouter(tags=["service"])
 
 @router.get("/health", summary="200 when every model is ready, 503 while loading")
 async def health(registry: RegistryDep) -> dict[str, str]:
+    """Public (no key), so it says only ready or why not in our own words: never paths or the
+    loader's exception, which the server's log has."""
     for handle in registry:
         if handle.status is not ModelStatus.READY:
             raise handle.unavailable()
@@ -37,9 +39,8 @@ async def service_info(registry: RegistryDep, settings: SettingsDep, request: Re
 
 def _describe(handle: ModelHandle) -> dict[str, Any]:
     described: dict[str, Any] = {"id": handle.id, "status": handle.status.value}
-    if handle.status is ModelStatus.FAILED:
-        described["error"] = handle.error
     if handle.status is not ModelStatus.READY:
+        described["reason"] = handle.unavailable().message
         return described
     caps = handle.capabilities
     described.update(

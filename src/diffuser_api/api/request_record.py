@@ -13,7 +13,7 @@ from starlette.requests import HTTPConnection
 from diffuser_api.domain import ImageRequest, ImagesResult
 from diffuser_api.domain.timeline import Timeline
 from diffuser_api.engine.job import JobTiming
-from diffuser_api.errors import DiffuserError
+from diffuser_api.log_format import escape_control_characters
 from diffuser_api.service.streaming import ImageStream, StreamEvent
 
 STATE_KEY = "record"
@@ -37,6 +37,12 @@ class RequestRecord:
     error_type: str | None = None  # the exception a failed request ended with
     # Its phases for the trace; the log line has their durations above.
     timeline: Timeline = field(default_factory=Timeline, repr=False)
+
+    def __post_init__(self) -> None:
+        # The client chose these: a "%0a" in a path is a newline here, which would start a
+        # forged line in the text log and in any viewer that shows the JSON field as it is.
+        self.method = escape_control_characters(self.method)
+        self.path = escape_control_characters(self.path)
 
     def fields(self) -> dict[str, Any]:
         """The set fields but the timeline, for JSON logs."""
@@ -92,7 +98,7 @@ async def timed_events(
     try:
         async for event in events:
             yield event
-    except DiffuserError as error:  # the client gets it as an error event, after a 200
+    except Exception as error:  # the client gets it as an error event, after a 200
         record.error_type = type(error).__name__
         raise
     finally:

@@ -1,14 +1,16 @@
 """Streamed answers: OpenAI's SSE events, and the messages of the progress WebSocket.
 
 SSE follows OpenAI's framing exactly (``event: <type>`` + one-line JSON whose ``type`` the
-SDK reads); an error after the stream started is one event whose JSON has an ``error``
-object, which the SDK raises. Nothing here sends ``id:`` or ``retry:`` lines: the SDK
-would choke on the empty data that follows them.
+SDK reads); any error after the stream started, a bug of ours included, is one event whose
+JSON has an ``error`` object, which the SDK raises: never a silent end of the stream.
+Nothing here sends ``id:`` or ``retry:`` lines: the SDK would choke on the empty data that
+follows them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +22,10 @@ from diffuser_api.errors import DiffuserError
 from diffuser_api.service.images import response_quality, response_size
 from diffuser_api.service.streaming import Completed, ImageStream, PartialImage, Queued, Step, StreamEvent
 
+logger = logging.getLogger(__name__)
+
+# What a client is told of a bug of ours; the log has the exception, with the request id.
+UNEXPECTED_FAILURE = "The server had an error while processing your request."
 EVENT_PREFIX = {Endpoint.GENERATIONS: "image_generation", Endpoint.EDITS: "image_edit"}
 
 
@@ -82,6 +88,10 @@ def sse_response(
                     yield ServerSentEvent(data=json.dumps(body), event=body["type"])
         except DiffuserError as error:
             yield ServerSentEvent(data=json.dumps(error_body(error)), event="error")
+        except Exception:  # a 200 is already sent: the error event is all the client can still get
+            body = error_body(DiffuserError(UNEXPECTED_FAILURE))
+            logger.exception("unhandled error in the stream of request %s", body["error"]["request_id"])
+            yield ServerSentEvent(data=json.dumps(body), event="error")
 
     return EventSourceResponse(
         frames(), ping=ping_s, ping_message_factory=lambda: ServerSentEvent(comment="ping"),

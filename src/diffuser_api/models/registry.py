@@ -52,7 +52,6 @@ class ModelHandle:
         self.id = model_id
         self.created = int(time.time())
         self.status = ModelStatus.LOADING
-        self.error: str | None = None
         self.load_seconds: float | None = None
         self._loader = loader
         self._limits = limits
@@ -73,9 +72,10 @@ class ModelHandle:
             loaded = self._loader()
             if self._warmup:
                 warm_up(loaded)
-        except Exception as error:  # a broken checkpoint must still leave /health answering
+        except Exception:  # a broken checkpoint must still leave /health answering
+            # The log alone has the reason: exception text names paths and library internals.
             logger.exception("loading %s failed", self.id)
-            self.status, self.error = ModelStatus.FAILED, f"{type(error).__name__}: {error}"
+            self.status = ModelStatus.FAILED
             return
         loaded.capabilities = loaded.capabilities.without(self._disabled)
         self._loaded = loaded
@@ -88,7 +88,7 @@ class ModelHandle:
     def unavailable(self) -> Unavailable:
         """Why the model cannot serve yet: still loading (retry soon) or failed (do not)."""
         if self.status is ModelStatus.FAILED:
-            return Unavailable(f"model '{self.id}' failed to load: {self.error}")
+            return Unavailable(f"model '{self.id}' failed to load; the server's log says why")
         return Unavailable(f"model '{self.id}' is still loading", retry_after=5.0)
 
     def _ready(self) -> LoadedRunners:

@@ -3,24 +3,29 @@
 Names are ``<unix seconds>-<32 random characters>.<format>``: unguessable like a presigned URL,
 and carrying their own age, so expiry needs neither object metadata nor a database. The file
 route accepts only names of that exact shape, so no name a client sends leaves the root.
+
+A store that fails (disk full, no permission, object store down) is ``Unavailable``: a 503
+the client may retry, whose message names no path; the log has the details.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
 import secrets
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from diffuser_api.config import Settings
-from diffuser_api.errors import NotFound
+from diffuser_api.errors import DiffuserError, NotFound, Unavailable
 from diffuser_api.service.encoding import MEDIA_TYPES
 
 logger = logging.getLogger(__name__)
@@ -33,6 +38,69 @@ SIGNING_PROTOCOLS = {"s3", "s3a"}
 CONTENT_TYPE_ARGUMENT = {"s3": "ContentType", "s3a": "ContentType", "gs": "content_type", "gcs": "content_type"}
 # S3 refuses presigned URLs valid for longer than 7 days.
 LONGEST_SIGNATURE_S = 7 * 24 * 3600
+# When a client may try again after the store failed: long enough for a hiccup to pass.
+STORE_RETRY_AFTER_S = 5.0
+
+
+def name_of(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+class Quota:
+    """The stored images' sizes, oldest first, so a save knows which to delete to make room.
+
+    Scanned from the folder at the first save, then kept in memory (a listing per save would
+    cost more than the write); a lock guards it because saves run on several codec threads.
+    Names start with their unix time, so their order is their age. An image being written
+    counts as soon as its room is made, but joins the list only once written: another save
+    must never pick a file that is not there yet.
+    """
+
+    def __init__(self, max_bytes: int, scan: Callable[[], dict[str, int]]) -> None:
+        self.max_bytes = max_bytes
+        self._scan = scan
+        self._sizes: dict[str, int] | None = None
+        self._total = 0  # stored and being written
+        self._lock = threading.Lock()
+
+    @property
+    def used_bytes(self) -> int:
+        return self._total
+
+    def make_room(self, size: int) -> list[str]:
+        """Counts ``size`` in and returns the oldest names to delete so it fits.
+
+        An image larger than the whole quota is still stored, alone: refusing it would fail
+        every such request for good, not just until space frees up.
+        """
+        with self._lock:
+            if self._sizes is None:
+                self._sizes = dict(sorted(self._scan().items()))
+                self._total += sum(self._sizes.values())
+            evicted = []
+            while self._sizes and self._total + size > self.max_bytes:
+                oldest = next(iter(self._sizes))
+                self._total -= self._sizes.pop(oldest)
+                evicted.append(oldest)
+            self._total += size
+            return evicted
+
+    def stored(self, name: str, size: int) -> None:
+        """The image ``make_room`` counted is written: from now on it may be deleted for room."""
+        with self._lock:
+            if self._sizes is not None:
+                self._sizes[name] = size
+
+    def not_stored(self, size: int) -> None:
+        with self._lock:
+            self._total -= size
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Images gone another way: expired."""
+        with self._lock:
+            if self._sizes is not None:
+                for name in names:
+                    self._total -= self._sizes.pop(name, 0)
 
 
 class ImageStorage:
@@ -43,6 +111,7 @@ class ImageStorage:
         *,
         ttl_s: float | None = None,
         presign: bool = True,
+        max_bytes: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._fs, self.root = fsspec.core.url_to_fs(url, **(options or {}))
@@ -52,6 +121,10 @@ class ImageStorage:
         self._ttl_s = ttl_s or None
         self._presign = presign and self._protocol in SIGNING_PROTOCOLS
         self._clock = clock
+        if max_bytes is not None and not self._local:
+            # Object stores bill by use and have lifecycle rules for their size; no listing per save.
+            logger.warning("storage_max_bytes applies to a local folder only; %s has no quota", self._protocol)
+        self.quota = Quota(max_bytes, self._scan) if max_bytes is not None and self._local else None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageStorage:
@@ -60,22 +133,45 @@ class ImageStorage:
             settings.storage_options,
             ttl_s=settings.storage_ttl_s,
             presign=settings.storage_presign,
+            max_bytes=settings.storage_max_bytes,
         )
 
     def save(self, data: bytes, output_format: str) -> str:
         # Rounded up: an image may outlive its time to live by under a second, never fall short.
         name = f"{math.ceil(self._clock()):010d}-{secrets.token_urlsafe(24)}.{output_format}"
         path = f"{self.root}/{name}"
-        if self._local:
-            self._save_local(data, path)
-        else:
-            # An object appears only once its upload completes, so no partial file is ever served.
-            argument = CONTENT_TYPE_ARGUMENT.get(self._protocol)
-            extra = {argument: MEDIA_TYPES[output_format]} if argument else {}
-            self._fs.pipe_file(path, data, **extra)
+        with self._failures_are_unavailable("storing an image in"):
+            if self._local:
+                self._save_local(data, path)
+            else:
+                # An object appears only once its upload completes, so no partial file is ever served.
+                argument = CONTENT_TYPE_ARGUMENT.get(self._protocol)
+                extra = {argument: MEDIA_TYPES[output_format]} if argument else {}
+                self._fs.pipe_file(path, data, **extra)
         return name
 
     def _save_local(self, data: bytes, path: str) -> None:
+        if self.quota is None:
+            self._write_local(data, path)
+            return
+        self._make_room(self.quota, len(data))
+        try:
+            self._write_local(data, path)
+        except BaseException:
+            self.quota.not_stored(len(data))
+            raise
+        self.quota.stored(name_of(path), len(data))
+
+    def _make_room(self, quota: Quota, size: int) -> None:
+        evicted = quota.make_room(size)
+        for old in evicted:
+            with contextlib.suppress(FileNotFoundError):  # already gone: expired, or removed by hand
+                self._fs.rm_file(f"{self.root}/{old}")
+        if evicted:
+            logger.info("deleted the %d oldest images from %s to stay within the storage quota",
+                        len(evicted), self.root)
+
+    def _write_local(self, data: bytes, path: str) -> None:
         """Write then rename in the same folder, so a client never downloads a half-written file."""
         self._fs.makedirs(self.root, exist_ok=True)
         scratch = f"{self.root}/.partial-{secrets.token_hex(8)}"
@@ -96,13 +192,21 @@ class ImageStorage:
         return self._fs.sign(f"{self.root}/{name}", expiration=expires)
 
     def read(self, name: str) -> bytes:
+        self.remaining_s(name)  # not found if malformed or expired
+        with self._failures_are_unavailable("reading an image from"):
+            try:
+                return self._fs.cat_file(f"{self.root}/{name}")
+            except FileNotFoundError:
+                raise self._not_found(name) from None
+
+    def remaining_s(self, name: str) -> float | None:
+        """Seconds an image has left to live (None: no time to live); not found if expired."""
         match = NAME_PATTERN.fullmatch(name)
         if match is None or self._expired(int(match["created"])):
             raise self._not_found(name)
-        try:
-            return self._fs.cat_file(f"{self.root}/{name}")
-        except FileNotFoundError:
-            raise self._not_found(name) from None
+        if self._ttl_s is None:
+            return None
+        return int(match["created"]) + self._ttl_s - self._clock()
 
     def remove_expired(self) -> int:
         """Delete every stored image past its time to live; returns how many went."""
@@ -115,12 +219,40 @@ class ImageStorage:
             return 0  # nothing stored yet
         expired = []
         for path in listing:
-            match = NAME_PATTERN.fullmatch(path.rstrip("/").rsplit("/", 1)[-1])
+            match = NAME_PATTERN.fullmatch(name_of(path))
             if match is not None and self._expired(int(match["created"])):
                 expired.append(path)
         if expired:
             self._fs.rm(expired)
+            if self.quota is not None:
+                self.quota.forget(name_of(path) for path in expired)
         return len(expired)
+
+    def _scan(self) -> dict[str, int]:
+        """Sizes of the images already in the folder, for the quota."""
+        try:
+            listing = self._fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {name_of(entry["name"]): int(entry["size"]) for entry in listing
+                if NAME_PATTERN.fullmatch(name_of(entry["name"]))}
+
+    @contextlib.contextmanager
+    def _failures_are_unavailable(self, action: str) -> Iterator[None]:
+        """A failing store (disk full, no permission, object store down) is a 503 to retry.
+
+        Locally that is an ``OSError``; object-store clients raise their own classes (botocore,
+        aiohttp, google-auth), so there anything the store raises counts.
+        """
+        failure = OSError if self._local else Exception
+        try:
+            yield
+        except DiffuserError:
+            raise
+        except failure as error:
+            logger.exception("%s %s failed", action, self.root)
+            raise Unavailable("The image store is unavailable; try again shortly.",
+                              retry_after=STORE_RETRY_AFTER_S) from error
 
     def _expired(self, created: int) -> bool:
         return self._ttl_s is not None and created + self._ttl_s <= self._clock()
