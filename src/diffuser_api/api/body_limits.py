@@ -82,6 +82,7 @@ class LimitedBody:
         self._declared = declared_length(headers)
         self._expects_continue = headers.get("expect", "").lower() == "100-continue"
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        # True once nothing more of the body will be read: it ended, or we gave up on it.
         self._ended = self._declared == 0 or (self._declared is None and not chunked)
         self._received = 0
         self._answered = False  # we answered for the app, which is cut off from then on
@@ -105,6 +106,8 @@ class LimitedBody:
         try:
             message = await asyncio.wait_for(self._receive(), self._limits.timeout_s)
         except TimeoutError:
+            # Nothing to drain from a client that stopped sending: answer and close.
+            self._ended = True
             await self._refuse(BodyTimeout(
                 f"The request body made no progress for {self._limits.timeout_s:g} s; send it without pauses."
             ))
