@@ -85,7 +85,8 @@ class LimitedBody:
         # True once nothing more of the body will be read: it ended, or we gave up on it.
         self._ended = self._declared == 0 or (self._declared is None and not chunked)
         self._received = 0
-        self._answered = False  # we answered for the app, which is cut off from then on
+        self._answered = False  # we answered for the app: its own answer is dropped
+        self._cut_off = False  # the app reads no more of the body: it is told the client left
         self._response_started = False
 
     async def serve(self, app: ASGIApp) -> None:
@@ -95,11 +96,11 @@ class LimitedBody:
         try:
             await app(self._scope, self.receive, self.send)
         except ClientDisconnect:
-            if not self._answered:  # a real disconnect is not ours to hide
+            if not self._cut_off:  # a real disconnect is not ours to hide
                 raise
 
     async def receive(self) -> Message:
-        if self._answered:
+        if self._cut_off:
             return DISCONNECT
         if self._ended:  # the body is in; the app only waits for a disconnect, however long
             return await self._receive()
@@ -145,14 +146,13 @@ class LimitedBody:
 
     async def _refuse(self, error: DiffuserError) -> None:
         """Refuse the body the app is reading; once it has started answering it can only be cut off."""
-        if self._response_started:
-            self._answered = True
-            return
-        await self._answer(error)
+        self._cut_off = True
+        if not self._response_started:
+            await self._answer(error)
 
     async def _answer(self, error: DiffuserError) -> None:
         """The error envelope, sent at once; then the rest of the body is dropped and the connection closed."""
-        self._answered = True
+        self._answered = self._cut_off = True
         response = await diffuser_error_handler(HTTPConnection(self._scope), error)
         await self._send({
             "type": "http.response.start", "status": response.status_code,
