@@ -44,6 +44,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        # A WebSocket edit carries its images in one JSON message, as large as an edits body may
+        # be; uvicorn's own 16 MiB default would otherwise override the setting. Its other
+        # limits do not undercut ours: h11 caps only headers (16 KiB) and streams bodies, and
+        # limit_concurrency stays off so max_connections answers 503 in the OpenAI envelope.
+        ws_max_size=settings.max_edit_bytes,
     )
 
 

@@ -39,7 +39,7 @@ class NotFound(DiffuserError):
 
 
 class PayloadTooLarge(DiffuserError):
-    """An upload is larger than ``max_upload_bytes``."""
+    """A request body is over its route's cap, or an image part over ``max_upload_bytes``."""
 
 
 class Overloaded(DiffuserError):
@@ -71,6 +71,21 @@ class Unavailable(DiffuserError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ServerBusy(DiffuserError):
+    """The server already serves ``max_connections`` requests and sessions; come back after ``retry_after``."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, code="server_busy")
+        self.retry_after = retry_after
+
+
+class BodyTimeout(DiffuserError):
+    """The request body made no progress for ``body_timeout_s``: a stalled or deliberately slow client."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="body_timeout")
 
 
 class ModelFailure(DiffuserError):

@@ -13,6 +13,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from diffuser_api import __version__
 from diffuser_api.api import files, health, images, metrics, models, websocket
 from diffuser_api.api.auth import ApiKeyMiddleware, PublicPaths
+from diffuser_api.api.body_limits import BodyLimitMiddleware, BodyLimits
+from diffuser_api.api.connection_limits import ConnectionLimitMiddleware
 from diffuser_api.api.errors import install_error_handlers
 from diffuser_api.api.hosts import BrowserSafetyMiddleware, HostAllowList, WebSocketOrigins
 from diffuser_api.api.keys import load_key_store
@@ -83,9 +85,12 @@ def create_app(
     # Listed innermost first: the request id wraps everything (traces read its record), metrics
     # see every answer, unknown hosts and foreign WebSocket origins are refused before anything
     # else answers them, CORS answers preflights before keys are asked for, and limits count
-    # only known callers.
+    # only known callers. Body limits wrap every early refusal (busy, key, rate), so each of
+    # those drains the unread body too.
     app.add_middleware(RateLimitMiddleware, limiter=app.state.rate_limiter, public=public)
     app.add_middleware(ApiKeyMiddleware, keys=load_key_store(settings), public=public)
+    app.add_middleware(ConnectionLimitMiddleware, max_connections=settings.max_connections)
+    app.add_middleware(BodyLimitMiddleware, limits=BodyLimits.from_settings(settings))
     if settings.cors_allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_allow_origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=EXPOSED_HEADERS)

@@ -19,6 +19,7 @@ from starlette.requests import HTTPConnection
 
 from diffuser_api.api.request_record import record_of
 from diffuser_api.errors import (
+    BodyTimeout,
     Cancelled,
     DiffuserError,
     Forbidden,
@@ -31,6 +32,7 @@ from diffuser_api.errors import (
     PayloadTooLarge,
     RateLimited,
     RequestTimeout,
+    ServerBusy,
     Unauthorized,
     Unavailable,
 )
@@ -44,6 +46,7 @@ ERROR_TABLE: dict[type[DiffuserError], tuple[int, str, bool | None]] = {
     Forbidden: (403, "invalid_request_error", False),
     ModelNotFound: (404, "invalid_request_error", None),
     NotFound: (404, "invalid_request_error", None),
+    BodyTimeout: (408, "invalid_request_error", None),
     PayloadTooLarge: (413, "invalid_request_error", False),
     Overloaded: (429, "requests", None),
     RateLimited: (429, "requests", None),
@@ -51,6 +54,7 @@ ERROR_TABLE: dict[type[DiffuserError], tuple[int, str, bool | None]] = {
     ModelFailure: (500, "server_error", None),
     NotSupported: (501, "not_supported_error", False),
     Unavailable: (503, "server_error", None),
+    ServerBusy: (503, "server_error", None),
     RequestTimeout: (504, "timeout_error", False),
 }
 

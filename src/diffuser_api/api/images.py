@@ -57,7 +57,7 @@ async def create_edit(request: Request, service: ServiceDep, settings: SettingsD
         body: EditForm = EditJSONBody.model_validate_json(await request.body())
         images, mask = json_uploads(body)
     else:
-        form = await read_image_form(request, settings.max_upload_bytes)
+        form = await read_image_form(request, settings)
         body = EditForm.model_validate(form.fields)
         images, mask = form.images, form.mask
     return await _run(request, service, settings, Endpoint.EDITS, body, images, mask)
@@ -65,7 +65,7 @@ async def create_edit(request: Request, service: ServiceDep, settings: SettingsD
 
 @router.post("/images/variations", summary="Create variations of an image", openapi_extra=MULTIPART_BODY)
 async def create_variation(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
-    form = await read_image_form(request, settings.max_upload_bytes)
+    form = await read_image_form(request, settings)
     if form.mask is not None:
         raise InvalidRequest("variations take no mask", param="mask", code="unknown_parameter")
     body = VariationForm.model_validate(form.fields)

@@ -63,7 +63,7 @@ class EditForm(PromptedOptions):
 class ImageReference(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    image_url: str | None = Field(None, max_length=20971520)
+    image_url: str | None = None  # bounded by the edit body's cap (max_edit_bytes), not here
     file_id: str | None = None
 
     @model_validator(mode="after")
