@@ -44,6 +44,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        # X-Forwarded-* are resolved by the app under settings.trusted_proxies (api/proxies.py).
+        # uvicorn's own handling would rewrite the client address first (trusting 127.0.0.1 by
+        # default, whatever the setting), and the app could no longer tell a proxy from a client.
+        proxy_headers=False,
+        forwarded_allow_ips="",
     )
 
 

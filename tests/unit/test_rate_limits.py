@@ -128,17 +128,19 @@ def test_bad_limit_setting_is_refused():
 
 
 def test_forwarded_address_counts_only_from_trusted_proxies(tmp_path):
-    with limited(tmp_path, rate_limit_requests="1/minute", trusted_proxies=["testclient"]) as client:
+    app = fake_app(tmp_path, rate_limit_requests="1/minute", trusted_proxies=["10.0.0.0/8"])
+    with TestClient(app, client=("10.0.0.5", 50000)) as client:  # a trusted proxy
         wait_ready(client)
-        for address in ("10.0.0.1", "10.0.0.2"):
+        for address in ("203.0.113.1", "203.0.113.2"):
             assert client.get("/v1/models", headers={"x-forwarded-for": address}).status_code == 200
-        assert client.get("/v1/models", headers={"x-forwarded-for": "10.0.0.1"}).status_code == 429
-    with limited(tmp_path, rate_limit_requests="1/minute", trusted_proxies=[]) as client:
+        assert_envelope(client.get("/v1/models", headers={"x-forwarded-for": "203.0.113.1"}), 429)
+        # The client's own made-up entries are left of the one the proxy appended.
+        assert_envelope(client.get("/v1/models", headers={"x-forwarded-for": "1.2.3.4, 203.0.113.1"}), 429)
+    app = fake_app(tmp_path, rate_limit_requests="1/minute", trusted_proxies=["10.0.0.0/8"])
+    with TestClient(app, client=("198.51.100.1", 50000)) as client:  # not a proxy
         wait_ready(client)
-        assert client.get("/v1/models", headers={"x-forwarded-for": "10.0.0.1"}).status_code == 200
-        assert client.get("/v1/models", headers={"x-forwarded-for": "10.0.0.2"}).status_code == 429
-
-
+        assert client.get("/v1/models", headers={"x-forwarded-for": "203.0.113.1"}).status_code == 200
+        assert_envelope(client.get("/v1/models", headers={"x-forwarded-for": "203.0.113.2"}), 429)
 
 
 @pytest.fixture()
