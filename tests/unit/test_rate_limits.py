@@ -3,6 +3,7 @@ retry waits as long as Retry-After says."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import openai
@@ -10,7 +11,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from diffuser_api.api.rate_limits import openai_duration
+from diffuser_api.api.rate_limits import STORE_PAUSE_S, openai_duration
 from diffuser_api.config import Settings
 from tests.fakes import fake_app
 from tests.unit.test_api import GEN, assert_envelope, wait_ready
@@ -174,3 +175,89 @@ def test_replicas_share_counts_through_redis(tmp_path, redis_uri):
         assert statuses == [200, 200, 200]
         assert_envelope(second.get("/v1/models"), 429, code="rate_limit_exceeded")
         assert_envelope(first.get("/v1/models"), 429, code="rate_limit_exceeded")
+
+
+@pytest.fixture()
+def hanging_store_uri():
+    """A TCP server that takes connections and never answers: a store that hangs."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def store_errors_counted(client: TestClient, **headers: str) -> float:
+    for line in client.get("/metrics", headers=headers).text.splitlines():
+        if line.startswith("diffuser_rate_limit_store_errors_total "):
+            return float(line.split()[1])
+    raise AssertionError("diffuser_rate_limit_store_errors_total is not exported")
+
+
+STORE_DOWN = {"rate_limit_requests": "3/minute", "rate_limit_images": "5/minute", "rate_limit_store_timeout_s": 0.3}
+
+
+@pytest.mark.parametrize("store", ["unreachable", "hanging"])
+def test_store_down_with_allow_serves_counts_and_logs_once(tmp_path, store, hanging_store_uri, caplog):
+    from tests.conftest import free_port
+
+    uri = hanging_store_uri if store == "hanging" else f"redis://127.0.0.1:{free_port()}"  # nothing listens
+    caplog.set_level(logging.WARNING, logger="diffuser_api.api.rate_limits")
+    # The limiter connects to nothing when built: the server starts with its store down.
+    with limited(tmp_path, rate_limit_storage_uri=uri, api_keys=["sk-good"], **STORE_DOWN) as client:
+        wait_ready(client)
+        started = time.monotonic()
+        for _ in range(5):  # more than the limit: nothing can be counted, so nothing is refused
+            response = client.get("/v1/models", headers=bearer("sk-good"))
+            assert response.status_code == 200 and "x-ratelimit-limit-requests" not in response.headers
+        # Store calls are bounded (0.3 s), and after a failure the store is left alone for a moment.
+        assert time.monotonic() - started < 2
+        assert client.post(GEN, json={"prompt": "x"}, headers=bearer("sk-good")).status_code == 200
+        assert_envelope(client.get("/v1/models", headers=bearer("sk-wrong")), 401)
+        assert store_errors_counted(client, **bearer("sk-good")) >= 11
+        warnings = [record for record in caplog.records if "rate-limit store failed" in record.getMessage()]
+        assert len(warnings) == 1 and "sk-good" not in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("store", ["unreachable", "hanging"])
+def test_store_down_with_deny_is_503_with_retry_after(tmp_path, store, hanging_store_uri):
+    from tests.conftest import free_port
+
+    uri = hanging_store_uri if store == "hanging" else f"redis://127.0.0.1:{free_port()}"
+    settings = {"rate_limit_storage_uri": uri, "rate_limit_on_store_error": "deny", "metrics_public": True}
+    with limited(tmp_path, **settings, **STORE_DOWN) as client:
+        wait_ready(client)  # /health counts nothing, so it answers
+        for request in (lambda: client.get("/v1/models"), lambda: client.post(GEN, json={"prompt": "x"})):
+            started = time.monotonic()
+            response = request()
+            assert time.monotonic() - started < 2
+            error = assert_envelope(response, 503)
+            assert error["type"] == "server_error" and "Rate limits cannot be checked" in error["message"]
+            assert "redis" not in error["message"].lower() and int(response.headers["retry-after"]) >= 1
+        assert store_errors_counted(client) >= 2
+
+
+def test_deny_serves_again_once_the_store_is_back(tmp_path):
+    import threading
+
+    from fakeredis import TcpFakeServer
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    settings = {"rate_limit_storage_uri": f"redis://127.0.0.1:{port}", "rate_limit_on_store_error": "deny",
+                **STORE_DOWN}
+    with limited(tmp_path, **settings) as client:
+        wait_ready(client)
+        assert_envelope(client.get("/v1/models"), 503)
+        server = TcpFakeServer(("127.0.0.1", port), server_type="redis")
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        time.sleep(STORE_PAUSE_S)  # the store is left alone this long after a failure
+        try:
+            response = client.get("/v1/models")
+            assert response.status_code == 200 and response.headers["x-ratelimit-remaining-requests"] == "2"
+            assert client.post(GEN, json={"prompt": "x"}).status_code == 200
+        finally:
+            server.shutdown()
+            server.server_close()

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -50,6 +50,9 @@ HEADERS_STATE_KEY = "rate_limit_headers"
 REQUESTS, IMAGES, AUTH_FAILURES = "requests", "images", "auth-failures"
 STORE_ERROR_LOG_INTERVAL_S = 60.0
 STORE_RETRY_AFTER_S = 5.0
+# After a failure the store is left alone this long, so that while it is down (or hangs)
+# requests fail over at once instead of each waiting out the timeout.
+STORE_PAUSE_S = 1.0
 # How a request that was charged images can end without its job ever running. Overloaded is
 # raised before the job is queued; the others may also come after it ran, so the job's timing
 # decides (see ImagesCharge).
@@ -65,6 +68,10 @@ class Charge:
     identity: str
     cost: int
     counts_until: float  # wall-clock time when the charge stops counting against the window
+
+
+class StorePaused(Exception):
+    """The store failed moments ago and is not asked again yet."""
 
 
 class StoreErrors:
@@ -104,8 +111,9 @@ class RateLimiter:
         self._deny_on_store_error = settings.rate_limit_on_store_error == "deny"
         self._store_errors = StoreErrors(on_store_error)
         self._failures: tuple[type[BaseException], ...] = (
-            StorageError, TimeoutError, OSError, *_as_tuple(self._storage.base_exceptions)
+            StorePaused, StorageError, TimeoutError, OSError, *_as_tuple(self._storage.base_exceptions)
         )
+        self._paused_until = -math.inf
         self._credit = RefundCredit(self._storage)
 
     def limits_for(self, connection: HTTPConnection) -> dict[str, str | None]:
@@ -204,9 +212,16 @@ class RateLimiter:
             return f"key:{key.name}"
         return f"address:{self._proxies.client_address(connection)}"
 
-    async def _bounded(self, call: Awaitable[T]) -> T:
+    async def _bounded(self, call: Coroutine[Any, Any, T]) -> T:
         """A store that accepts connections and never answers must not hold requests."""
-        return await asyncio.wait_for(call, self._timeout_s)
+        if time.monotonic() < self._paused_until:
+            call.close()
+            raise StorePaused
+        try:
+            return await asyncio.wait_for(call, self._timeout_s)
+        except self._failures:
+            self._paused_until = time.monotonic() + STORE_PAUSE_S
+            raise
 
     def _store_failed(self, error: BaseException) -> None:
         self._store_errors.note(error)
