@@ -4,8 +4,10 @@ retry waits as long as Retry-After says."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -13,7 +15,8 @@ from fastapi.testclient import TestClient
 
 from diffuser_api.api.rate_limits import STORE_PAUSE_S, openai_duration
 from diffuser_api.config import Settings
-from tests.fakes import fake_app
+from diffuser_api.engine import EngineLimits
+from tests.fakes import FakeRunner, fake_app
 from tests.unit.test_api import GEN, assert_envelope, wait_ready
 from tests.unit.test_auth import bearer, sdk, sha
 
@@ -261,3 +264,98 @@ def test_deny_serves_again_once_the_store_is_back(tmp_path):
         finally:
             server.shutdown()
             server.server_close()
+
+
+def budget_app(tmp_path, strategy: str, limits: EngineLimits, runner: FakeRunner, store: str = "memory://"):
+    """Key "caller" has 2 images a minute; key "filler" no limit, to fill the worker and the queue."""
+    keys = [
+        {"name": "caller", "key_sha256": sha("sk-caller"), "limits": {"images": "2/minute"}},
+        {"name": "filler", "key_sha256": sha("sk-filler")},
+    ]
+    (tmp_path / "keys.yaml").write_text(yaml.safe_dump(keys))
+    return fake_app(tmp_path, runner, limits=limits, api_keys_file=tmp_path / "keys.yaml",
+                    rate_limit_strategy=strategy, rate_limit_storage_uri=store,
+                    rate_limit_store_timeout_s=1.0)  # the longest allowed: fakeredis on a busy test machine
+
+
+def fill(client: TestClient, prompts: tuple[str, ...], results: list[int]) -> list[threading.Thread]:
+    """One blocked request per prompt from "filler": the first runs (its step is held), the rest wait."""
+    threads = []
+    for prompt in prompts:
+        post = lambda p=prompt: results.append(  # noqa: E731
+            client.post(GEN, json={"prompt": p}, headers=bearer("sk-filler")).status_code
+        )
+        threads.append(threading.Thread(target=post))
+        threads[-1].start()
+        time.sleep(0.3)
+    return threads
+
+
+def generate(client: TestClient, n: int, **extra) -> httpx.Response:
+    return client.post(GEN, json={"prompt": "mine", "n": n, **extra}, headers=bearer("sk-caller"))
+
+
+@pytest.mark.parametrize(
+    ("strategy", "store"),
+    [("moving-window", "memory"), ("fixed-window", "memory"), ("sliding-window-counter", "memory"),
+     ("moving-window", "redis"), ("sliding-window-counter", "redis")],
+)
+def test_images_of_requests_refused_by_a_full_queue_are_refunded(tmp_path, strategy, store, request):
+    gate = threading.Event()
+    runner = FakeRunner(gate=gate)
+    limits = EngineLimits(max_queue_size=1, max_batch_size=1, request_timeout_s=10)
+    uri = request.getfixturevalue("redis_uri") if store == "redis" else "memory://"
+    with TestClient(budget_app(tmp_path, strategy, limits, runner, uri)) as client:
+        gate.set()
+        wait_ready(client)
+        gate.clear()
+        results: list[int] = []
+        threads = fill(client, ("running", "queued"), results)
+        for _ in range(2):  # twice: images refunded once can be refunded again
+            refused = generate(client, 2)
+            error = assert_envelope(refused, 429, code="rate_limit_exceeded")
+            assert "queue is full" in error["message"]
+            assert refused.headers["x-ratelimit-remaining-images"] == "2"
+        # A stream learns of the full queue after its 200, as an error event: refunded all the same.
+        with client.stream("POST", GEN, json={"prompt": "mine", "n": 2, "stream": True},
+                           headers=bearer("sk-caller")) as stream:
+            assert stream.status_code == 200 and "queue is full" in stream.read().decode()
+        gate.set()
+        for thread in threads:
+            thread.join(10)
+        assert results == [200, 200]
+        ran = generate(client, 2)
+        assert ran.status_code == 200 and ran.headers["x-ratelimit-remaining-images"] == "0"
+        # The budget is spent by the request that ran, and only by it.
+        error = assert_envelope(generate(client, 1), 429, code="rate_limit_exceeded")
+        assert "Rate limit reached for images" in error["message"]
+
+
+def test_images_of_a_request_that_timed_out_in_the_queue_are_refunded(tmp_path):
+    gate = threading.Event()
+    runner = FakeRunner(gate=gate)
+    limits = EngineLimits(max_queue_size=4, max_batch_size=1, request_timeout_s=0.5)
+    with TestClient(budget_app(tmp_path, "moving-window", limits, runner)) as client:
+        gate.set()
+        wait_ready(client)
+        gate.clear()
+        results: list[int] = []
+        threads = fill(client, ("running",), results)
+        timed_out = generate(client, 2)  # waits behind the held step, never starts
+        assert timed_out.status_code in (503, 504)  # 503 once the engine calls a queued timeout Unavailable
+        assert_envelope(timed_out, timed_out.status_code)
+        gate.set()
+        for thread in threads:
+            thread.join(10)
+        assert generate(client, 2).status_code == 200
+        assert_envelope(generate(client, 1), 429, code="rate_limit_exceeded")
+
+
+def test_images_of_a_request_that_ran_are_not_refunded(tmp_path):
+    runner = FakeRunner(fail_on={"explode": RuntimeError("boom")})
+    limits = EngineLimits(request_timeout_s=10)
+    with TestClient(budget_app(tmp_path, "moving-window", limits, runner), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        failed = client.post(GEN, json={"prompt": "explode", "n": 2}, headers=bearer("sk-caller"))
+        assert failed.status_code == 500
+        assert_envelope(generate(client, 1), 429, code="rate_limit_exceeded")

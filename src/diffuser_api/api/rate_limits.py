@@ -171,13 +171,18 @@ class RateLimiter:
             counts_until = hit_at + item.get_expiry()
         return Charge(item, kind, identity, cost, counts_until)
 
-    async def refund(self, charge: Charge) -> None:
+    async def refund(self, connection: HTTPConnection, charge: Charge) -> None:
         """Give back what ``admit`` counted. The request has already failed with its own error, so a
         store failure here only loses the refund (logged and counted), whatever the policy."""
         try:
-            await self._bounded(self._credit.give(charge))
+            given = await self._bounded(self._credit.give(charge))
         except self._failures as error:
             self._store_errors.note(error)
+            return
+        headers = connection.scope["state"].get(HEADERS_STATE_KEY, {})
+        remaining = f"x-ratelimit-remaining-{charge.kind}"
+        if given and remaining in headers:  # the error response has not started yet: let it say so
+            headers[remaining] = str(int(headers[remaining]) + charge.cost)
 
     async def refuse_if_too_many_auth_failures(self, connection: HTTPConnection) -> None:
         """429 once the client's address has failed ``rate_limit_auth_failures`` key checks in the
@@ -261,16 +266,18 @@ class RefundCredit:
             return None
         return float(await self._storage.get_expiry(key))
 
-    async def give(self, charge: Charge) -> None:
+    async def give(self, charge: Charge) -> bool:
+        """Returns whether the credit was given."""
         seconds_left = math.floor(charge.counts_until - time.time())
         if seconds_left < 1:
-            return  # the charge no longer counts (or is about to): nothing to give back
+            return False  # the charge no longer counts (or is about to): nothing to give back
         key = _credit_key(charge.item, charge.kind, charge.identity)
         # A counter has one expiry, set when it is created; adding to one that outlives this
         # charge would let the credit count after the charge stopped counting.
         if await self._storage.get(key) > 0 and await self._storage.get_expiry(key) > charge.counts_until:
-            return
+            return False
         await self._storage.incr(key, seconds_left, amount=charge.cost)
+        return True
 
 
 def _credit_key(item: RateLimitItem, kind: str, identity: str) -> str:
@@ -321,7 +328,7 @@ class ImagesCharge:
         charge, self._charge = self._charge, None
         limiter: RateLimiter = self._connection.app.state.rate_limiter
         # Shielded: a request being cancelled still gets its refund written.
-        await asyncio.shield(limiter.refund(charge))
+        await asyncio.shield(limiter.refund(self._connection, charge))
 
 
 def openai_duration(seconds: float) -> str:
