@@ -359,3 +359,30 @@ def test_images_of_a_request_that_ran_are_not_refunded(tmp_path):
         failed = client.post(GEN, json={"prompt": "explode", "n": 2}, headers=bearer("sk-caller"))
         assert failed.status_code == 500
         assert_envelope(generate(client, 1), 429, code="rate_limit_exceeded")
+
+
+@pytest.mark.slow
+def test_images_of_a_request_whose_client_left_while_queued_are_refunded(tmp_path):
+    from tests.servers import ThreadedServer
+
+    gate = threading.Event()
+    runner = FakeRunner(gate=gate)
+    limits = EngineLimits(max_queue_size=4, max_batch_size=1, request_timeout_s=10)
+    with ThreadedServer(budget_app(tmp_path, "moving-window", limits, runner)) as server:
+        gate.set()
+        server.wait_ready()
+        gate.clear()
+        url, caller = f"{server.base_url}{GEN}", bearer("sk-caller")
+        filler = threading.Thread(
+            target=lambda: httpx.post(url, json={"prompt": "running"}, headers=bearer("sk-filler"), timeout=15)
+        )
+        filler.start()
+        time.sleep(0.3)
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up while its job is still queued
+            httpx.post(url, json={"prompt": "mine", "n": 2}, headers=caller, timeout=0.5)
+        time.sleep(0.3)  # the server notices the disconnect and drops the job
+        gate.set()
+        filler.join(15)
+        ran = httpx.post(url, json={"prompt": "mine", "n": 2}, headers=caller, timeout=15)
+        assert ran.status_code == 200 and ran.headers["x-ratelimit-remaining-images"] == "0"
+        assert_envelope(httpx.post(url, json={"prompt": "mine"}, headers=caller, timeout=15), 429)
