@@ -23,7 +23,9 @@ class ThreadedServer:
     def __init__(self, app: FastAPI, *, start_timeout_s: float = 30.0) -> None:
         # Port 0: the OS picks a free port at bind time, so parallel runs never collide.
         self.app = app
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=5)
+        # As `diffuser-api serve` runs it: X-Forwarded-* are the app's to judge (api/proxies.py).
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=5,
+                                proxy_headers=False)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="uvicorn", daemon=True)
         self._start_timeout_s = start_timeout_s

@@ -49,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         # limits do not undercut ours: h11 caps only headers (16 KiB) and streams bodies, and
         # limit_concurrency stays off so max_connections answers 503 in the OpenAI envelope.
         ws_max_size=settings.max_edit_bytes,
+        # X-Forwarded-* are resolved by the app under settings.trusted_proxies (api/proxies.py).
+        # uvicorn's own handling would rewrite the client address first (trusting 127.0.0.1 by
+        # default, whatever the setting), and the app could no longer tell a proxy from a client.
+        proxy_headers=False,
+        forwarded_allow_ips="",
     )
 
 

@@ -105,12 +105,15 @@ def test_url_response_downloads_and_unknown_names_are_404(client):
 
 
 def test_forwarded_headers_only_from_trusted_proxies(tmp_path):
-    forwarded = {"x-forwarded-proto": "https", "x-forwarded-host": "cdn.example"}
-    for trusted, expected in ((["testclient"], "https://cdn.example/"), ([], "http://testserver/")):
-        with TestClient(fake_app(tmp_path, trusted_proxies=trusted)) as client:
+    """The right-most value is the one the trusted proxy (the peer) set; from anyone else, none count."""
+    forwarded = {"x-forwarded-proto": "http, https", "x-forwarded-host": "evil.example, cdn.example"}
+    for peer, expected in (("10.0.0.5", "https://cdn.example/"), ("198.51.100.1", "http://testserver/")):
+        app = fake_app(tmp_path, trusted_proxies=["10.0.0.0/8"])
+        with TestClient(app, client=(peer, 50000)) as client:
             wait_ready(client)
             response = client.post(GEN, json={"prompt": "x", "response_format": "url"}, headers=forwarded)
             assert response.json()["data"][0]["url"].startswith(expected)
+            assert_still_serves(client)
 
 
 def test_public_base_url_setting(tmp_path):

@@ -17,9 +17,11 @@ from starlette.testclient import WebSocketDenialResponse
 
 from diffuser_api.api.auth import KEY_SUBPROTOCOL_PREFIX, ApiKeyMiddleware, PublicPaths, accepted_subprotocol
 from diffuser_api.api.keys import ApiKey, KeyStore, hash_key, load_key_store
+from diffuser_api.api.proxies import ProxyRule
+from diffuser_api.api.rate_limits import RateLimiter
 from diffuser_api.config import Settings
 from tests.fakes import fake_app
-from tests.unit.test_api import GEN, assert_envelope, wait_ready
+from tests.unit.test_api import GEN, assert_envelope, assert_still_serves, wait_ready
 
 GOOD = "sk-good-0123456789"
 ALICE = "sk-alice-secret-key"
@@ -201,11 +203,48 @@ def test_websocket_without_denial_responses_is_closed_with_1008():
     async def receive():
         return {"type": "websocket.connect"}
 
-    middleware = ApiKeyMiddleware(route, KeyStore([ApiKey("a", hash_key(GOOD))]), PublicPaths(Settings(_env_file=None)))
+    settings = Settings(_env_file=None)
+    failures = RateLimiter(settings, ProxyRule([]), on_store_error=lambda: None)
+    middleware = ApiKeyMiddleware(route, KeyStore([ApiKey("a", hash_key(GOOD))]), PublicPaths(settings), failures)
     scope = {"type": "websocket", "path": "/v1/socket", "headers": [], "query_string": b"api_key=sk-bad",
              "subprotocols": [], "state": {}}
     asyncio.run(middleware(scope, receive, send))
     assert sent == [{"type": "websocket.close", "code": 1008, "reason": "invalid_api_key"}]
+
+
+def test_failed_key_checks_are_limited_per_client_address(tmp_path):
+    app = fake_app(tmp_path, api_keys=[GOOD], rate_limit_auth_failures="3/minute")
+    with TestClient(app, client=("198.51.100.1", 50000)) as guesser:
+        wait_ready(guesser)
+        for _ in range(5):  # right keys do not count
+            assert guesser.get("/v1/models", headers=bearer(GOOD)).status_code == 200
+        for guess in ("sk-guess-1", "sk-guess-2", "sk-guess-3"):
+            assert_envelope(guesser.get("/v1/models", headers=bearer(guess)), 401, code="invalid_api_key")
+        # Then every attempt is refused until the window frees up, even the right key: a 200
+        # would tell the guesser which guess was right.
+        for headers in (bearer("sk-guess-4"), bearer(GOOD), {}):
+            response = guesser.post(GEN, json={"prompt": "x"}, headers=headers)
+            error = assert_envelope(response, 429, code="rate_limit_exceeded")
+            assert "failed API key checks" in error["message"] and GOOD not in response.text
+            assert 55 <= int(response.headers["retry-after"]) <= 60
+        # Other addresses are not affected, and have their own count.
+        neighbour = TestClient(app, client=("198.51.100.2", 50000), headers=bearer(GOOD))
+        assert_still_serves(neighbour)
+        assert_envelope(neighbour.get("/v1/models", headers=bearer("sk-wrong")), 401)
+        assert neighbour.get("/v1/models").status_code == 200
+
+
+def test_failed_key_checks_count_the_client_behind_a_trusted_proxy(tmp_path):
+    app = fake_app(tmp_path, api_keys=[GOOD], rate_limit_auth_failures="1/minute", trusted_proxies=["10.0.0.0/8"])
+    with TestClient(app, client=("10.0.0.5", 50000)) as proxy:
+        wait_ready(proxy)
+        first, second = ({"x-forwarded-for": f"203.0.113.{i}"} for i in (1, 2))
+        assert_envelope(proxy.get("/v1/models", headers={**first, **bearer("sk-wrong")}), 401)
+        assert_envelope(proxy.get("/v1/models", headers={**first, **bearer(GOOD)}), 429)
+        # A made-up address left of the proxy's entry does not reset the count.
+        spoofed = {"x-forwarded-for": "6.6.6.6, 203.0.113.1", **bearer(GOOD)}
+        assert_envelope(proxy.get("/v1/models", headers=spoofed), 429)
+        assert proxy.get("/v1/models", headers={**second, **bearer(GOOD)}).status_code == 200
 
 
 def test_keys_from_the_environment_are_secret_in_settings(monkeypatch):

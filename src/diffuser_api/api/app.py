@@ -19,6 +19,7 @@ from diffuser_api.api.errors import install_error_handlers
 from diffuser_api.api.hosts import BrowserSafetyMiddleware, HostAllowList, WebSocketOrigins
 from diffuser_api.api.keys import load_key_store
 from diffuser_api.api.metrics import HttpMetricsMiddleware, ServiceMetrics
+from diffuser_api.api.proxies import ProxyRule
 from diffuser_api.api.rate_limits import RateLimiter, RateLimitMiddleware
 from diffuser_api.api.request_id import RequestIdMiddleware
 from diffuser_api.api.tracer_provider import tracer_provider_from
@@ -81,14 +82,19 @@ def create_app(
     app.state.storage = storage
     app.state.service = service
     app.state.metrics = service_metrics
-    app.state.rate_limiter = RateLimiter(settings)
+    app.state.proxies = ProxyRule.from_settings(settings)
+    app.state.rate_limiter = RateLimiter(
+        settings, app.state.proxies, on_store_error=service_metrics.rate_limit_store_errors.inc
+    )
     # Listed innermost first: the request id wraps everything (traces read its record), metrics
     # see every answer, unknown hosts and foreign WebSocket origins are refused before anything
     # else answers them, CORS answers preflights before keys are asked for, and limits count
     # only known callers. Body limits wrap every early refusal (busy, key, rate), so each of
     # those drains the unread body too.
     app.add_middleware(RateLimitMiddleware, limiter=app.state.rate_limiter, public=public)
-    app.add_middleware(ApiKeyMiddleware, keys=load_key_store(settings), public=public)
+    app.add_middleware(
+        ApiKeyMiddleware, keys=load_key_store(settings), public=public, failures=app.state.rate_limiter
+    )
     app.add_middleware(ConnectionLimitMiddleware, max_connections=settings.max_connections)
     app.add_middleware(BodyLimitMiddleware, limits=BodyLimits.from_settings(settings))
     if settings.cors_allow_origins:

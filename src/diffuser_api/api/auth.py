@@ -7,6 +7,7 @@ streaming WebSocket) is covered without opting in.
 
 from __future__ import annotations
 
+from typing import Protocol
 from urllib.parse import parse_qs
 
 from starlette.datastructures import Headers
@@ -17,7 +18,7 @@ from diffuser_api.api.errors import diffuser_error_handler
 from diffuser_api.api.keys import ApiKey, KeyStore
 from diffuser_api.api.request_record import record_of
 from diffuser_api.config import Settings
-from diffuser_api.errors import DiffuserError, Unauthorized
+from diffuser_api.errors import DiffuserError, RateLimited, Unauthorized, Unavailable
 
 STATE_KEY = "api_key"
 # Browsers cannot set headers on a WebSocket, so the key may come as a query parameter or as a
@@ -84,15 +85,34 @@ async def refuse(scope: Scope, receive: Receive, send: Send, error: DiffuserErro
     await response(scope, receive, send)
 
 
+class FailedKeyChecks(Protocol):
+    """Counts failed key checks per client address (``RateLimiter`` does, in its store)."""
+
+    async def refuse_if_too_many_auth_failures(self, connection: HTTPConnection) -> None: ...
+
+    async def count_auth_failure(self, connection: HTTPConnection) -> None: ...
+
+
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: KeyStore, public: PublicPaths) -> None:
+    """A client address that fails too many key checks gets 429 until its window frees up, even
+    with a right key then: otherwise keys could be guessed without bound, and a 200 would tell
+    the guesser which guess was right."""
+
+    def __init__(self, app: ASGIApp, keys: KeyStore, public: PublicPaths, failures: FailedKeyChecks) -> None:
         self.app = app
         self._keys = keys
         self._public = public
+        self._failures = failures
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or not self._keys.enabled or scope["path"] in self._public:
             await self.app(scope, receive, send)
+            return
+        connection = HTTPConnection(scope)
+        try:
+            await self._failures.refuse_if_too_many_auth_failures(connection)
+        except (RateLimited, Unavailable) as error:
+            await refuse(scope, receive, send, error)
             return
         presented = presented_key(scope)
         key = self._keys.find(presented) if presented else None
@@ -101,8 +121,9 @@ class ApiKeyMiddleware:
                 "Incorrect API key provided." if presented else
                 "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
             )
+            await self._failures.count_auth_failure(connection)
             await refuse(scope, receive, send, Unauthorized(message))
             return
         scope["state"][STATE_KEY] = key
-        record_of(HTTPConnection(scope)).key_name = key.name
+        record_of(connection).key_name = key.name
         await self.app(scope, receive, send)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -13,7 +12,8 @@ from diffuser_api.api.dependencies import ServiceDep, SettingsDep
 from diffuser_api.api.disconnect import cancel_on_disconnect
 from diffuser_api.api.errors import describe_error, request_id_of
 from diffuser_api.api.forms import read_image_form
-from diffuser_api.api.rate_limits import admit_images
+from diffuser_api.api.proxies import proxies_of
+from diffuser_api.api.rate_limits import ImagesCharge
 from diffuser_api.api.request_record import note_result, note_stream, recording, timed_events
 from diffuser_api.api.schemas import (
     EditForm,
@@ -83,15 +83,17 @@ async def _run(
 ) -> Response:
     image_request = build_image_request(settings, endpoint, body, images, mask)
     timing = JobTiming()
-    # Images count against the caller's budget only once the service found the request valid.
-    admit = partial(admit_images, request)
+    # Images count against the caller's budget only once the service found the request valid,
+    # and are given back if its job never ran.
+    admit = ImagesCharge(request, timing)
     with recording(request, image_request, timing) as record:
         if image_request.stream:
             stream = await service.open_stream(image_request, timing, record.timeline, admit)
             note_stream(record, stream)
             request_id = request_id_of(request)
+            events = admit.refunded_events(timed_events(record, timing, stream.events))
             return sse_response(
-                dataclasses.replace(stream, events=timed_events(record, timing, stream.events)),
+                dataclasses.replace(stream, events=events),
                 image_request,
                 lambda error: describe_error(error, request_id)[1],
                 settings.stream_ping_s,
@@ -99,7 +101,8 @@ async def _run(
         work = service.create(
             image_request, files_url_base(request, settings), timing=timing, timeline=record.timeline, admit=admit
         )
-        result, model_id = await cancel_on_disconnect(request, work)
+        async with admit.refunded_if_never_run():
+            result, model_id = await cancel_on_disconnect(request, work)
         note_result(record, result, model_id)
     return JSONResponse(images_response(result))
 
@@ -149,10 +152,8 @@ def files_url_base(request: Request, settings: Settings) -> str:
     if settings.public_base_url:
         base = settings.public_base_url.rstrip("/")
     else:
-        scheme = request.url.scheme
-        host = request.headers.get("host", request.url.netloc)
-        if request.client is not None and request.client.host in settings.trusted_proxies:
-            scheme = request.headers.get("x-forwarded-proto", scheme).split(",")[0].strip()
-            host = request.headers.get("x-forwarded-host", host).split(",")[0].strip()
+        proxies = proxies_of(request)
+        scheme = proxies.forwarded_scheme(request) or request.url.scheme
+        host = proxies.forwarded_host(request) or request.headers.get("host", request.url.netloc)
         base = f"{scheme}://{host}"
     return f"{base}{settings.api_prefix}/images/files"

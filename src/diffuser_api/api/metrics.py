@@ -51,6 +51,9 @@ class ServiceMetrics:
                              ["model"], registry=r)
         self.steps_per_second = Gauge("diffuser_steps_per_second", "Denoising steps per second of the last batch",
                                       ["model"], registry=r)
+        self.rate_limit_store_errors = Counter(
+            "diffuser_rate_limit_store_errors", "Calls to the rate-limit store that failed or timed out", registry=r
+        )
         r.register(LiveFigures(models, device_memory))
         for handle in models:
             handle.observe_batches(self.batch_observer(handle.id))
