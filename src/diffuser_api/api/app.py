@@ -19,6 +19,7 @@ from diffuser_api.api.errors import install_error_handlers
 from diffuser_api.api.hosts import BrowserSafetyMiddleware, HostAllowList, WebSocketOrigins
 from diffuser_api.api.keys import load_key_store
 from diffuser_api.api.metrics import HttpMetricsMiddleware, ServiceMetrics
+from diffuser_api.api.openapi import install_openapi
 from diffuser_api.api.proxies import ProxyRule
 from diffuser_api.api.rate_limits import RateLimiter, RateLimitMiddleware
 from diffuser_api.api.request_id import RequestIdMiddleware
@@ -109,6 +110,7 @@ def create_app(
         app.add_middleware(TracingMiddleware, tracer=tracer_provider.get_tracer("diffuser_api", __version__))
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(files.router, prefix=settings.api_prefix)

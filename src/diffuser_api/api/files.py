@@ -13,6 +13,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from diffuser_api.api.dependencies import StorageDep
+from diffuser_api.api.responses import IMAGE_FILE_ANSWER, error_responses
 from diffuser_api.service.encoding import MEDIA_TYPES
 
 router = APIRouter(tags=["images"])
@@ -21,7 +22,10 @@ router = APIRouter(tags=["images"])
 FOREVER_S = 365 * 24 * 3600
 
 
-@router.get("/images/files/{name}", summary="Download an image returned as a url")
+@router.get(
+    "/images/files/{name}", summary="Download an image returned as a url", response_class=Response,
+    responses=IMAGE_FILE_ANSWER | error_responses(404, keyed=False),
+)
 async def image_file(name: str, storage: StorageDep) -> Response:
     # Object stores answer over the network: off the event loop.
     data = await asyncio.to_thread(storage.read, name)

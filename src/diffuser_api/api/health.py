@@ -9,13 +9,17 @@ from fastapi import APIRouter, Request
 from diffuser_api import __version__
 from diffuser_api.api.dependencies import RegistryDep, SettingsDep
 from diffuser_api.api.rate_limits import describe_limits
+from diffuser_api.api.responses import HealthResponse, ServiceInfo, error_responses
 from diffuser_api.domain import Capabilities, Task
 from diffuser_api.models.registry import ModelHandle, ModelStatus
 
 router = APIRouter(tags=["service"])
 
 
-@router.get("/health", summary="200 when every model is ready, 503 while loading")
+@router.get(
+    "/health", summary="200 when every model is ready, 503 while loading", response_model=None,
+    responses={200: {"model": HealthResponse, "description": "Every model is ready"}} | error_responses(keyed=False),
+)
 async def health(registry: RegistryDep) -> dict[str, str]:
     """Public (no key), so it says only ready or why not in our own words: never paths or the
     loader's exception, which the server's log has."""
@@ -25,7 +29,10 @@ async def health(registry: RegistryDep) -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/", summary="Service information: models and what each endpoint can do")
+@router.get(
+    "/", summary="Service information: models and what each endpoint can do", response_model=None,
+    responses={200: {"model": ServiceInfo, "description": "What is served and how"}} | error_responses(),
+)
 async def service_info(registry: RegistryDep, settings: SettingsDep, request: Request) -> dict[str, Any]:
     return {
         "service": "diffuser-api",

@@ -12,9 +12,11 @@ from diffuser_api.api.dependencies import ServiceDep, SettingsDep
 from diffuser_api.api.disconnect import cancel_on_disconnect
 from diffuser_api.api.errors import describe_error, request_id_of
 from diffuser_api.api.forms import read_image_form
+from diffuser_api.api.openapi import EDIT_REQUEST_BODY, GENERATION_REQUEST_BODY, VARIATION_REQUEST_BODY
 from diffuser_api.api.proxies import proxies_of
 from diffuser_api.api.rate_limits import ImagesCharge
 from diffuser_api.api.request_record import note_result, note_stream, recording, timed_events
+from diffuser_api.api.responses import IMAGE_ROUTE, error_responses, images_answer
 from diffuser_api.api.schemas import (
     EditForm,
     EditJSONBody,
@@ -34,10 +36,14 @@ from diffuser_api.service.uploads import decode_data_url
 router = APIRouter(tags=["images"])
 
 REQUEST_FIELDS = {field.name for field in dataclasses.fields(ImageRequest)} - {"endpoint", "images", "mask"}
-MULTIPART_BODY = {"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object"}}}}}
 
 
-@router.post("/images/generations", summary="Create images from a prompt")
+@router.post(
+    "/images/generations",
+    summary="Create images from a prompt",
+    openapi_extra=GENERATION_REQUEST_BODY,
+    responses=images_answer(streams=True) | error_responses(*IMAGE_ROUTE),
+)
 async def create_generation(
     body: GenerationBody, request: Request, service: ServiceDep, settings: SettingsDep
 ) -> Response:
@@ -47,10 +53,8 @@ async def create_generation(
 @router.post(
     "/images/edits",
     summary="Edit one or several images (optional mask), multipart or JSON",
-    openapi_extra={"requestBody": {"content": {
-        "multipart/form-data": {"schema": {"type": "object"}},
-        "application/json": {"schema": EditJSONBody.model_json_schema()},
-    }}},
+    openapi_extra=EDIT_REQUEST_BODY,
+    responses=images_answer(streams=True) | error_responses(*IMAGE_ROUTE),
 )
 async def create_edit(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     if request.headers.get("content-type", "").startswith("application/json"):
@@ -63,7 +67,12 @@ async def create_edit(request: Request, service: ServiceDep, settings: SettingsD
     return await _run(request, service, settings, Endpoint.EDITS, body, images, mask)
 
 
-@router.post("/images/variations", summary="Create variations of an image", openapi_extra=MULTIPART_BODY)
+@router.post(
+    "/images/variations",
+    summary="Create variations of an image",
+    openapi_extra=VARIATION_REQUEST_BODY,
+    responses=images_answer(streams=False) | error_responses(*IMAGE_ROUTE),
+)
 async def create_variation(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     form = await read_image_form(request, settings)
     if form.mask is not None:

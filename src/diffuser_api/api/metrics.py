@@ -19,6 +19,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from diffuser_api.api.request_record import record_of
+from diffuser_api.api.responses import METRICS_ANSWER, error_responses
 from diffuser_api.domain.devices import DeviceMemoryProbe
 from diffuser_api.engine.worker import BatchObserver, BatchReport
 from diffuser_api.models.registry import ModelRegistry, ModelStatus
@@ -165,7 +166,10 @@ def route_template(scope: Scope) -> str:
     return path
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics", summary="Prometheus metrics", response_class=Response,
+    responses=METRICS_ANSWER | error_responses(),
+)
 async def metrics(request: Request) -> Response:
     service_metrics: ServiceMetrics = request.app.state.metrics
     return Response(service_metrics.render(), media_type=CONTENT_TYPE_LATEST)

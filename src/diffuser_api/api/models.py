@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from diffuser_api.api.dependencies import RegistryDep
+from diffuser_api.api.responses import ModelCard, ModelList, error_responses
 from diffuser_api.models.registry import ModelHandle
 
 router = APIRouter(tags=["models"])
@@ -16,11 +17,17 @@ def model_card(handle: ModelHandle) -> dict[str, Any]:
     return {"id": handle.id, "object": "model", "created": handle.created, "owned_by": "diffuser-api"}
 
 
-@router.get("/models", summary="List served models")
+@router.get(
+    "/models", summary="List served models", response_model=None,
+    responses={200: {"model": ModelList, "description": "The served models"}} | error_responses(),
+)
 async def list_models(registry: RegistryDep) -> dict[str, Any]:
     return {"object": "list", "data": [model_card(handle) for handle in registry]}
 
 
-@router.get("/models/{model_id:path}", summary="Describe one served model")
+@router.get(
+    "/models/{model_id:path}", summary="Describe one served model", response_model=None,
+    responses={200: {"model": ModelCard, "description": "The model"}} | error_responses(404),
+)
 async def get_model(model_id: str, registry: RegistryDep) -> dict[str, Any]:
     return model_card(registry.get(model_id))

@@ -1,0 +1,255 @@
+"""What the routes answer, as pydantic models, for the OpenAPI document.
+
+Documentation, not serialization: routes build their JSON themselves and leave a key out
+rather than send it as null (as OpenAI does), so the models spell optional keys as
+``T | SkipJsonSchema[None] = omitted()``: "may be absent, never null". Tests validate real answers
+against the published schemas (response conformance), so a drift between the two fails there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from pydantic.json_schema import SkipJsonSchema
+
+COMPONENTS = "#/components/schemas/"
+
+
+def omitted(description: str | None = None, *, alias: str | None = None) -> Any:
+    """A key left out when it has no value: documented as optional, not as null."""
+    return Field(None, alias=alias, description=description, json_schema_extra=_without_default)
+
+
+def _without_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What was wrong and what is allowed.")
+    type: str = Field(description="OpenAI's error type, e.g. invalid_request_error, requests, server_error.")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str | None = Field(description="A stable machine-readable code, e.g. invalid_value, model_not_found.")
+    request_id: str = Field(description="Also in the x-request-id header; quote it when reporting a problem.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error, ours or the framework's, in OpenAI's envelope."""
+
+    error: ErrorDetail
+
+
+class ImageData(BaseModel):
+    """One output image: ``b64_json`` or ``url`` as ``response_format`` asked."""
+
+    b64_json: str | SkipJsonSchema[None] = omitted()
+    url: str | SkipJsonSchema[None] = omitted()
+    revised_prompt: str | SkipJsonSchema[None] = omitted()
+    seed: int = Field(description="Seed of this image; send it back to reproduce the image.")
+
+
+class InputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int
+
+
+class Usage(BaseModel):
+    """Text tokens as the prompt encoder saw them; diffusers has no image tokens."""
+
+    total_tokens: int
+    input_tokens: int
+    output_tokens: int
+    input_tokens_details: InputTokensDetails
+
+
+class ImagesResponse(BaseModel):
+    """OpenAI's ``ImagesResponse``; ``size``/``quality`` only when they are one of OpenAI's values."""
+
+    created: int
+    data: list[ImageData]
+    background: Literal["transparent", "opaque"]
+    output_format: Literal["png", "jpeg", "webp"]
+    size: str | SkipJsonSchema[None] = omitted()
+    quality: Literal["low", "medium", "high"] | SkipJsonSchema[None] = omitted()
+    usage: Usage | SkipJsonSchema[None] = omitted()
+
+
+class PartialImageEvent(BaseModel):
+    """A preview while the image is made (``partial_images`` asks for them)."""
+
+    type: Literal["image_generation.partial_image", "image_edit.partial_image"]
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: Literal["transparent", "opaque"]
+    output_format: Literal["png", "jpeg", "webp"]
+    partial_image_index: int
+    image_index: int | SkipJsonSchema[None] = omitted("Which image, when n > 1.")
+
+
+class CompletedImageEvent(BaseModel):
+    """One finished image; a stream sends one per image."""
+
+    type: Literal["image_generation.completed", "image_edit.completed"]
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: Literal["transparent", "opaque"]
+    output_format: Literal["png", "jpeg", "webp"]
+    usage: Usage
+    seed: int
+    image_index: int | SkipJsonSchema[None] = omitted("Which image, when n > 1.")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class SizeDescription(BaseModel):
+    rule: str
+    default: str
+
+
+class ModelDefaults(BaseModel):
+    steps: int
+    guidance_scale: float | None
+    strength: float | None
+
+
+class GenerationsSupport(BaseModel):
+    supported: bool
+
+
+class EditsSupport(BaseModel):
+    supported: bool
+    mask: bool
+    multiple_images: bool
+    max_images: int
+
+
+class VariationsSupport(BaseModel):
+    supported: bool
+    method: str | None
+
+
+class EndpointSupport(BaseModel):
+    generations: GenerationsSupport
+    edits: EditsSupport
+    variations: VariationsSupport
+
+
+class ModelDescription(BaseModel):
+    """``reason`` only while not ready (our words, never the load's exception); what the model can
+    do only once it is ready."""
+
+    id: str
+    status: Literal["loading", "ready", "failed"]
+    reason: str | SkipJsonSchema[None] = omitted()
+    family: str | SkipJsonSchema[None] = omitted()
+    pipeline: str | SkipJsonSchema[None] = omitted()
+    notes: list[str] | SkipJsonSchema[None] = omitted()
+    endpoints: EndpointSupport | SkipJsonSchema[None] = omitted()
+    extras: list[str] | SkipJsonSchema[None] = omitted()
+    sizes: SizeDescription | SkipJsonSchema[None] = omitted()
+    defaults: ModelDefaults | SkipJsonSchema[None] = omitted()
+
+
+class CallerDescription(BaseModel):
+    api_key: str | None = Field(description="Name of the caller's API key; null when keys are off.")
+    rate_limits: dict[str, str | None] = Field(description="Limit per kind (requests, images); null: unlimited.")
+
+
+class ServiceInfo(BaseModel):
+    service: str
+    version: str
+    api_prefix: str
+    docs: str
+    models: list[ModelDescription]
+    caller: CallerDescription
+
+
+def ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"{COMPONENTS}{model.__name__}"}
+
+
+# One SSE event, as a fuzzer reads a stream without OpenAPI 3.2's itemSchema: each event's
+# ``data`` is one line of JSON, an image event or, after the stream started, an error.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "description": "The JSON's type, or 'error'."},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"anyOf": [ref(PartialImageEvent), ref(CompletedImageEvent), ref(ErrorResponse)]},
+        },
+    },
+}
+
+
+def images_answer(*, streams: bool) -> dict[int | str, dict[str, Any]]:
+    """The 200 of an image route: the images as JSON, or with ``stream=true`` an SSE stream."""
+    answer: dict[str, Any] = {"model": ImagesResponse, "description": "The images"}
+    if streams:
+        answer["description"] = "The images, or with stream=true a text/event-stream of image events"
+        answer["content"] = {"text/event-stream": {"schema": SSE_EVENT}}
+    return {200: answer}
+
+
+IMAGE_FILE_ANSWER: dict[int | str, dict[str, Any]] = {200: {
+    "description": "The image, in the format it was made in",
+    "content": {media_type: {"schema": {"type": "string", "format": "binary"}}
+                for media_type in ("image/png", "image/jpeg", "image/webp")},
+}}
+METRICS_ANSWER: dict[int | str, dict[str, Any]] = {200: {
+    "description": "Prometheus text exposition format",
+    "content": {"text/plain": {"schema": {"type": "string"}}},
+}}
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request: a field, the body, or a Host header the server does not serve",
+    401: "Missing or wrong API key",
+    404: "Unknown model, image file or path",
+    408: "The request body did not arrive in time",
+    413: "The body or an image part is larger than the server takes",
+    429: "Rate limit reached, or the model's queue is full (see Retry-After)",
+    500: "The model failed on this request, or a bug of ours (the message carries the request id)",
+    501: "The model cannot do this task or option",
+    503: "The model is loading or failed to load, or the server has too many connections",
+    504: "The request ran past the server's time limit",
+}
+# Answered by middleware before any route runs: Host allow-list (400), body size and time
+# limits (413, 408), connection limit (503), and an unexpected error (500).
+EVERY_ROUTE = (400, 408, 413, 500, 503)
+# Answered on every path that needs an API key: a missing key (401) or a spent rate limit (429).
+KEYED_ROUTE = (401, 429)
+# What the image endpoints add: unknown model, queue full, unsupported task, timeout.
+IMAGE_ROUTE = (404, 429, 501, 503, 504)
+
+
+def error_responses(*statuses: int, keyed: bool = True) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` documenting the envelope for every status a route can answer with.
+
+    ``keyed=False`` for paths that take no API key (``/health``, image files).
+    """
+    documented = set(EVERY_ROUTE) | set(statuses) | (set(KEYED_ROUTE) if keyed else set())
+    return {
+        status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]}
+        for status in sorted(documented)
+    }
