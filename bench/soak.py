@@ -46,21 +46,29 @@ async def soak(server: LiveServer, args: argparse.Namespace) -> SoakResults:
                              seed=seed, max_requests_per_client=args.max_requests_per_client,
                              timeout_s=args.request_timeout_s)
 
+    phases: dict[str, datetime.datetime] = {}
+
+    def phase(name: str, what: str) -> None:
+        phases[name] = datetime.datetime.now()
+        print(f"{phases[name]:%H:%M:%S} {name}: {what} ...", flush=True)
+
     idle = rss_bytes(pid)
-    print(f"warm-up: {args.clients} clients, {args.warmup_seconds:g} s ...", flush=True)
+    phase("warm-up", f"{args.clients} clients, {args.warmup_seconds:g} s")
     await mix(args.warmup_seconds, seed=1)
     await asyncio.sleep(SETTLE_S)
     warm = rss_bytes(pid)
-    print(f"soak: {args.clients} clients, {args.seconds:g} s ...", flush=True)
+    phase("soak", f"{args.clients} clients, {args.seconds:g} s")
     async with sampled(pid, 1.0) as during:
         outcomes = await mix(args.seconds, seed=2)
     await asyncio.sleep(SETTLE_S)
     end = rss_bytes(pid)
-    print(f"huge bodies: 4 clients, {args.huge_bytes / 1e6:g} MB each ...", flush=True)
+    phase("huge bodies", f"4 clients, {args.huge_bytes / 1e6:g} MB each")
     huge = await send_huge_bodies(server.base_url, pid, size=args.huge_bytes, timeout_s=args.huge_timeout_s,
                                   rss_cap_bytes=args.huge_rss_cap_mb * MB, settle_s=SETTLE_S)
+    phase("final check", "one plain generation")
+    serves_after = await _serves(server)
     return SoakResults(outcomes=outcomes, idle_rss=idle, warm_rss=warm, soak_rss=during, end_rss=end, huge=huge,
-                       serves_after=await _serves(server))
+                       serves_after=serves_after, phases=phases)
 
 
 async def _serves(server: LiveServer) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import statistics
 from collections import Counter
 from collections.abc import Sequence
@@ -11,7 +12,7 @@ from bench import tables
 from bench.huge_bodies import HugePhase
 from bench.measure import Target
 from bench.rss import MB, RssSamples
-from bench.soak_mix import Answer, Outcome
+from bench.soak_mix import QUEUE_FULL, Answer, Outcome
 
 RSS_GROWTH_GOAL_PCT = 5.0
 HUGE_BODY_GOAL_MB = 100.0
@@ -32,6 +33,7 @@ class SoakResults:
     end_rss: int
     huge: HugePhase
     serves_after: str
+    phases: dict[str, datetime.datetime]  # when each began, to place the server log's lines
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,14 @@ def checks(results: SoakResults, server: ServerRun) -> list[str]:
     too_many = [answer for answer in answers if answer.status == 429]
     errors = [answer for answer in answers if answer.error is not None or (answer.status or 0) >= 400]
     other_5xx = [a for a in answers if server_side(a) and not _internal(a) and a.status not in DOCUMENTED_5XX]
+    refused_streams = [a for a in answers if a.status == 200 and a.error and a.error.get("code") == QUEUE_FULL]
     rows = [
         ("answers 500 (or a server_error event in a stream or socket)", sum(map(_internal, answers)), "0"),
         ("other 5xx answers, not documented (501 is)", len(other_5xx), "0"),
         (f"429 answers without Retry-After (of {len(too_many)})",
          sum(answer.retry_after is None for answer in too_many), "0"),
+        ("SSE streams refused for a full queue by an error event, not a 429 with Retry-After",
+         len(refused_streams), "0"),
         (f"error answers without the full OpenAI envelope (of {len(errors)})",
          sum(not answer.envelope_complete for answer in errors), "0"),
         ("answers their kind does not expect (below)", sum(not outcome.expected for outcome in results.outcomes), "0"),
@@ -210,5 +215,7 @@ def markdown(results: SoakResults, server: ServerRun, notes: Sequence[str]) -> s
         "## Notes",
         "",
         *(f"- {note}" for note in notes),
+        "- Phases began at (the server log's clock): "
+        + ", ".join(f"{name} {began:%H:%M:%S}" for name, began in results.phases.items()),
     ]
     return "\n".join(lines) + "\n"
