@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 import uvicorn
+from uvicorn.server import STARTUP_FAILURE
 
 from diffuser_api.config import Settings
 from diffuser_api.log_format import configure_logging
@@ -34,17 +36,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_format)
     from diffuser_api.main import build_app
+    from diffuser_api.serving import DrainingServer
 
-    uvicorn.run(
-        build_app(settings),
+    app = build_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         # uvicorn's loggers go through ours (format, key scrubbing); our access line replaces its own.
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        # A backstop: the models are drained to finish within the grace (serving.DrainingServer).
+        timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # a float works
     )
+    server = DrainingServer(config, app.state.registry, settings.shutdown_grace_s)
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
 
 
 if __name__ == "__main__":

@@ -278,8 +278,11 @@ async def test_runner_exception_fails_its_batch_as_model_failure_and_the_next_jo
         runner.gate.set()
         await blocker
         for task in failing:
-            with pytest.raises(ModelFailure, match="RuntimeError: kaput"):
+            with pytest.raises(ModelFailure) as failed:
                 await task
+            # The client hears it failed, in our words; the library's words stay in the log.
+            assert failed.value.message == "the model failed while generating"
+            assert isinstance(failed.value.__cause__, RuntimeError)
         assert_images_of(await engine.submit(image_job("fine")), "fine")
     assert runner.batch_of("boom").prompts == ("boom", "bystander")
 
@@ -355,21 +358,40 @@ async def test_idle_worker_takes_a_job_that_arrives_while_another_gathers_a_batc
 
 
 @run_async
-async def test_stop_fails_queued_jobs_and_refuses_new_ones() -> None:
+async def test_stop_fails_queued_jobs_at_once_and_refuses_new_ones() -> None:
     runner = FakeRunner()
     async with serving(runner) as engine:
         blocker = await block_worker(engine, runner)
         queued = [await submit(engine, "first"), await submit(engine, "second")]
         await wait_until(lambda: engine.queue_depth == 2, "two queued jobs")
-        await engine.stop(grace_s=0.1)
+        stopping = asyncio.create_task(engine.stop(grace_s=1.0))
+        started = time.monotonic()
         for task in queued:
-            with pytest.raises(Unavailable):
+            with pytest.raises(Unavailable, match="had not started") as refused:
                 await task
+            assert refused.value.retry_after is not None
+        assert time.monotonic() - started < 0.2, "queued requests waited for the grace period"
         with pytest.raises(Unavailable):
             await engine.submit(image_job("too late"))
-        runner.gate.set()
+        runner.gate.set()  # the running request finishes within the grace
         assert_images_of(await blocker, "blocker")
+        await stopping
     assert not runner.started("first")
+
+
+@run_async
+async def test_stop_fails_work_still_running_when_the_grace_ends_and_stops_its_batch() -> None:
+    runner = FakeRunner(step_delay_s=0.01)
+    async with serving(runner) as engine:
+        running = await submit(engine, "long", steps=1000)
+        await wait_until(lambda: runner.started("long"), "the long job to start")
+        started = time.monotonic()
+        await engine.stop(grace_s=0.2)
+        assert time.monotonic() - started < 0.35
+        with pytest.raises(Unavailable, match="shut down before this request finished"):
+            await running
+        await wait_until(lambda: runner.batch_of("long").finished_at is not None, "the batch to stop")
+    assert runner.batch_of("long").steps < 1000
 
 
 @run_async
@@ -385,4 +407,6 @@ async def test_stop_gives_all_workers_one_grace_period_together() -> None:
         assert time.monotonic() - started < 0.35
         for device in devices:
             device.gate.set()
-        await asyncio.gather(*busy)
+        for task in busy:
+            with pytest.raises(Unavailable):
+                await task

@@ -167,7 +167,7 @@ def test_websocket_reports_queue_position(tmp_path):
 def test_dropping_the_stream_stops_the_work(tmp_path):
     """A client that closes the SSE stream cancels its job at the next step."""
     runner = FakeRunner(step_delay_s=0.02)
-    with ThreadedServer(fake_app(tmp_path, runner)) as server:
+    with ThreadedServer(fake_app(tmp_path, runner, max_steps=200)) as server:
         server.wait_ready()
         payload = {"prompt": "long", "stream": True, "num_inference_steps": 200}
         with httpx.stream("POST", f"{server.base_url}{GEN}", json=payload, timeout=10) as response:

@@ -51,8 +51,8 @@ class ModelHandle:
     ) -> None:
         self.id = model_id
         self.created = int(time.time())
-        self.status = ModelStatus.LOADING
-        self.error: str | None = None
+        self._status = ModelStatus.LOADING
+        self._load_error: str | None = None
         self.load_seconds: float | None = None
         self._loader = loader
         self._limits = limits
@@ -75,20 +75,38 @@ class ModelHandle:
                 warm_up(loaded)
         except Exception as error:  # a broken checkpoint must still leave /health answering
             logger.exception("loading %s failed", self.id)
-            self.status, self.error = ModelStatus.FAILED, f"{type(error).__name__}: {error}"
+            self._status, self._load_error = ModelStatus.FAILED, f"{type(error).__name__}: {error}"
             return
         loaded.capabilities = loaded.capabilities.without(self._disabled)
         self._loaded = loaded
         self._engine = Engine(loaded.runners, self._limits, self._batch_observers)
         self._engine.start()
         self.load_seconds = time.monotonic() - started
-        self.status = ModelStatus.READY
+        self._status = ModelStatus.READY
         logger.info("%s ready in %.1f s (%s)", self.id, self.load_seconds, loaded.pipeline_class)
 
+    @property
+    def status(self) -> ModelStatus:
+        """FAILED also once loaded, while its engine is unhealthy (workers keep dying), so
+        /health turns 503 and an orchestrator restarts the process."""
+        if self._status is ModelStatus.READY and self._engine_problem() is not None:
+            return ModelStatus.FAILED
+        return self._status
+
+    @property
+    def error(self) -> str | None:
+        problem = self._engine_problem()
+        return f"unhealthy: {problem}" if problem is not None else self._load_error
+
+    def _engine_problem(self) -> str | None:
+        return self._engine.health_problem if self._engine is not None else None
+
     def unavailable(self) -> Unavailable:
-        """Why the model cannot serve yet: still loading (retry soon) or failed (do not)."""
+        """Why the model cannot serve: still loading (retry soon), failed to load or unhealthy (do not)."""
+        if (problem := self._engine_problem()) is not None:
+            return Unavailable(f"model '{self.id}' is unhealthy: {problem}")
         if self.status is ModelStatus.FAILED:
-            return Unavailable(f"model '{self.id}' failed to load: {self.error}")
+            return Unavailable(f"model '{self.id}' failed to load: {self._load_error}")
         return Unavailable(f"model '{self.id}' is still loading", retry_after=5.0)
 
     def _ready(self) -> LoadedRunners:
@@ -109,6 +127,11 @@ class ModelHandle:
         self._ready()
         assert self._engine is not None
         return self._engine
+
+    def drain(self, grace_s: float) -> None:
+        """Shutdown begins: queued requests fail now, running ones get ``grace_s`` (see Engine.drain)."""
+        if self._engine is not None:
+            self._engine.drain(grace_s)
 
     async def stop(self, grace_s: float) -> None:
         if self._engine is not None:
@@ -160,6 +183,11 @@ class ModelRegistry:
 
     async def load_all(self) -> None:
         await asyncio.gather(*(_load_in_own_thread(handle) for handle in self))
+
+    def drain(self, grace_s: float) -> None:
+        """The moment shutdown starts, before the server waits for open connections."""
+        for handle in self:
+            handle.drain(grace_s)
 
     async def stop(self, grace_s: float) -> None:
         await asyncio.gather(*(handle.stop(grace_s) for handle in self))

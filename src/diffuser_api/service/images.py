@@ -31,6 +31,7 @@ from diffuser_api.service.storage import ImageStorage
 from diffuser_api.service.streaming import ImageStream, job_events
 from diffuser_api.service.uploads import UploadLimits, decode_image, decode_mask
 from diffuser_api.service.validation import (
+    check_cost,
     check_request,
     output_format_of,
     resolve_guidance,
@@ -143,6 +144,7 @@ class ImageService:
         if mask is not None:
             mask = mask.resize((width, height), Image.Resampling.NEAREST)
         steps = resolve_steps(request, caps, self._settings)
+        check_cost(request.n, width, height, steps, self._settings)
         strength = resolve_strength(request, task, caps, steps, self._settings)
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - request.n)
         guidance, true_cfg, negative = resolve_guidance(request, task, caps, owner, self._settings)
