@@ -127,7 +127,7 @@ class Worker:
             for job, wanted, shown in zip(batch, due, decoded or [None] * len(batch), strict=True):
                 job.report_progress(StepProgress(step, total, tuple(shown) if wanted and shown else None))
 
-        outcome = "ok"
+        outcome = "worker_died"  # unless a branch below says otherwise: a BaseException ends the thread
         try:
             results = self.runner.run([job.work for job in batch], on_step)
             if len(results) != len(batch):
@@ -155,6 +155,7 @@ class Worker:
             for job in batch:
                 job.fail(failure)
         else:
+            outcome = "ok"
             for job, images in zip(batch, results, strict=True):
                 if not job.cancelled:
                     job.resolve(images)
