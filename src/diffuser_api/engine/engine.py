@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -112,6 +113,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         chunks = split_work(work, self.limits.max_batch_size, self.limits.max_batch_pixels)
         split_progress = SplitProgress(progress, chunks) if progress is not None else None
+        cancel_flag = threading.Event()
         return tuple(
             Job(
                 work=chunk,
@@ -120,6 +122,7 @@ class Engine:
                 loop=loop,
                 future=loop.create_future(),
                 progress=split_progress.of_chunk(index) if split_progress is not None else None,
+                cancel_flag=cancel_flag,
             )
             for index, chunk in enumerate(chunks)
         )

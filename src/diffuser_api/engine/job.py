@@ -64,14 +64,16 @@ class Job:
     progress: ProgressSink | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
-    _cancelled: threading.Event = field(default_factory=threading.Event)
+    # Shared by one request's jobs: once one is cancelled or fails, no worker starts the others
+    # and running ones stop at the next step (the request can no longer succeed).
+    cancel_flag: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
-        self._cancelled.set()
+        self.cancel_flag.set()
 
     @property
     def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        return self.cancel_flag.is_set()
 
     def report_progress(self, progress: StepProgress) -> None:
         if self.progress is not None and not self.cancelled:
@@ -81,6 +83,7 @@ class Job:
         self._post(_set_result, self.future, images)
 
     def fail(self, error: BaseException) -> None:
+        self.cancel()
         self._post(_set_exception, self.future, error)
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:

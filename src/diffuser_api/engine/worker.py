@@ -24,6 +24,13 @@ def preview_steps(partial_images: int, total: int) -> set[int]:
     return {round(total * (index + 1) / (partial_images + 1)) for index in range(partial_images)} - {0, total}
 
 
+def failure_caused_by(error: BaseException, message: str) -> ModelFailure:
+    """One per job: each request raises its own, so tracebacks do not pile up on a shared one."""
+    failure = ModelFailure(message)
+    failure.__cause__ = error
+    return failure
+
+
 class _BatchAbandoned(Exception):
     """Raised from the step callback when no client of the batch is left."""
 
@@ -84,10 +91,8 @@ class Worker:
 
     def _die(self, error: BaseException) -> None:
         logger.critical("worker %s stopped unexpectedly", self.runner.name, exc_info=error)
-        failure = ModelFailure("the model's worker stopped unexpectedly while running this request")
-        failure.__cause__ = error
-        for job in self._held:
-            job.fail(failure)  # a job already answered keeps its answer
+        for job in self._held:  # a job already answered keeps its answer
+            job.fail(failure_caused_by(error, "the model's worker stopped unexpectedly while running this request"))
         self._held = []
         self.busy = False
         if self._on_death is not None:
@@ -150,10 +155,8 @@ class Worker:
             )
             # The client learns that it failed, never the library's words; the cause (with its
             # traceback) is logged next to each request's id.
-            failure = ModelFailure("the model failed while generating")
-            failure.__cause__ = error
             for job in batch:
-                job.fail(failure)
+                job.fail(failure_caused_by(error, "the model failed while generating"))
         else:
             outcome = "ok"
             for job, images in zip(batch, results, strict=True):
