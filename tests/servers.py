@@ -16,17 +16,25 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from diffuser_api.serving import DrainingServer
+
 
 class ThreadedServer:
     """``with ThreadedServer(app) as server:`` serves ``app`` until the block ends."""
 
-    def __init__(self, app: FastAPI, *, start_timeout_s: float = 30.0) -> None:
+    def __init__(self, app: FastAPI, *, start_timeout_s: float = 30.0, shutdown_grace_s: float | None = None) -> None:
+        """With ``shutdown_grace_s``, shutdown drains the models as ``diffuser-api serve`` does."""
         # Port 0: the OS picks a free port at bind time, so parallel runs never collide.
         self.app = app
         # As `diffuser-api serve` runs it: X-Forwarded-* are the app's to judge (api/proxies.py).
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=5,
+        grace_s = 5 if shutdown_grace_s is None else shutdown_grace_s
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=grace_s,
                                 proxy_headers=False)
-        self._server = uvicorn.Server(config)
+        self._server = (
+            uvicorn.Server(config)
+            if shutdown_grace_s is None
+            else DrainingServer(config, app.state.registry, shutdown_grace_s)
+        )
         self._thread = threading.Thread(target=self._server.run, name="uvicorn", daemon=True)
         self._start_timeout_s = start_timeout_s
         self.base_url = ""
@@ -50,8 +58,16 @@ class ThreadedServer:
                 raise TimeoutError(f"the model was not ready within {timeout_s} s")
             time.sleep(0.02)
 
+    def begin_shutdown(self) -> None:
+        """What uvicorn's SIGTERM handler does (signals reach only the main thread)."""
+        self._server.should_exit = True
+
+    def wait_stopped(self, timeout_s: float) -> bool:
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self._server.should_exit = True
+        self.begin_shutdown()
         self._thread.join(15)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 import uvicorn
+from uvicorn.server import STARTUP_FAILURE
 
 from diffuser_api.config import Settings
 from diffuser_api.log_format import configure_logging
@@ -34,16 +36,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_format)
     from diffuser_api.main import build_app
+    from diffuser_api.serving import DrainingServer
 
-    uvicorn.run(
-        build_app(settings),
+    app = build_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         # uvicorn's loggers go through ours (format, key scrubbing); our access line replaces its own.
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+        # A backstop: the models are drained to finish within the grace (serving.DrainingServer).
+        timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # a float works
         # A WebSocket edit carries its images in one JSON message, as large as an edits body may
         # be; uvicorn's own 16 MiB default would otherwise override the setting. Its other
         # limits do not undercut ours: h11 caps only headers (16 KiB) and streams bodies, and
@@ -55,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         proxy_headers=False,
         forwarded_allow_ips="",
     )
+    server = DrainingServer(config, app.state.registry, settings.shutdown_grace_s)
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def test_disconnected_running_request_stops_within_one_step(serve, path, request
 def test_request_past_the_timeout_answers_504_and_stops_its_work(serve, monkeypatch):
     monkeypatch.setenv("DIFFUSER_REQUEST_TIMEOUT_S", "0.3")
     runner = FakeRunner(step_delay_s=0.05)
-    server = serve(runner, limits=engine_limits(Settings(_env_file=None)))
+    server = serve(runner, limits=engine_limits(Settings(_env_file=None)), max_steps=200)
     response = httpx.post(
         f"{server.base_url}{GEN}", json={"prompt": "slow", "size": "32x32", "num_inference_steps": 200}, timeout=30
     )

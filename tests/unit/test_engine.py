@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from diffuser_api.domain import GeneratedImage
+from diffuser_api.domain import GeneratedImage, ImageJob, StepProgress, Task
 from diffuser_api.engine import Engine, EngineLimits
 from diffuser_api.errors import InvalidRequest, ModelFailure, OutOfMemory, Overloaded, RequestTimeout, Unavailable
 from tests.fakes import FakeRunner, colour_of, image_job
@@ -278,8 +278,11 @@ async def test_runner_exception_fails_its_batch_as_model_failure_and_the_next_jo
         runner.gate.set()
         await blocker
         for task in failing:
-            with pytest.raises(ModelFailure, match="RuntimeError: kaput"):
+            with pytest.raises(ModelFailure) as failed:
                 await task
+            # The client hears it failed, in our words; the library's words stay in the log.
+            assert failed.value.message == "the model failed while generating"
+            assert isinstance(failed.value.__cause__, RuntimeError)
         assert_images_of(await engine.submit(image_job("fine")), "fine")
     assert runner.batch_of("boom").prompts == ("boom", "bystander")
 
@@ -355,21 +358,40 @@ async def test_idle_worker_takes_a_job_that_arrives_while_another_gathers_a_batc
 
 
 @run_async
-async def test_stop_fails_queued_jobs_and_refuses_new_ones() -> None:
+async def test_stop_fails_queued_jobs_at_once_and_refuses_new_ones() -> None:
     runner = FakeRunner()
     async with serving(runner) as engine:
         blocker = await block_worker(engine, runner)
         queued = [await submit(engine, "first"), await submit(engine, "second")]
         await wait_until(lambda: engine.queue_depth == 2, "two queued jobs")
-        await engine.stop(grace_s=0.1)
+        stopping = asyncio.create_task(engine.stop(grace_s=1.0))
+        started = time.monotonic()
         for task in queued:
-            with pytest.raises(Unavailable):
+            with pytest.raises(Unavailable, match="had not started") as refused:
                 await task
+            assert refused.value.retry_after is not None
+        assert time.monotonic() - started < 0.2, "queued requests waited for the grace period"
         with pytest.raises(Unavailable):
             await engine.submit(image_job("too late"))
-        runner.gate.set()
+        runner.gate.set()  # the running request finishes within the grace
         assert_images_of(await blocker, "blocker")
+        await stopping
     assert not runner.started("first")
+
+
+@run_async
+async def test_stop_fails_work_still_running_when_the_grace_ends_and_stops_its_batch() -> None:
+    runner = FakeRunner(step_delay_s=0.01)
+    async with serving(runner) as engine:
+        running = await submit(engine, "long", steps=1000)
+        await wait_until(lambda: runner.started("long"), "the long job to start")
+        started = time.monotonic()
+        await engine.stop(grace_s=0.2)
+        assert time.monotonic() - started < 0.35
+        with pytest.raises(Unavailable, match="shut down before this request finished"):
+            await running
+        await wait_until(lambda: runner.batch_of("long").finished_at is not None, "the batch to stop")
+    assert runner.batch_of("long").steps < 1000
 
 
 @run_async
@@ -385,4 +407,152 @@ async def test_stop_gives_all_workers_one_grace_period_together() -> None:
         assert time.monotonic() - started < 0.35
         for device in devices:
             device.gate.set()
-        await asyncio.gather(*busy)
+        for task in busy:
+            with pytest.raises(Unavailable):
+                await task
+
+
+# A request larger than one batch: several batches, one answer.
+
+
+def assert_within_budget(runner: FakeRunner, max_images: int, max_pixels: int) -> None:
+    for batch in runner.batches:
+        assert batch.images <= max_images
+        assert sum(job.pixels for job in batch.jobs) <= max_pixels
+
+
+@run_async
+async def test_request_over_max_batch_size_runs_as_several_batches_in_seed_order() -> None:
+    runner = FakeRunner()
+    async with serving(runner, max_batch_size=2) as engine:
+        images = await engine.submit(image_job("many", seeds=(10, 11, 12, 13, 14)))
+    assert_images_of(images, "many", (10, 11, 12, 13, 14))
+    assert [batch.images for batch in runner.batches] == [2, 2, 1]
+    assert [job.seeds for job in runner.jobs_seen] == [(10, 11), (12, 13), (14,)]
+    assert_within_budget(runner, 2, EngineLimits().max_batch_pixels)
+
+
+@run_async
+async def test_request_over_max_batch_pixels_runs_as_several_batches() -> None:
+    runner = FakeRunner()
+    budget = 2 * 64 * 64
+    async with serving(runner, max_batch_pixels=budget) as engine:
+        images = await engine.submit(image_job("wide", seeds=(1, 2, 3)))
+    assert_images_of(images, "wide", (1, 2, 3))
+    assert [batch.images for batch in runner.batches] == [2, 1]
+    assert_within_budget(runner, 8, budget)
+
+
+@run_async
+async def test_single_image_over_max_batch_pixels_runs_alone() -> None:
+    runner = FakeRunner()
+    async with serving(runner, max_batch_pixels=64 * 64) as engine:
+        blocker = await block_worker(engine, runner)
+        big = await submit(engine, "big", seeds=(1, 2), size=(128, 128))
+        small = await submit(engine, "small", size=(128, 128))
+        await wait_until(lambda: engine.queue_depth == 2, "two queued requests")
+        runner.gate.set()
+        _, big_images, small_images = await asyncio.gather(blocker, big, small)
+    assert_images_of(big_images, "big", (1, 2))
+    assert_images_of(small_images, "small")
+    assert [batch.images for batch in runner.batches[1:]] == [1, 1, 1]
+
+
+@run_async
+async def test_split_request_counts_once_in_the_queue_and_its_position_is_reported() -> None:
+    runner = FakeRunner()
+    async with serving(runner, max_batch_size=1, max_queue_size=2) as engine:
+        blocker = await block_worker(engine, runner)
+        work = image_job("split", seeds=(1, 2, 3))
+        split = asyncio.create_task(engine.submit(work))
+        await wait_until(lambda: engine.queue_depth == 1, "the split request to be queued")
+        assert engine.queue_position(work) == 0
+        behind = image_job("behind")
+        later = asyncio.create_task(engine.submit(behind))
+        await wait_until(lambda: engine.queue_position(behind) == 1, "one request ahead of 'behind'")
+        with pytest.raises(Overloaded):
+            await engine.submit(image_job("third"))
+        runner.gate.set()
+        _, images, _ = await asyncio.gather(blocker, split, later)
+    assert_images_of(images, "split", (1, 2, 3))
+
+
+@run_async
+async def test_cancelling_a_split_request_drops_every_chunk() -> None:
+    runner = FakeRunner()
+    async with serving(runner, max_batch_size=1) as engine:
+        blocker = await block_worker(engine, runner)
+        gone = await submit(engine, "gone", seeds=(1, 2, 3))
+        await wait_until(lambda: engine.queue_depth == 1, "the split request to be queued")
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert engine.queue_depth == 0
+        runner.gate.set()
+        await blocker
+        assert_images_of(await engine.submit(image_job("after")), "after")
+    assert not runner.started("gone")
+
+
+@run_async
+async def test_a_failing_chunk_fails_the_request_and_its_other_chunks_never_run() -> None:
+    runner = FakeRunner(max_images=1)  # runs the first chunk of 1, fails the second (2 images)
+    async with serving(runner, max_batch_size=2) as engine:
+        blocker = await block_worker(engine, runner)
+        doomed = await submit(engine, "doomed", seeds=(1, 2, 3, 4, 5))
+        await wait_until(lambda: engine.queue_depth == 1, "the split request to be queued")
+        runner.gate.set()
+        await blocker
+        with pytest.raises(OutOfMemory):
+            await doomed
+        assert engine.queue_depth == 0
+        assert_images_of(await engine.submit(image_job("after")), "after")
+    assert [batch.images for batch in runner.batches if "doomed" in batch.prompts] == [2]
+
+
+@run_async
+async def test_split_request_reports_one_rising_step_count_and_previews_at_their_image_index() -> None:
+    runner = FakeRunner()
+    reports: list[StepProgress] = []
+    async with serving(runner, max_batch_size=2) as engine:
+        work = ImageJob(task=Task.GENERATION, prompt="p", width=64, height=64, steps=4, seeds=(1, 2, 3),
+                        partial_images=1)
+        images = await engine.submit(work, progress=reports.append)
+        await asyncio.sleep(0.01)  # progress posted just before the result
+    assert_images_of(images, "p", (1, 2, 3))
+    assert [report.step for report in reports] == list(range(1, 9))
+    assert {report.total for report in reports} == {8}
+    previews = [(report.first_image, len(report.previews)) for report in reports if report.previews]
+    assert previews == [(0, 2), (2, 1)]
+
+
+@run_async
+async def test_split_request_past_its_deadline_after_a_chunk_ran_is_a_timeout() -> None:
+    runner = FakeRunner(step_delay_s=0.02)
+    async with serving(runner, max_batch_size=1, request_timeout_s=0.3) as engine:
+        with pytest.raises(RequestTimeout):
+            await engine.submit(image_job("slow", seeds=(1, 2, 3, 4), steps=5))
+        assert engine.queue_depth == 0
+        assert_images_of(await engine.submit(image_job("quick")), "quick")
+
+
+# Timeouts: never started (503, retry) versus ran too long (504, do not).
+
+
+@run_async
+async def test_request_that_times_out_still_queued_is_unavailable_with_retry_after() -> None:
+    runner = FakeRunner()
+    async with serving(runner, request_timeout_s=0.2) as engine:
+        runner.gate.clear()
+        running = await submit(engine, "running", steps=1)
+        await wait_until(lambda: runner.started("running"), "the worker to start 'running'")
+        queued = await submit(engine, "queued")
+        with pytest.raises(Unavailable) as busy:
+            await queued
+        assert busy.value.retry_after is not None and busy.value.retry_after >= 1
+        assert "without starting" in busy.value.message
+        with pytest.raises(RequestTimeout):
+            await running
+        runner.gate.set()
+        assert_images_of(await engine.submit(image_job("after")), "after")
+    assert not runner.started("queued")

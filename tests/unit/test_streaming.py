@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from diffuser_api.engine import EngineLimits
 from tests.fakes import FakeRunner, colour_of, fake_app, png_bytes
 from tests.servers import ThreadedServer
 from tests.unit.test_api import assert_envelope, wait_ready
@@ -167,7 +168,7 @@ def test_websocket_reports_queue_position(tmp_path):
 def test_dropping_the_stream_stops_the_work(tmp_path):
     """A client that closes the SSE stream cancels its job at the next step."""
     runner = FakeRunner(step_delay_s=0.02)
-    with ThreadedServer(fake_app(tmp_path, runner)) as server:
+    with ThreadedServer(fake_app(tmp_path, runner, max_steps=200)) as server:
         server.wait_ready()
         payload = {"prompt": "long", "stream": True, "num_inference_steps": 200}
         with httpx.stream("POST", f"{server.base_url}{GEN}", json=payload, timeout=10) as response:
@@ -200,3 +201,41 @@ def test_websocket_needs_the_key_when_keys_are_on(tmp_path):
                 assert messages[-1]["type"] == "done"
                 if protocols:
                     assert socket.accepted_subprotocol == "images.v1"
+
+
+def test_split_request_streams_every_image_with_its_own_index_over_real_http(tmp_path):
+    """n=3 with one image per batch runs as three batches; SSE still tags each image's
+    partials and result with its index, and the seeds come back in order."""
+    runner = FakeRunner()
+    with ThreadedServer(fake_app(tmp_path, runner, limits=EngineLimits(max_batch_size=1))) as server:
+        server.wait_ready()
+        payload = {"prompt": "fox", "stream": True, "partial_images": 1, "n": 3, "num_inference_steps": 4, "seed": 5}
+        with httpx.stream("POST", f"{server.base_url}{GEN}", json=payload, timeout=10) as response:
+            assert response.status_code == 200
+            events = [body for _, body in sse_events(response)]
+    assert [batch.images for batch in runner.batches] == [1, 1, 1]
+    partials = [body for body in events if body["type"].endswith("partial_image")]
+    completed = [body for body in events if body["type"].endswith("completed")]
+    assert [(body["image_index"], body["partial_image_index"]) for body in partials] == [(0, 0), (1, 0), (2, 0)]
+    assert [(body["image_index"], body["seed"]) for body in completed] == [(0, 5), (1, 6), (2, 7)]
+    assert [pixel(body["b64_json"]) for body in completed] == [colour_of("fox", seed) for seed in (5, 6, 7)]
+
+
+def test_split_request_over_a_real_websocket_reports_one_rising_step_count(tmp_path):
+    from websockets.sync.client import connect
+
+    runner = FakeRunner()
+    with ThreadedServer(fake_app(tmp_path, runner, limits=EngineLimits(max_batch_size=2))) as server:
+        server.wait_ready()
+        with connect(f"{server.base_url.replace('http', 'ws')}/v1/images/ws", open_timeout=5) as socket:
+            socket.send(json.dumps({"prompt": "fox", "n": 3, "num_inference_steps": 3, "partial_images": 1}))
+            messages = []
+            while not messages or messages[-1]["type"] not in ("done", "error"):
+                messages.append(json.loads(socket.recv(timeout=10)))
+    progress = [message for message in messages if message["type"] == "progress"]
+    assert [message["step"] for message in progress] == list(range(1, 7))
+    assert {message["total_steps"] for message in progress} == {6}
+    partials = [message["image_index"] for message in messages if message["type"] == "partial_image"]
+    assert partials == [0, 1, 2]
+    assert [message["image_index"] for message in messages if message["type"] == "completed"] == [0, 1, 2]
+    assert messages[-1] == {"type": "done"}

@@ -99,7 +99,8 @@ def describe_error(error: DiffuserError, request_id: str) -> tuple[int, dict[str
     message = error.message
     if status == 500:
         message = f"{message} (request id {request_id})"
-        logger.warning("request %s failed: %s", request_id, error.message)
+        # The cause (a pipeline's exception) is the operator's to read, next to the request id.
+        logger.warning("request %s failed: %s", request_id, error.message, exc_info=error.__cause__)
     return status, envelope(request_id, message, error_type, error.param, error.code), headers
 
 

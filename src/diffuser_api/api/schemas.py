@@ -24,12 +24,13 @@ class ImageOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=10)
+    # Upper bounds of n and num_inference_steps are settings (max_n, max_steps), checked by the service.
+    n: int = Field(1, ge=1)
     size: str | None = None
     response_format: Literal["url", "b64_json"] | None = None
     user: str | None = None
     # diffusers extras (sent by OpenAI clients through extra_body)
-    num_inference_steps: int | None = Field(None, ge=1, le=500)
+    num_inference_steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0.0, le=100.0)
     true_cfg_scale: float | None = Field(None, ge=0.0, le=100.0)
     negative_prompt: str | None = Field(None, max_length=32000)

@@ -17,11 +17,16 @@ class GeneratedImage:
 
 @dataclass(frozen=True)
 class StepProgress:
-    """A denoising step finished; ``previews`` (one per output image) when one was due."""
+    """A denoising step finished; ``previews`` (one per output image) when one was due.
+
+    ``previews[i]`` belongs to the request's image ``first_image + i``: a request run as several
+    batches reports each batch's previews at its own images.
+    """
 
     step: int
     total: int
     previews: tuple[Image, ...] | None = None
+    first_image: int = 0
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from diffuser_api.domain import ImageJob
 from diffuser_api.engine.job import Job
 
 
@@ -29,28 +28,33 @@ class JobQueue:
     One queue serves every worker of a model, so an idle device takes the next job rather than
     waiting behind a busy one. A batch starts with the oldest job and gathers later jobs with
     the same batch key, so an incompatible job is never starved by ones that arrive after it.
+
+    A request too large for one batch comes as several jobs (its chunks); the bound counts
+    requests, so a large request is never refused by a queue that has room for it.
     """
 
-    def __init__(self, max_jobs: int) -> None:
-        self._max_jobs = max_jobs
+    def __init__(self, max_requests: int) -> None:
+        self._max_requests = max_requests
         self._jobs: deque[Job] = deque()
         self._ready = threading.Condition()
         self._closed = False
-        self.arrivals = 0  # jobs ever offered: a worker compares it to see if others came meanwhile
+        self.arrivals = 0  # requests ever offered: a worker compares it to see if others came meanwhile
 
     def __len__(self) -> int:
-        return len(self._jobs)
+        """Requests waiting (a split request counts once)."""
+        with self._ready:
+            return len({id(job.whole) for job in self._jobs})
 
-    def offer(self, job: Job) -> bool:
-        """Add a job unless the queue is full or closed; never blocks.
+    def offer(self, jobs: Sequence[Job]) -> bool:
+        """Add one request's jobs, all or none, unless the queue is full or closed; never blocks.
 
         Wakes every waiting worker: a single wake-up may reach a worker gathering a batch the
         job cannot join, which ignores it while an idle worker sleeps on.
         """
         with self._ready:
-            if self._closed or len(self._jobs) >= self._max_jobs:
+            if self._closed or len(self) >= self._max_requests:
                 return False
-            self._jobs.append(job)
+            self._jobs.extend(jobs)
             self.arrivals += 1
             self._ready.notify_all()
             return True
@@ -64,30 +68,39 @@ class JobQueue:
                 return False
             return True
 
-    def position_of(self, work: ImageJob) -> int | None:
+    def position_of(self, job: Job) -> int | None:
+        """How many requests wait ahead of ``job``; None once it has left the queue."""
         with self._ready:
-            return next((index for index, job in enumerate(self._jobs) if job.work is work), None)
+            ahead: set[int] = set()
+            for queued in self._jobs:
+                if queued is job:
+                    return len(ahead)
+                ahead.add(id(queued.whole))
+            return None
 
     def close(self) -> None:
         with self._ready:
             self._closed = True
             self._ready.notify_all()
 
-    def take_batch(self, key_of: Callable[[Job], Hashable], limits: BatchLimits) -> list[Job]:
-        """Block until a job is there, then return it with compatible jobs (up to the limits)."""
+    def take_batch(self, limits: BatchLimits) -> list[Job]:
+        """Block until a job is there, then return it with compatible jobs (up to the limits).
+
+        The engine splits requests so that every job fits the limits on its own, except a
+        single image larger than ``max_pixels``: that one runs alone, with no company.
+        """
         with self._ready:
             first = self._take_first()
             batch = [first]
-            key = key_of(first)
             items, pixels = first.work.n, first.work.pixels
             deadline = time.monotonic() + limits.wait_s
-            while items < limits.max_items:
+            while items < limits.max_items and pixels < limits.max_pixels:
                 for job in list(self._jobs):
                     if job.cancelled:
                         self._jobs.remove(job)
                         continue
                     fits = items + job.work.n <= limits.max_items and pixels + job.work.pixels <= limits.max_pixels
-                    if fits and key_of(job) == key:
+                    if fits and job.key == first.key:
                         self._jobs.remove(job)
                         batch.append(job)
                         items += job.work.n

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -14,10 +15,19 @@ from diffuser_api.domain import GeneratedImage, ImageJob
 from diffuser_api.engine.batching import BatchLimits, JobQueue
 from diffuser_api.engine.job import Job, JobTiming, ProgressSink
 from diffuser_api.engine.runner import ModelRunner
+from diffuser_api.engine.splitting import SplitProgress, split_work
 from diffuser_api.engine.worker import BatchObserver, BatchReport, Worker
-from diffuser_api.errors import Overloaded, RequestTimeout, Unavailable
+from diffuser_api.errors import DiffuserError, Overloaded, RequestTimeout, Unavailable
 
 logger = logging.getLogger(__name__)
+
+# A server shutting down will not serve the retry itself; another replica (or this one,
+# restarted) may, so clients are told to come back soon.
+SHUTDOWN_RETRY_AFTER_S = 1.0
+# Worker threads that die this many times with no successful batch in between make the model
+# unhealthy (/health 503): a replacement is still started each time, but an orchestrator
+# should restart the process.
+MAX_DEATHS_IN_A_ROW = 3
 
 
 @dataclass(frozen=True)
@@ -39,11 +49,16 @@ class Engine:
         batch, so observers added to it later are heard too."""
         self.limits = limits
         self._queue = JobQueue(limits.max_queue_size)
-        batch_limits = BatchLimits(limits.max_batch_size, limits.max_batch_pixels, limits.batch_wait_s)
+        self._batch_limits = BatchLimits(limits.max_batch_size, limits.max_batch_pixels, limits.batch_wait_s)
         self._observers = observers
-        self.workers = [Worker(runner, self._queue, batch_limits, self._notify) for runner in runners]
+        # Every runner of a model groups jobs the same way (one family), so one key serves all.
+        self._key_of = runners[0].batch_key
+        self.workers = [self._new_worker(runner) for runner in runners]
         self._recent_compute_s: deque[float] = deque(maxlen=20)
-        self._accepting = True
+        self._submitted: dict[int, tuple[Job, ...]] = {}  # id(work) -> its jobs, while awaited
+        self._stop_deadline: float | None = None
+        self._cutoff: asyncio.TimerHandle | None = None
+        self._deaths_in_a_row = 0
 
     def start(self) -> None:
         for worker in self.workers:
@@ -53,41 +68,96 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def health_problem(self) -> str | None:
+        """Why this model should not be called healthy, or None."""
+        if self._deaths_in_a_row >= MAX_DEATHS_IN_A_ROW:
+            return f"its worker died {self._deaths_in_a_row} times in a row"
+        if self._stop_deadline is None and not any(worker.alive for worker in self.workers):
+            return "no worker is running"
+        return None
+
     async def submit(
         self, work: ImageJob, progress: ProgressSink | None = None, timing: JobTiming | None = None
     ) -> list[GeneratedImage]:
         """Queue the work and wait for its images.
 
+        Work larger than one batch runs as several (its images come back in seed order).
         Cancelling the awaiting task (client gone) cancels the job: a queued job never runs,
         a running one stops at the next step once no client of its batch is left. ``timing``,
         if given, gets the job's queue wait and compute time however it ends.
         """
-        if not self._accepting:
-            raise Unavailable("the server is shutting down", retry_after=1.0)
-        loop = asyncio.get_running_loop()
-        job = Job(work=work, loop=loop, future=loop.create_future(), progress=progress)
-        if not self._queue.offer(job):
+        if self._stop_deadline is not None:
+            raise Unavailable("the server is shutting down", retry_after=SHUTDOWN_RETRY_AFTER_S)
+        jobs = self._jobs_of(work, progress)
+        if not self._queue.offer(jobs):
             raise Overloaded(
                 f"the queue is full ({self.limits.max_queue_size} requests waiting); retry later",
                 retry_after=self.retry_after_s(),
             )
+        self._submitted[id(work)] = jobs
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), self.limits.request_timeout_s)
-        except TimeoutError:
-            self._cancel(job)
-            raise RequestTimeout(
-                f"the request did not finish within {self.limits.request_timeout_s:g} s", code="timeout"
-            ) from None
-        except asyncio.CancelledError:
-            self._cancel(job)
-            raise
+            images = await self._results(jobs)
+            if images is None:
+                raise self._timed_out(jobs)
+            return images
         finally:
+            del self._submitted[id(work)]
+            for job in jobs:
+                if not job.future.done():  # timed out, cancelled, or a sibling chunk failed
+                    self._cancel(job)
             if timing is not None:
-                timing.record(job, time.monotonic())
+                timing.record(jobs, time.monotonic())
+
+    def _jobs_of(self, work: ImageJob, progress: ProgressSink | None) -> tuple[Job, ...]:
+        loop = asyncio.get_running_loop()
+        chunks = split_work(work, self.limits.max_batch_size, self.limits.max_batch_pixels)
+        split_progress = SplitProgress(progress, chunks) if progress is not None else None
+        cancel_flag = threading.Event()
+        return tuple(
+            Job(
+                work=chunk,
+                whole=work,
+                key=self._key_of(chunk),
+                loop=loop,
+                future=loop.create_future(),
+                progress=split_progress.of_chunk(index) if split_progress is not None else None,
+                cancel_flag=cancel_flag,
+            )
+            for index, chunk in enumerate(chunks)
+        )
+
+    async def _results(self, jobs: Sequence[Job]) -> list[GeneratedImage] | None:
+        """Every chunk's images in order, or None at the deadline; the first failure of any
+        chunk fails the request."""
+        futures = [job.future for job in jobs]
+        _, pending = await asyncio.wait(
+            futures, timeout=self.limits.request_timeout_s, return_when=asyncio.FIRST_EXCEPTION
+        )
+        for future in futures:
+            if future.done() and (error := future.exception()) is not None:
+                raise error
+        if pending:
+            return None
+        return [image for future in futures for image in future.result()]
+
+    def _timed_out(self, jobs: Sequence[Job]) -> DiffuserError:
+        """A request that never left the queue is a busy server (503, retry); one that ran
+        past its deadline is too slow as asked (504: retrying would repeat the wait)."""
+        timeout_s = self.limits.request_timeout_s
+        if all(job.started_at is None for job in jobs):
+            return Unavailable(
+                f"the server is busy: the request waited {timeout_s:g} s in the queue without starting; retry later",
+                retry_after=self.retry_after_s(),
+            )
+        return RequestTimeout(f"the request did not finish within {timeout_s:g} s", code="timeout")
 
     def queue_position(self, work: ImageJob) -> int | None:
-        """0 for the next job to run; None once a worker has taken it."""
-        return self._queue.position_of(work)
+        """Requests ahead of ``work`` (0: it runs next); None once a worker has taken any of it."""
+        jobs = self._submitted.get(id(work))
+        if jobs is None or any(job.started_at is not None for job in jobs):
+            return None
+        return self._queue.position_of(jobs[0])
 
     def retry_after_s(self) -> float:
         """Estimate when a slot frees up: queued batches times the recent time per batch."""
@@ -100,9 +170,23 @@ class Engine:
         job.future.cancel()  # nobody awaits it any more; a late result is dropped
         self._queue.discard(job)
 
+    def _new_worker(self, runner: ModelRunner) -> Worker:
+        return Worker(runner, self._queue, self._batch_limits, self._notify, self._replace)
+
+    def _replace(self, dead: Worker) -> None:
+        """On the dead worker's thread: start another on its runner, so the queue is served."""
+        self._deaths_in_a_row += 1
+        if self._stop_deadline is not None:
+            return
+        replacement = self._new_worker(dead.runner)
+        self.workers = [replacement if worker is dead else worker for worker in self.workers]
+        replacement.start()
+        logger.warning("started a new worker on %s", dead.runner.name)
+
     def _record(self, report: BatchReport) -> None:
         if report.outcome == "ok":
             self._recent_compute_s.append(report.compute_s)
+            self._deaths_in_a_row = 0
         logger.debug(
             "batch on %s: %d images, %.3f s compute, %d steps, %s",
             report.worker, report.size, report.compute_s, report.steps, report.outcome,
@@ -113,16 +197,37 @@ class Engine:
         for observe in self._observers:
             observe(report)
 
-    async def stop(self, grace_s: float) -> None:
-        """Stop taking work, let workers finish what is queued (bounded), then fail the rest."""
-        self._accepting = False
+    def drain(self, grace_s: float) -> None:
+        """Shutdown begins: refuse new work and fail queued work at once (it never started, so
+        the client should retry, elsewhere); running work has ``grace_s`` to finish, then fails
+        too. Call on the event loop; later calls keep the first deadline."""
+        if self._stop_deadline is not None:
+            return
+        self._stop_deadline = time.monotonic() + grace_s
         self._queue.close()
-        await asyncio.to_thread(self._join_workers, grace_s)
         for job in self._queue.drain():
-            job.fail(Unavailable("the server shut down before this request ran"))
+            job.fail(Unavailable("the server is shutting down; this request had not started",
+                                 retry_after=SHUTDOWN_RETRY_AFTER_S))
+        self._cutoff = asyncio.get_running_loop().call_later(grace_s, self._fail_running)
 
-    def _join_workers(self, grace_s: float) -> None:
-        """Share one deadline, so stopping N busy workers takes grace_s, not N times it."""
-        deadline = time.monotonic() + grace_s
-        for worker in self.workers:
+    async def stop(self, grace_s: float) -> None:
+        """Drain (unless already draining), wait for the workers until the drain's deadline,
+        then fail whatever still runs. Stopping N busy workers takes grace_s, not N times it."""
+        self.drain(grace_s)
+        assert self._stop_deadline is not None
+        await asyncio.to_thread(self._join_workers, self._stop_deadline)
+        self._fail_running()
+
+    def _fail_running(self) -> None:
+        if self._cutoff is not None:
+            self._cutoff.cancel()
+        for jobs in list(self._submitted.values()):
+            for job in jobs:
+                if not job.future.done():
+                    job.cancel()  # its batch stops at the next step once no job is left in it
+                    job.fail(Unavailable("the server shut down before this request finished",
+                                         retry_after=SHUTDOWN_RETRY_AFTER_S))
+
+    def _join_workers(self, deadline: float) -> None:
+        for worker in list(self.workers):
             worker.join(max(0.0, deadline - time.monotonic()))

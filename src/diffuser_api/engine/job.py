@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 from diffuser_api.domain import GeneratedImage, ImageJob, StepProgress
@@ -23,22 +23,26 @@ class JobTiming:
     compute_s: float | None = None
     phases: tuple[Phase, ...] = ()
 
-    def record(self, job: Job, now: float) -> None:
+    def record(self, jobs: Sequence[Job], now: float) -> None:
+        """``jobs`` are one request's chunks: it waited until the first of them started."""
         offset_ns = time.time_ns() - time.monotonic_ns()
 
         def wall_ns(monotonic_s: float) -> int:
             return offset_ns + round(monotonic_s * 1e9)
 
-        if job.started_at is None:  # never left the queue (timeout, cancel, shutdown)
-            self.queue_wait_s = now - job.enqueued_at
-            self.phases = (Phase("queue wait", wall_ns(job.enqueued_at), wall_ns(now)),)
+        enqueued_at = min(job.enqueued_at for job in jobs)
+        starts = [job.started_at for job in jobs if job.started_at is not None]
+        if not starts:  # never left the queue (timeout, cancel, shutdown)
+            self.queue_wait_s = now - enqueued_at
+            self.phases = (Phase("queue wait", wall_ns(enqueued_at), wall_ns(now)),)
             return
-        self.queue_wait_s = job.started_at - job.enqueued_at
-        self.compute_s = now - job.started_at
+        started_at = min(starts)
+        self.queue_wait_s = started_at - enqueued_at
+        self.compute_s = now - started_at
         self.phases = (
-            Phase("queue wait", wall_ns(job.enqueued_at), wall_ns(job.started_at)),
-            # The whole pipeline call of the job's batch: text encoding, denoising, VAE decode.
-            Phase("denoising", wall_ns(job.started_at), wall_ns(now)),
+            Phase("queue wait", wall_ns(enqueued_at), wall_ns(started_at)),
+            # The pipeline calls of the request's batches: text encoding, denoising, VAE decode.
+            Phase("denoising", wall_ns(started_at), wall_ns(now)),
         )
 
 
@@ -47,23 +51,29 @@ class Job:
     """Crosses from the event loop to a worker thread and back through ``future``.
 
     The worker never touches the future directly: results and errors are handed to the
-    loop with ``call_soon_threadsafe``.
+    loop with ``call_soon_threadsafe``. ``work`` is one chunk of the request's ``whole`` work
+    (the same object when the request fits one batch); ``key`` says which jobs may share a
+    pipeline call, computed once on submit so no model code runs under the queue's lock.
     """
 
     work: ImageJob
+    whole: ImageJob
+    key: Hashable
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[list[GeneratedImage]]
     progress: ProgressSink | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
-    _cancelled: threading.Event = field(default_factory=threading.Event)
+    # Shared by one request's jobs: once one is cancelled or fails, no worker starts the others
+    # and running ones stop at the next step (the request can no longer succeed).
+    cancel_flag: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
-        self._cancelled.set()
+        self.cancel_flag.set()
 
     @property
     def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        return self.cancel_flag.is_set()
 
     def report_progress(self, progress: StepProgress) -> None:
         if self.progress is not None and not self.cancelled:
@@ -73,6 +83,7 @@ class Job:
         self._post(_set_result, self.future, images)
 
     def fail(self, error: BaseException) -> None:
+        self.cancel()
         self._post(_set_exception, self.future, error)
 
     def _post(self, callback: Callable[..., None], *args: object) -> None:

@@ -24,6 +24,13 @@ def preview_steps(partial_images: int, total: int) -> set[int]:
     return {round(total * (index + 1) / (partial_images + 1)) for index in range(partial_images)} - {0, total}
 
 
+def failure_caused_by(error: BaseException, message: str) -> ModelFailure:
+    """One per job: each request raises its own, so tracebacks do not pile up on a shared one."""
+    failure = ModelFailure(message)
+    failure.__cause__ = error
+    return failure
+
+
 class _BatchAbandoned(Exception):
     """Raised from the step callback when no client of the batch is left."""
 
@@ -40,20 +47,30 @@ class BatchReport:
         self.outcome = outcome
 
 
+WorkerExit = Callable[["Worker"], None]
+
+
 class Worker:
+    """Owns one runner. If its thread dies (an error escaping the loop, a ``BaseException`` from
+    the pipeline), the jobs it held fail with a ``ModelFailure`` and ``on_death`` is told, so
+    the engine can start a replacement: nothing it held hangs, nothing queued waits forever."""
+
     def __init__(
         self,
         runner: ModelRunner,
         queue: JobQueue,
         limits: BatchLimits,
         observe: BatchObserver | None = None,
+        on_death: WorkerExit | None = None,
     ) -> None:
         self.runner = runner
         self._queue = queue
         self._limits = limits
         self._lone_limits = dataclasses.replace(limits, wait_s=0.0)
         self._observe = observe
-        self._thread = threading.Thread(target=self._loop, name=f"worker-{runner.name}", daemon=True)
+        self._on_death = on_death
+        self._thread = threading.Thread(target=self._serve, name=f"worker-{runner.name}", daemon=True)
+        self._held: list[Job] = []
         self.busy = False
 
     def start(self) -> None:
@@ -62,20 +79,39 @@ class Worker:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _serve(self) -> None:
+        try:
+            self._loop()
+        except BaseException as error:  # the thread ends either way; its jobs must not hang
+            self._die(error)
+
+    def _die(self, error: BaseException) -> None:
+        logger.critical("worker %s stopped unexpectedly", self.runner.name, exc_info=error)
+        for job in self._held:  # a job already answered keeps its answer
+            job.fail(failure_caused_by(error, "the model's worker stopped unexpectedly while running this request"))
+        self._held = []
+        self.busy = False
+        if self._on_death is not None:
+            self._on_death(self)
+
     def _loop(self) -> None:
         overlapping = True  # gather until a lone request shows there is nobody to wait for
         while True:
             limits = self._limits if overlapping else self._lone_limits
             try:
-                batch = self._queue.take_batch(lambda job: self.runner.batch_key(job.work), limits)
+                batch = self._queue.take_batch(limits)
             except QueueClosed:
                 return
             arrivals = self._queue.arrivals
+            self._held = batch
             self.busy = True
-            try:
-                self._run(batch)
-            finally:
-                self.busy = False
+            self._run(batch)
+            self.busy = False
+            self._held = []
             # Waiting for company pays only while requests overlap. A batch of one during which
             # nothing arrived was a lone client: its next request would wait for nobody.
             overlapping = len(batch) > 1 or self._queue.arrivals != arrivals
@@ -96,7 +132,7 @@ class Worker:
             for job, wanted, shown in zip(batch, due, decoded or [None] * len(batch), strict=True):
                 job.report_progress(StepProgress(step, total, tuple(shown) if wanted and shown else None))
 
-        outcome = "ok"
+        outcome = "worker_died"  # unless a branch below says otherwise: a BaseException ends the thread
         try:
             results = self.runner.run([job.work for job in batch], on_step)
             if len(results) != len(batch):
@@ -114,11 +150,15 @@ class Worker:
                 job.fail(error)
         except Exception as error:  # the pipeline's own bug must not kill the worker
             outcome = "failed"
-            logger.exception("pipeline call failed on %s", self.runner.name)
-            failure = ModelFailure(f"the pipeline failed: {type(error).__name__}: {error}")
+            logger.error(
+                "pipeline call on %s failed for %d requests: %s", self.runner.name, len(batch), type(error).__name__
+            )
+            # The client learns that it failed, never the library's words; the cause (with its
+            # traceback) is logged next to each request's id.
             for job in batch:
-                job.fail(failure)
+                job.fail(failure_caused_by(error, "the model failed while generating"))
         else:
+            outcome = "ok"
             for job, images in zip(batch, results, strict=True):
                 if not job.cancelled:
                     job.resolve(images)

@@ -51,7 +51,7 @@ class ModelHandle:
     ) -> None:
         self.id = model_id
         self.created = int(time.time())
-        self.status = ModelStatus.LOADING
+        self._status = ModelStatus.LOADING
         self.load_seconds: float | None = None
         self._loader = loader
         self._limits = limits
@@ -75,18 +75,31 @@ class ModelHandle:
         except Exception:  # a broken checkpoint must still leave /health answering
             # The log alone has the reason: exception text names paths and library internals.
             logger.exception("loading %s failed", self.id)
-            self.status = ModelStatus.FAILED
+            self._status = ModelStatus.FAILED
             return
         loaded.capabilities = loaded.capabilities.without(self._disabled)
         self._loaded = loaded
         self._engine = Engine(loaded.runners, self._limits, self._batch_observers)
         self._engine.start()
         self.load_seconds = time.monotonic() - started
-        self.status = ModelStatus.READY
+        self._status = ModelStatus.READY
         logger.info("%s ready in %.1f s (%s)", self.id, self.load_seconds, loaded.pipeline_class)
 
+    @property
+    def status(self) -> ModelStatus:
+        """FAILED also once loaded, while its engine is unhealthy (workers keep dying), so
+        /health turns 503 and an orchestrator restarts the process."""
+        if self._status is ModelStatus.READY and self._engine_problem() is not None:
+            return ModelStatus.FAILED
+        return self._status
+
+    def _engine_problem(self) -> str | None:
+        return self._engine.health_problem if self._engine is not None else None
+
     def unavailable(self) -> Unavailable:
-        """Why the model cannot serve yet: still loading (retry soon) or failed (do not)."""
+        """Why the model cannot serve: still loading (retry soon), failed to load or unhealthy (do not)."""
+        if (problem := self._engine_problem()) is not None:
+            return Unavailable(f"model '{self.id}' is unhealthy: {problem}")
         if self.status is ModelStatus.FAILED:
             return Unavailable(f"model '{self.id}' failed to load; the server's log says why")
         return Unavailable(f"model '{self.id}' is still loading", retry_after=5.0)
@@ -109,6 +122,11 @@ class ModelHandle:
         self._ready()
         assert self._engine is not None
         return self._engine
+
+    def drain(self, grace_s: float) -> None:
+        """Shutdown begins: queued requests fail now, running ones get ``grace_s`` (see Engine.drain)."""
+        if self._engine is not None:
+            self._engine.drain(grace_s)
 
     async def stop(self, grace_s: float) -> None:
         if self._engine is not None:
@@ -160,6 +178,11 @@ class ModelRegistry:
 
     async def load_all(self) -> None:
         await asyncio.gather(*(_load_in_own_thread(handle) for handle in self))
+
+    def drain(self, grace_s: float) -> None:
+        """The moment shutdown starts, before the server waits for open connections."""
+        for handle in self:
+            handle.drain(grace_s)
 
     async def stop(self, grace_s: float) -> None:
         await asyncio.gather(*(handle.stop(grace_s) for handle in self))

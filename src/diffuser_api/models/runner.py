@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -13,6 +14,8 @@ from diffuser_api.engine import StepCallback
 from diffuser_api.errors import OutOfMemory
 from diffuser_api.models.family import Family
 from diffuser_api.models.tasks import takes
+
+logger = logging.getLogger(__name__)
 
 
 class DiffusersRunner:
@@ -53,6 +56,7 @@ class DiffusersRunner:
         kwargs = self.family.call_kwargs(first.task, jobs)
         if first.task in self._sized:
             kwargs.update(height=first.height, width=first.width)
+        out_of_memory = False
         try:
             with torch.inference_mode(), self.family.call_scope(jobs):
                 images = pipe(
@@ -62,7 +66,16 @@ class DiffusersRunner:
                     callback_on_step_end_tensor_inputs=["latents"],
                 ).images
         except torch.OutOfMemoryError as error:
-            raise OutOfMemory(f"out of device memory on {self.name}: {error}") from error
+            # The allocator's report (sizes, process ids, tuning advice) is for the operator.
+            logger.warning("out of device memory on %s with %d images: %s", self.name, sum(j.n for j in jobs), error)
+            out_of_memory = True
+        if out_of_memory:
+            # Raised outside the except block: torch's error holds the failed call's frames and
+            # their tensors, which must be freed before the engine retries a smaller batch.
+            raise OutOfMemory(
+                f"the device ran out of memory on {self.name} running this request; "
+                "ask for fewer images (n) or a smaller size"
+            )
         results: list[list[GeneratedImage]] = []
         for job, job_images in zip(jobs, per_job(jobs, images), strict=True):
             revised, tokens = self.used_prompt(job.prompt)

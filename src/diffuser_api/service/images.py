@@ -30,6 +30,7 @@ from diffuser_api.service.storage import ImageStorage
 from diffuser_api.service.streaming import ImageStream, job_events
 from diffuser_api.service.uploads import UploadLimits, decode_image, decode_mask
 from diffuser_api.service.validation import (
+    check_cost,
     check_request,
     output_format_of,
     resolve_guidance,
@@ -142,12 +143,16 @@ class ImageService:
         # An edit's size=auto is its first upload's, known once decoded; any other is checked now.
         size = None if request.images and request.size in (None, "auto") else resolve_size(request, caps, [], owner)
         steps = resolve_steps(request, caps, self._settings)
+        if size is not None:
+            check_cost(request.n, *size, steps, self._settings)
         strength = resolve_strength(request, task, caps, steps, self._settings)
         guidance, true_cfg, negative = resolve_guidance(request, task, caps, owner, self._settings)
         if admit is not None:
             await admit(request.n)
         if request.images:
             images, mask, (width, height) = await self.codec.run(self._decode_uploads, request, caps, owner, size)
+            if size is None:  # size=auto: the cost is known only now, from the first upload
+                check_cost(request.n, width, height, steps, self._settings)
         else:
             images, mask, (width, height) = (), None, size
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - request.n)

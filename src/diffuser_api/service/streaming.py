@@ -105,6 +105,7 @@ async def _step_events(
     progress: StepProgress, partial_counts: list[int], encode_preview: Callable[[Image], Awaitable[str]]
 ) -> AsyncIterator[StreamEvent]:
     yield Step(progress.step, progress.total)
-    for index, preview in enumerate(progress.previews or ()):
+    # A request run as several batches reports each batch's previews from its first image on.
+    for index, preview in enumerate(progress.previews or (), start=progress.first_image):
         yield PartialImage(index, partial_counts[index], await encode_preview(preview))
         partial_counts[index] += 1

@@ -133,12 +133,54 @@ def resolve_size(request: ImageRequest, caps: Capabilities, images: list[Image.I
 
 
 def resolve_steps(request: ImageRequest, caps: Capabilities, settings: Settings) -> int:
-    """``num_inference_steps`` when given, else the default steps scaled by the quality preset."""
+    """``num_inference_steps`` when given, else the default steps scaled by the quality preset;
+    either way at most ``max_steps``, so a preset cannot buy more steps than a number could."""
     if request.num_inference_steps is not None:
+        if request.num_inference_steps > settings.max_steps:
+            raise InvalidRequest(
+                f"num_inference_steps must be at most {settings.max_steps}; got {request.num_inference_steps}",
+                param="num_inference_steps",
+                code="invalid_value",
+            )
         return request.num_inference_steps
     base = settings.default_steps or caps.default_steps
     factor = settings.quality_step_factors.get(request.quality or "auto", 1.0)
-    return max(1, round(base * factor))
+    steps = max(1, round(base * factor))
+    if steps > settings.max_steps:
+        named = f"quality '{request.quality}'" if request.quality else "the default"
+        raise InvalidRequest(
+            f"{named} means {steps} steps, over the limit of {settings.max_steps}; "
+            "send a lower quality or num_inference_steps",
+            param="quality" if request.quality else "num_inference_steps",
+            code="invalid_value",
+        )
+    return steps
+
+
+def check_cost(n: int, width: int, height: int, steps: int, settings: Settings) -> None:
+    """The cost cap of one request: ``n x width x height x steps`` at most ``max_pixel_steps``.
+
+    Names ``n`` when fewer images would fit (and says how many), else ``size``: a single image
+    of that size and steps is over the cap on its own.
+    """
+    cost = n * width * height * steps
+    if cost <= settings.max_pixel_steps:
+        return
+    per_image = width * height * steps
+    if per_image <= settings.max_pixel_steps:
+        raise InvalidRequest(
+            f"{n} images of {width}x{height} with {steps} steps is {cost} pixel-steps (n x width x height x steps), "
+            f"over the limit of {settings.max_pixel_steps} per request; n can be at most "
+            f"{settings.max_pixel_steps // per_image} at this size and steps",
+            param="n",
+            code="invalid_value",
+        )
+    raise InvalidRequest(
+        f"one {width}x{height} image with {steps} steps is {per_image} pixel-steps (width x height x steps), "
+        f"over the limit of {settings.max_pixel_steps} per request; ask for a smaller size or fewer steps",
+        param="size",
+        code="invalid_value",
+    )
 
 
 def resolve_strength(
