@@ -16,6 +16,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
+from diffuser_api.cli import uvicorn_config
 from diffuser_api.serving import DrainingServer
 
 
@@ -26,10 +27,10 @@ class ThreadedServer:
         """With ``shutdown_grace_s``, shutdown drains the models as ``diffuser-api serve`` does."""
         # Port 0: the OS picks a free port at bind time, so parallel runs never collide.
         self.app = app
-        # As `diffuser-api serve` runs it: X-Forwarded-* are the app's to judge (api/proxies.py).
+        # As `diffuser-api serve` runs it (proxy headers, WebSocket size...), on a free port.
         grace_s = 5 if shutdown_grace_s is None else shutdown_grace_s
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=grace_s,
-                                proxy_headers=False)
+        config = uvicorn_config(app, app.state.settings, host="127.0.0.1", port=0, log_level="warning",
+                                timeout_graceful_shutdown=grace_s)
         self._server = (
             uvicorn.Server(config)
             if shutdown_grace_s is None

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from uvicorn.server import STARTUP_FAILURE
 
 from diffuser_api.config import Settings
 from diffuser_api.log_format import configure_logging
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -30,17 +34,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    overrides = {key: value for key, value in vars(args).items() if key != "command" and value is not None}
-    settings = Settings(**overrides)
-    configure_logging(settings.log_level, settings.log_format)
-    from diffuser_api.main import build_app
-    from diffuser_api.serving import DrainingServer
-
-    app = build_app(settings)
-    config = uvicorn.Config(
-        app,
+def uvicorn_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """How ``serve`` runs uvicorn; tests serve on a free port with the same options (``overrides``)."""
+    options: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -48,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_config=None,
         access_log=False,
         # A backstop: the models are drained to finish within the grace (serving.DrainingServer).
-        timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]  # a float works
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
         # A WebSocket edit carries its images in one JSON message, as large as an edits body may
         # be; uvicorn's own 16 MiB default would otherwise override the setting. Its other
         # limits do not undercut ours: h11 caps only headers (16 KiB) and streams bodies, and
@@ -60,6 +56,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         proxy_headers=False,
         forwarded_allow_ips="",
     )
+    return uvicorn.Config(app, **(options | overrides))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    overrides = {key: value for key, value in vars(args).items() if key != "command" and value is not None}
+    settings = Settings(**overrides)
+    configure_logging(settings.log_level, settings.log_format)
+    from diffuser_api.main import build_app
+    from diffuser_api.serving import DrainingServer
+
+    app = build_app(settings)
+    config = uvicorn_config(app, settings)
     server = DrainingServer(config, app.state.registry, settings.shutdown_grace_s)
     server.run()
     if not server.started:

@@ -5,22 +5,18 @@ server exactly as the CLI starts it (uvicorn with its own proxy handling off).""
 from __future__ import annotations
 
 import contextlib
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.requests import HTTPConnection
 
-import diffuser_api.main
-from diffuser_api import cli
 from diffuser_api.api.proxies import ProxyRule
-from tests.conftest import free_port
+from diffuser_api.cli import uvicorn_config
 from tests.fakes import fake_app
+from tests.servers import ThreadedServer
 from tests.unit.test_api import GEN, assert_envelope, wait_ready
 
 
@@ -78,28 +74,11 @@ def test_spoofed_addresses_from_an_untrusted_client_share_its_budget_in_process(
 
 
 @contextlib.contextmanager
-def served_as_the_cli_serves(monkeypatch, app: FastAPI) -> Iterator[str]:
+def served_as_the_cli_serves(app: FastAPI) -> Iterator[str]:
     """Run ``app`` on a real port with the uvicorn options ``diffuser-api serve`` passes."""
-    options: dict = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **given: options.update(given))
-    monkeypatch.setattr(diffuser_api.main, "build_app", lambda settings: app)
-    monkeypatch.setattr(cli, "configure_logging", lambda *args: None)
-    cli.main(["serve"])
-    assert options["proxy_headers"] is False
-    proxy_options = {name: options[name] for name in ("proxy_headers", "forwarded_allow_ips")}
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", **proxy_options)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
+    assert uvicorn_config(app, app.state.settings).proxy_headers is False
+    with ThreadedServer(app) as server:
+        yield server.base_url
 
 
 def get_models(base_url: str, forwarded_for: str) -> httpx.Response:
@@ -109,7 +88,7 @@ def get_models(base_url: str, forwarded_for: str) -> httpx.Response:
 @pytest.mark.slow
 def test_spoofing_x_forwarded_for_gains_no_budget_on_the_real_server(tmp_path, monkeypatch):
     """The issue's case: 3/minute, 8 requests from one local client, each claiming another address."""
-    with served_as_the_cli_serves(monkeypatch, fake_app(tmp_path, rate_limit_requests="3/minute")) as base_url:
+    with served_as_the_cli_serves(fake_app(tmp_path, rate_limit_requests="3/minute")) as base_url:
         responses = [get_models(base_url, f"203.0.113.{i}") for i in range(8)]
         assert [response.status_code for response in responses] == [200] * 3 + [429] * 5
         error = assert_envelope(responses[-1], 429, code="rate_limit_exceeded")
@@ -120,7 +99,7 @@ def test_spoofing_x_forwarded_for_gains_no_budget_on_the_real_server(tmp_path, m
 @pytest.mark.slow
 def test_behind_a_trusted_proxy_clients_are_counted_apart_and_cannot_escape(tmp_path, monkeypatch):
     app = fake_app(tmp_path, rate_limit_requests="2/minute", trusted_proxies=["127.0.0.1"])
-    with served_as_the_cli_serves(monkeypatch, app) as base_url:
+    with served_as_the_cli_serves(app) as base_url:
         assert [get_models(base_url, "203.0.113.1").status_code for _ in range(2)] == [200, 200]
         assert_envelope(get_models(base_url, "203.0.113.1"), 429, code="rate_limit_exceeded")
         # Prepending made-up addresses changes nothing: the proxy's own entry is the right-most.
