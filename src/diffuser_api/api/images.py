@@ -97,7 +97,8 @@ async def _run(
     admit = ImagesCharge(request, timing)
     with recording(request, image_request, timing) as record:
         if image_request.stream:
-            stream = await service.open_stream(image_request, timing, record.timeline, admit)
+            async with admit.refunded_if_never_run():
+                stream = await service.open_stream(image_request, timing, record.timeline, admit)
             note_stream(record, stream)
             request_id = request_id_of(request)
             events = admit.refunded_events(timed_events(record, timing, stream.events))

@@ -339,12 +339,6 @@ def openai_duration(seconds: float) -> str:
     return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
-async def admit_images(connection: HTTPConnection, count: int) -> None:
-    """Called by image routes that give no refunds (the WebSocket) once they know ``n``."""
-    limiter: RateLimiter = connection.app.state.rate_limiter
-    await limiter.admit(connection, IMAGES, count)
-
-
 def describe_limits(connection: HTTPConnection) -> dict[str, Any]:
     """The caller's key name and limits, for ``/``."""
     key = api_key_of(connection)

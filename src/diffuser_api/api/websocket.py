@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from functools import partial
+import logging
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -19,16 +19,17 @@ from pydantic import ValidationError
 from diffuser_api.api.auth import accepted_subprotocol
 from diffuser_api.api.errors import describe_error, invalid_request_from
 from diffuser_api.api.images import build_image_request, json_uploads
-from diffuser_api.api.rate_limits import admit_images
+from diffuser_api.api.rate_limits import ImagesCharge
 from diffuser_api.api.request_record import note_stream, recording
 from diffuser_api.api.schemas import EditJSONBody, GenerationBody
-from diffuser_api.api.streaming import websocket_message
+from diffuser_api.api.streaming import UNEXPECTED_FAILURE, websocket_message
 from diffuser_api.config import Settings
 from diffuser_api.domain import Endpoint, ImageRequest
 from diffuser_api.engine.job import JobTiming
 from diffuser_api.errors import DiffuserError, InvalidRequest
 from diffuser_api.service.images import ImageService
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["images"])
 
 # Close code for "the request was refused" (RFC 6455 policy violation).
@@ -45,17 +46,25 @@ async def image_socket(socket: WebSocket) -> None:
         image_request = parse_message(await socket.receive_json(), settings)
         timing = JobTiming()
         # The session's log line names its work like an HTTP request's does.
+        # Images are given back, as on HTTP, if the session's job never ran.
+        admit = ImagesCharge(socket, timing)
         with recording(socket, image_request, timing) as record:
-            stream = await service.open_stream(
-                image_request, timing, record.timeline, admit=partial(admit_images, socket)
-            )
-            note_stream(record, stream)
-            await _serve(socket, stream.events)
+            async with admit.refunded_if_never_run():
+                stream = await service.open_stream(image_request, timing, record.timeline, admit=admit)
+                note_stream(record, stream)
+                await _serve(socket, stream.events)
     except WebSocketDisconnect:
         return
     except DiffuserError as error:
-        await socket.send_json({"type": "error", **describe_error(error, request_id)[1]})
-        await socket.close(REFUSED)
+        await _refuse(socket, error, request_id)
+    except Exception:  # accepted already: an error message is all the client can still get
+        logger.exception("unhandled error in the WebSocket session of request %s", request_id)
+        await _refuse(socket, DiffuserError(UNEXPECTED_FAILURE), request_id)
+
+
+async def _refuse(socket: WebSocket, error: DiffuserError, request_id: str) -> None:
+    await socket.send_json({"type": "error", **describe_error(error, request_id)[1]})
+    await socket.close(REFUSED)
 
 
 async def _serve(socket: WebSocket, events: Any) -> None:

@@ -45,6 +45,10 @@ class JobQueue:
         with self._ready:
             return len({id(job.whole) for job in self._jobs})
 
+    @property
+    def full(self) -> bool:
+        return len(self) >= self._max_requests
+
     def offer(self, jobs: Sequence[Job]) -> bool:
         """Add one request's jobs, all or none, unless the queue is full or closed; never blocks.
 

@@ -87,14 +87,10 @@ class Engine:
         a running one stops at the next step once no client of its batch is left. ``timing``,
         if given, gets the job's queue wait and compute time however it ends.
         """
-        if self._stop_deadline is not None:
-            raise Unavailable("the server is shutting down", retry_after=SHUTDOWN_RETRY_AFTER_S)
+        self.check_room()
         jobs = self._jobs_of(work, progress)
         if not self._queue.offer(jobs):
-            raise Overloaded(
-                f"the queue is full ({self.limits.max_queue_size} requests waiting); retry later",
-                retry_after=self.retry_after_s(),
-            )
+            raise self._overloaded()
         self._submitted[id(work)] = jobs
         try:
             images = await self._results(jobs)
@@ -108,6 +104,21 @@ class Engine:
                     self._cancel(job)
             if timing is not None:
                 timing.record(jobs, time.monotonic())
+
+    def check_room(self) -> None:
+        """Raise now what ``submit`` would for a full queue or a stopping engine, so a stream can
+        still answer with a plain 429 or 503 before its 200 (``submit`` decides in the end: a
+        request may lose the race for the last place)."""
+        if self._stop_deadline is not None:
+            raise Unavailable("the server is shutting down", retry_after=SHUTDOWN_RETRY_AFTER_S)
+        if self._queue.full:
+            raise self._overloaded()
+
+    def _overloaded(self) -> Overloaded:
+        return Overloaded(
+            f"the queue is full ({self.limits.max_queue_size} requests waiting); retry later",
+            retry_after=self.retry_after_s(),
+        )
 
     def _jobs_of(self, work: ImageJob, progress: ProgressSink | None) -> tuple[Job, ...]:
         loop = asyncio.get_running_loop()

@@ -107,6 +107,7 @@ class ImageService:
         """Check and prepare now (so a bad request is a plain HTTP error), run when iterated."""
         handle = self._registry.resolve(request.model)
         job = await self.prepare(request, handle, admit)
+        handle.engine.check_room()
         timeline = timeline or Timeline()
 
         async def encode_preview(image: Image.Image) -> str:
