@@ -85,10 +85,11 @@ def test_sigterm_answers_queued_requests_at_once_and_finishes_the_running_one(tm
 
 def test_sigterm_ends_a_request_still_running_at_the_grace_and_exits_within_it(tmp_path):
     grace_s = 2.0
-    server = LiveServer(tmp_path, DIFFUSER_SHUTDOWN_GRACE_S=str(grace_s))
+    # 1000 steps take far longer than the grace on any machine, however idle.
+    server = LiveServer(tmp_path, DIFFUSER_SHUTDOWN_GRACE_S=str(grace_s), DIFFUSER_MAX_STEPS="1000")
     try:
         server.wait_ready()
-        running = Request(server, {"prompt": "endless", "size": "256x256", "num_inference_steps": 100})
+        running = Request(server, {"prompt": "endless", "size": "256x256", "num_inference_steps": 1000})
         running.start()
         wait_until(lambda: gauge(server, "diffuser_busy_workers") == 1, "the worker to start 'endless'")
 
