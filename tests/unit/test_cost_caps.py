@@ -117,3 +117,18 @@ def test_default_cap_fits_ten_1024_images_at_100_steps_but_not_ten_2048_images()
         check_cost(10, 2048, 2048, 100, settings)
     assert refused.value.param == "n"
     assert "n can be at most 2" in refused.value.message
+
+
+def test_a_seed_whose_images_run_past_the_largest_seed_is_a_400_whatever_max_n_allows(tmp_path):
+    """Image k uses seed + k: the bound follows n (a setting), not a schema constant."""
+    runner = FakeRunner()
+    with serve(tmp_path, runner, max_n=12) as client:
+        wait_ready(client)
+        largest = 2**32 - 1
+        response = client.post(GEN, json={"prompt": "x", "size": "32x32", "n": 12, "seed": largest - 10})
+        error = assert_envelope(response, 400, param="seed", code="invalid_value")
+        assert str(largest - 11) in error["message"]
+        assert_still_serves(client)
+        fits = client.post(GEN, json={"prompt": "x", "size": "32x32", "n": 12, "seed": largest - 11})
+        assert fits.status_code == 200, fits.text
+        assert [item["seed"] for item in fits.json()["data"]][-1] == largest

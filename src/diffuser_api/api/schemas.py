@@ -11,11 +11,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from diffuser_api.domain.requests import MAX_SEED
 from diffuser_api.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2**32 - 1 - 10
 
 
 class ImageOptions(BaseModel):

@@ -7,6 +7,9 @@ from enum import StrEnum
 
 from PIL.Image import Image
 
+# Seeds are unsigned 32-bit, as most image tools show them; image k of a request uses seed + k.
+MAX_SEED = 2**32 - 1
+
 
 class Task(StrEnum):
     """The things a model may or may not be able to do; a missing one is a 501."""

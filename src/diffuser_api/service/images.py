@@ -20,6 +20,7 @@ from diffuser_api.domain import (
     StoredImage,
     Task,
 )
+from diffuser_api.domain.requests import MAX_SEED
 from diffuser_api.domain.timeline import Timeline
 from diffuser_api.engine.job import JobTiming
 from diffuser_api.errors import NotSupported
@@ -43,7 +44,6 @@ from diffuser_api.service.validation import (
 # Sizes and qualities OpenAI's response schema knows; others are left out of the echo.
 RESPONSE_SIZES = {"1024x1024", "1024x1536", "1536x1024"}
 RESPONSE_QUALITIES = {"low", "medium", "high"}
-MAX_SEED = 2**32 - 1
 
 # Admission control (e.g. a per-key image budget), told how many images a valid request makes.
 Admission = Callable[[int], Awaitable[None]]

@@ -11,6 +11,7 @@ from PIL import Image
 
 from diffuser_api.config import Settings
 from diffuser_api.domain import Capabilities, Endpoint, ImageRequest, Task
+from diffuser_api.domain.requests import MAX_SEED
 from diffuser_api.errors import InvalidRequest
 
 SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -29,6 +30,13 @@ def check_request(request: ImageRequest, task: Task, caps: Capabilities, owner: 
         )
     if request.n > settings.max_n:
         raise InvalidRequest(f"n must be at most {settings.max_n}", param="n", code="invalid_value")
+    if request.seed is not None and request.seed + request.n - 1 > MAX_SEED:
+        raise InvalidRequest(
+            f"seed {request.seed} with n={request.n} runs past the largest seed {MAX_SEED} (image k uses seed + k); "
+            f"send a seed of at most {MAX_SEED - request.n + 1}",
+            param="seed",
+            code="invalid_value",
+        )
     if request.stream and request.response_format == "url":
         raise InvalidRequest(
             "streamed images always come as b64_json; leave out response_format=url",
