@@ -48,7 +48,8 @@ def runner(gate: threading.Event) -> FakeRunner:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, runner: FakeRunner) -> Iterator[ThreadedServer]:
-    with ThreadedServer(fake_app(tmp_path_factory.mktemp("transports"), runner)) as running:
+    # max_steps: the cancellation test needs a request long enough to be closed mid-way.
+    with ThreadedServer(fake_app(tmp_path_factory.mktemp("transports"), runner, max_steps=500)) as running:
         running.wait_ready()
         yield running
 
