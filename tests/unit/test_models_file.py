@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from diffuser_api.config import Settings
-from diffuser_api.config.models_file import ModelsFileError, byte_size, parse_models_file, serving_plan
+from diffuser_api.config.models_file import ModelsFileError, byte_size, serving_plan
 from diffuser_api.domain import Task
 from diffuser_api.engine import EngineLimits
 from diffuser_api.models.spec import ModelDefaults
@@ -52,7 +52,8 @@ def test_a_good_file_becomes_a_plan_whose_entries_inherit_the_global_settings(tm
     assert plan.default == "tiny-sd"
     assert (plan.max_loaded_models, plan.memory_budget_bytes, plan.host_memory_budget_bytes) == (2, 20 * 2**30, 0)
     sd, edit = plan.models
-    assert (sd.id, sd.source, sd.aliases, sd.pinned) == ("tiny-sd", "tiny-sd", ("dall-e-2", "dall-e-3", "gpt-image-1"), True)
+    assert (sd.id, sd.source, sd.pinned) == ("tiny-sd", "tiny-sd", True)
+    assert sd.aliases == ("dall-e-2", "dall-e-3", "gpt-image-1")
     # Left out: the global settings.
     assert (sd.devices, sd.torch_dtype, sd.warmup) == (("cuda:0", "cuda:1"), "float16", True)
     assert sd.defaults == ModelDefaults(steps=20)
