@@ -38,14 +38,15 @@ from bench.measure import Measurement, Target
 from bench.random_weights import created_on
 from diffuser_api.api.app import create_app
 from diffuser_api.config import Settings
+from diffuser_api.config.models_file import engine_limits
 from diffuser_api.errors import NotSupported
-from diffuser_api.main import engine_limits
 from diffuser_api.models import stable_diffusion
+from diffuser_api.models.checkpoint import probe_pipeline
 from diffuser_api.models.families import family_for
 from diffuser_api.models.family import Family
-from diffuser_api.models.loading import LoadOptions, derive_capabilities, task_pipelines
-from diffuser_api.models.registry import LoadedRunners, ModelHandle, ModelRegistry
-from diffuser_api.models.runner import DiffusersRunner
+from diffuser_api.models.in_memory import in_memory_spec, registry_of_one
+from diffuser_api.models.loading import runners_for_pipeline
+from diffuser_api.models.registry import LoadedRunners, ModelRegistry
 from diffuser_api.models.tiny import sdxl as tiny_sdxl
 from diffuser_api.models.tiny import stable_diffusion as tiny_sd
 from diffuser_api.models.tiny.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer
@@ -137,18 +138,13 @@ def sdxl_family() -> Family:
 
 def in_memory_registry(pipe: Any, family: Family, settings: Settings, device: str) -> ModelRegistry:
     """A registry whose loader hands over the pipeline already built, as load_model would."""
-    options = LoadOptions(
-        model_id=MODEL_ID, cache_dir=settings.cache_dir, devices=(device,), torch_dtype=str(pipe.dtype).split(".")[-1],
-        min_image_size=settings.min_image_size, max_image_size=settings.max_image_size,
-        variation_strength=settings.variation_strength,
-    )
+    spec = in_memory_spec(MODEL_ID, device, engine_limits(settings))
 
     def load() -> LoadedRunners:
-        pipelines = task_pipelines(pipe, family)
-        capabilities = derive_capabilities(pipelines, family, options, tiny=False)
-        return LoadedRunners(capabilities, [DiffusersRunner(f"{device}#0", family, pipelines)], PIPELINE_CLASS)
+        capabilities = probe_pipeline(pipe, family, spec, settings).capabilities
+        return LoadedRunners(capabilities, runners_for_pipeline(pipe, family, [device]), PIPELINE_CLASS)
 
-    return ModelRegistry([ModelHandle(MODEL_ID, load, engine_limits(settings))])
+    return registry_of_one(spec, load)
 
 
 def device_name(device: str) -> str:

@@ -1,50 +1,37 @@
-"""Wires settings -> registry (with the diffusers loader) -> app. The only place that does."""
+"""Wires settings -> serving plan -> registry (with the diffusers probe and loader) -> app.
+The only place that does."""
 
 from __future__ import annotations
-
-from functools import partial
 
 from fastapi import FastAPI
 
 from diffuser_api.api.app import create_app
 from diffuser_api.config import Settings
-from diffuser_api.engine import EngineLimits
-from diffuser_api.models.registry import ModelHandle, ModelRegistry
-
-
-def engine_limits(settings: Settings) -> EngineLimits:
-    return EngineLimits(
-        max_queue_size=settings.max_queue_size,
-        max_batch_size=settings.max_batch_size,
-        max_batch_pixels=settings.max_batch_pixels,
-        batch_wait_s=settings.batch_wait_ms / 1000,
-        request_timeout_s=settings.request_timeout_s,
-    )
+from diffuser_api.config.models_file import serving_plan
+from diffuser_api.models.registry import LoadedRunners, ModelRegistry, ProbedModel, warm_up
+from diffuser_api.models.spec import ModelSpec
 
 
 def build_registry(settings: Settings) -> ModelRegistry:
+    """Every model of the plan, probed now (configs only); weights load when the registry says."""
     # Imported here so that building an app with another registry (tests) never loads torch.
-    from diffuser_api.models.loading import LoadOptions, load_model
+    from diffuser_api.models.checkpoint import probe_model
+    from diffuser_api.models.loading import DiffusersModel, load_model
 
-    options = LoadOptions(
-        model_id=settings.model_id,
-        cache_dir=settings.cache_dir,
-        devices=tuple(settings.device),
-        torch_dtype=settings.torch_dtype,
-        min_image_size=settings.min_image_size,
-        max_image_size=settings.max_image_size,
-        variation_strength=settings.variation_strength,
-        preview_scale=settings.preview_scale,
-        family=settings.family,
-    )
-    handle = ModelHandle(
-        settings.model_id,
-        partial(load_model, options),
-        engine_limits(settings),
-        disabled_tasks=frozenset(settings.disabled_tasks),
-        warmup=settings.warmup,
-    )
-    return ModelRegistry([handle], strict_names=settings.strict_model_names)
+    probed: dict[str, ProbedModel] = {}
+
+    def probe(spec: ModelSpec) -> ProbedModel:
+        probed[spec.id] = probe_model(spec, settings)
+        return probed[spec.id]
+
+    def loader(spec: ModelSpec) -> DiffusersModel:
+        """Load, then warm up before the registry measures the working memory."""
+        loaded = load_model(spec, settings)
+        if spec.warmup:
+            warm_up(LoadedRunners(probed[spec.id].capabilities, loaded.runners, loaded.pipeline_class))
+        return loaded
+
+    return ModelRegistry(serving_plan(settings), probe=probe, loader=loader, strict_names=settings.strict_model_names)
 
 
 def build_app(settings: Settings) -> FastAPI:

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from diffuser_api.config import Settings
+from diffuser_api.config.models_file import engine_limits
 from diffuser_api.engine import Engine
-from diffuser_api.main import engine_limits
 from tests.fakes import FakeRunner, fake_app, png_bytes
 from tests.servers import ThreadedServer
 

@@ -6,23 +6,26 @@ from pathlib import Path
 
 import pytest
 
+from diffuser_api.config import Settings
 from diffuser_api.domain import Task
-from diffuser_api.models.loading import LoadOptions, load_model
+from diffuser_api.models.checkpoint import probe_model
+from diffuser_api.models.loading import load_model
+from diffuser_api.models.spec import ModelSpec
 from tests.conftest import TINY_CACHE
 
 pytestmark = pytest.mark.slow
 
+SETTINGS = Settings(_env_file=None, cache_dir=TINY_CACHE)
 
-def options(**overrides) -> LoadOptions:
-    values = dict(model_id="tiny-sd", cache_dir=TINY_CACHE, devices=("cpu",), torch_dtype="auto",
-                  min_image_size=64, max_image_size=2048, variation_strength=0.7)
-    return LoadOptions(**(values | overrides))
+
+def spec(source: str = "tiny-sd", devices: tuple[str, ...] = ("cpu",)) -> ModelSpec:
+    return ModelSpec(id="model", source=source, devices=devices)
 
 
 def test_tasks_share_one_copy_of_the_weights():
-    loaded = load_model(options())
+    loaded = load_model(spec(), SETTINGS)
     pipelines = loaded.runners[0].pipelines
-    assert loaded.capabilities.tasks == {Task.GENERATION, Task.EDIT, Task.MASKED_EDIT, Task.VARIATION}
+    assert set(pipelines) == {Task.GENERATION, Task.EDIT, Task.MASKED_EDIT, Task.VARIATION}
     base = pipelines[Task.GENERATION]
     for task in (Task.EDIT, Task.MASKED_EDIT):
         for module in ("unet", "vae", "text_encoder"):
@@ -33,7 +36,7 @@ def test_tasks_share_one_copy_of_the_weights():
 
 
 def test_two_workers_on_one_device_share_weights_but_not_schedulers():
-    first, second = load_model(options(devices=("cpu", "cpu"))).runners
+    first, second = load_model(spec(devices=("cpu", "cpu")), SETTINGS).runners
     a, b = first.pipelines[Task.GENERATION], second.pipelines[Task.GENERATION]
     assert a.unet is b.unet
     assert a.scheduler is not b.scheduler
@@ -42,7 +45,7 @@ def test_two_workers_on_one_device_share_weights_but_not_schedulers():
 
 def test_local_folder_loads_like_a_hub_id(tmp_path: Path):
     folder = TINY_CACHE / "tiny-sd"
-    load_model(options())  # makes sure the folder exists
-    loaded = load_model(options(model_id=str(folder)))
+    load_model(spec(), SETTINGS)  # makes sure the folder exists
+    loaded = load_model(spec(str(folder)), SETTINGS)
     assert loaded.pipeline_class == "StableDiffusionPipeline"
-    assert loaded.capabilities.notes == ()  # a local folder is not announced as a tiny model
+    assert probe_model(spec(str(folder)), SETTINGS).capabilities.notes == ()  # not announced as a tiny model

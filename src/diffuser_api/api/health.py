@@ -11,7 +11,7 @@ from diffuser_api.api.dependencies import RegistryDep, SettingsDep
 from diffuser_api.api.rate_limits import describe_limits
 from diffuser_api.api.responses import HealthResponse, ServiceInfo, error_responses
 from diffuser_api.domain import Capabilities, Task
-from diffuser_api.models.registry import ModelHandle, ModelStatus
+from diffuser_api.models.registry import ModelStatus, ServedModel
 
 router = APIRouter(tags=["service"])
 
@@ -23,9 +23,8 @@ router = APIRouter(tags=["service"])
 async def health(registry: RegistryDep) -> dict[str, str]:
     """Public (no key), so it says only ready or why not in our own words: never paths or the
     loader's exception, which the server's log has."""
-    for handle in registry:
-        if handle.status is not ModelStatus.READY:
-            raise handle.unavailable()
+    if (problem := registry.health_problem()) is not None:
+        raise problem
     return {"status": "ok"}
 
 
@@ -44,10 +43,11 @@ async def service_info(registry: RegistryDep, settings: SettingsDep, request: Re
     }
 
 
-def _describe(handle: ModelHandle) -> dict[str, Any]:
+def _describe(handle: ServedModel) -> dict[str, Any]:
     described: dict[str, Any] = {"id": handle.id, "status": handle.status.value}
     if handle.status is not ModelStatus.READY:
         described["reason"] = handle.unavailable().message
+    if not handle.probed:
         return described
     caps = handle.capabilities
     described.update(

@@ -56,8 +56,7 @@ class ServiceMetrics:
             "diffuser_rate_limit_store_errors", "Calls to the rate-limit store that failed or timed out", registry=r
         )
         r.register(LiveFigures(models, device_memory))
-        for handle in models:
-            handle.observe_batches(self.batch_observer(handle.id))
+        models.observe_batches(self.batch_observer)
 
     def batch_observer(self, model_id: str) -> BatchObserver:
         """Runs on the worker thread after each pipeline call; prometheus-client is thread-safe."""
@@ -96,9 +95,9 @@ class LiveFigures(Collector):
                                  labels=["model"])
         for handle in self._models:
             ready.add_metric([handle.id], float(handle.status is ModelStatus.READY))
-            if handle.status is ModelStatus.READY:
-                depth.add_metric([handle.id], handle.engine.queue_depth)
-                busy.add_metric([handle.id], sum(worker.busy for worker in handle.engine.workers))
+            if (engine := handle.engine_now) is not None:
+                depth.add_metric([handle.id], engine.queue_depth)
+                busy.add_metric([handle.id], sum(worker.busy for worker in engine.workers))
             if handle.load_seconds is not None:
                 load.add_metric([handle.id], handle.load_seconds)
         yield from (ready, depth, busy, load)

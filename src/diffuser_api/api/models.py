@@ -8,12 +8,12 @@ from fastapi import APIRouter
 
 from diffuser_api.api.dependencies import RegistryDep
 from diffuser_api.api.responses import ModelCard, ModelList, error_responses
-from diffuser_api.models.registry import ModelHandle
+from diffuser_api.models.registry import ServedModel
 
 router = APIRouter(tags=["models"])
 
 
-def model_card(handle: ModelHandle) -> dict[str, Any]:
+def model_card(handle: ServedModel) -> dict[str, Any]:
     return {"id": handle.id, "object": "model", "created": handle.created, "owned_by": "diffuser-api"}
 
 

@@ -20,7 +20,7 @@ from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from diffuser_api.domain import Endpoint, ImageRequest
 from diffuser_api.errors import DiffuserError
 from diffuser_api.service.images import response_quality, response_size
-from diffuser_api.service.streaming import Completed, ImageStream, PartialImage, Queued, Step, StreamEvent
+from diffuser_api.service.streaming import Completed, ImageStream, Loading, PartialImage, Queued, Step, StreamEvent
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ def openai_event(event: StreamEvent, request: ImageRequest, size: str) -> dict[s
 
 
 def websocket_message(event: StreamEvent) -> dict[str, Any]:
+    if isinstance(event, Loading):
+        return {"type": "loading"}
     if isinstance(event, Queued):
         return {"type": "queued", "position": event.position}
     if isinstance(event, Step):

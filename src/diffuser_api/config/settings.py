@@ -20,7 +20,7 @@ DEFAULT_QUALITY_STEP_FACTORS = {
 }
 
 
-def _split_list(value: object) -> object:
+def split_list(value: object) -> object:
     """Accept ``a,b,c`` as well as a JSON list, since env vars are plain strings."""
     if isinstance(value, str):
         text = value.strip()
@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         "default: detected from the pipeline class in model_index.json.",
     )
     warmup: bool = Field(True, description="Run one tiny generation after loading, before /health says ready.")
+    models_file: Path | None = Field(
+        None,
+        description="YAML file of several models (ids, aliases, per-model settings, memory budgets); "
+        "default: one model, model_id, with the settings here.",
+    )
 
     # HTTP
     host: str = "127.0.0.1"
@@ -221,14 +226,19 @@ class Settings(BaseSettings):
     @field_validator("device", "trusted_proxies", "allowed_hosts", "api_keys", "cors_allow_origins", mode="before")
     @classmethod
     def _lists_from_env(cls, value: object) -> object:
-        return _split_list(value)
+        return split_list(value)
 
     @field_validator("disabled_tasks", mode="before")
     @classmethod
     def _task_names(cls, value: object) -> object:
-        """Let operators write task names loosely: ``masked_edit`` or ``masked edit (inpainting)``."""
-        value = _split_list(value)
-        if not isinstance(value, list):
-            return value
-        by_key = {task.name.lower(): task for task in Task} | {task.value: task for task in Task}
-        return [by_key.get(str(item).lower().replace("-", "_"), item) for item in value]
+        return task_names(value)
+
+
+def task_names(value: object) -> object:
+    """Let operators write task names loosely: ``masked_edit`` or ``masked edit (inpainting)``.
+    Shared with the models file's ``disabled_tasks``."""
+    value = split_list(value)
+    if not isinstance(value, list):
+        return value
+    by_key = {task.name.lower(): task for task in Task} | {task.value: task for task in Task}
+    return [by_key.get(str(item).lower().replace("-", "_"), item) for item in value]

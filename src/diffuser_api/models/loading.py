@@ -1,48 +1,36 @@
-"""Turns a model id into runners: resolve the source, load once per device, derive tasks.
+"""Turns a model spec into a loaded model: one copy of the weights per device, runners, and
+the moves the registry makes with them (to host RAM and back, or away).
 
 Hub ids, local folders and built-in tiny models all go through ``from_pretrained``, so a
 real checkpoint on a GPU is only a settings change. A pipeline built in memory (a benchmark's
-random-weight model) is served through the same ``runners_for_pipeline``.
+random-weight model) is served through the same ``runners_for_pipeline`` / ``DiffusersModel``.
+What the model can do comes from ``checkpoint.py``, before any of this runs.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import logging
-from dataclasses import dataclass, replace
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
 
-from diffuser_api.domain import Capabilities, SizeRules, Task
+from diffuser_api.config import Settings
+from diffuser_api.domain import Task
+from diffuser_api.models.checkpoint import checkpoint_source
 from diffuser_api.models.families import family_for
 from diffuser_api.models.family import Family
-from diffuser_api.models.registry import LoadedRunners
 from diffuser_api.models.runner import DiffusersRunner
-from diffuser_api.models.tasks import task_classes, task_extras
-from diffuser_api.models.tiny import ensure_tiny_model, is_tiny_model
+from diffuser_api.models.spec import ModelSpec
+from diffuser_api.models.tasks import task_classes
 
 logger = logging.getLogger(__name__)
 
-TINY_MODEL_NOTE = "random weights built locally: images are noise, useful only to test the API"
 
-
-@dataclass(frozen=True)
-class LoadOptions:
-    model_id: str
-    cache_dir: Path
-    devices: tuple[str, ...]
-    torch_dtype: str
-    min_image_size: int
-    max_image_size: int
-    variation_strength: float
-    preview_scale: float = 1.0
-    family: str | None = None
-
-
-def resolve_devices(devices: tuple[str, ...]) -> list[str]:
+def resolve_devices(devices: Sequence[str]) -> list[str]:
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     return [auto if device == "auto" else device for device in devices]
 
@@ -53,34 +41,78 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_model(options: LoadOptions) -> LoadedRunners:
+class DiffusersModel:
+    """A diffusers model on its devices: the registry's ``LoadedModel``.
+
+    ``bases`` holds one pipeline per distinct device; every task pipeline and every second
+    worker on a device shares its modules (``from_pipe``), so moving a base moves them all.
+    Working memory is the CUDA peak beyond what was allocated once the weights were placed,
+    so read ``working_bytes`` after the warm-up.
+    """
+
+    def __init__(self, bases: dict[str, Any], runners: Sequence[DiffusersRunner], pipeline_class: str) -> None:
+        self.runners = runners
+        self.pipeline_class = pipeline_class
+        self._bases = bases
+        self.can_offload = any(not device.startswith("cpu") for device in bases)
+        self._baseline = {device: _start_peak(device) for device in bases}
+
+    def resident_bytes(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for device, base in self._bases.items():
+            for tensor in _tensors(base):
+                where = "cpu" if tensor.device.type == "cpu" else device
+                totals[where] = totals.get(where, 0) + tensor.numel() * tensor.element_size()
+        return totals
+
+    def working_bytes(self) -> dict[str, int]:
+        return {
+            device: max(0, torch.cuda.max_memory_allocated(device) - baseline) if _is_cuda(device) else 0
+            for device, baseline in self._baseline.items()
+        }
+
+    def offload(self) -> None:
+        for base in self._bases.values():
+            base.to("cpu")
+        _free_cuda(list(self._bases))
+
+    def restore(self) -> None:
+        for device, base in self._bases.items():
+            base.to(device)
+
+    def release(self) -> None:
+        devices = list(self._bases)
+        self._bases = {}
+        self.runners = []
+        gc.collect()
+        _free_cuda(devices)
+
+
+def load_model(spec: ModelSpec, settings: Settings) -> DiffusersModel:
     """One copy of the weights per distinct device, and one runner per listed device."""
-    tiny = is_tiny_model(options.model_id)
-    source = str(ensure_tiny_model(options.model_id, options.cache_dir)) if tiny else options.model_id
+    source = checkpoint_source(spec, settings)
     pipeline_class = DiffusionPipeline.load_config(source)["_class_name"]
-    family = family_for(pipeline_class, options.family)
-    devices = resolve_devices(options.devices)
-    loaded: list[LoadedRunners] = []
-    for device in dict.fromkeys(devices):
-        dtype = resolve_dtype(options.torch_dtype, device)
-        logger.info(
-            "loading %s (%s, family %s) on %s as %s", options.model_id, pipeline_class, family.name, device, dtype
-        )
-        base = DiffusionPipeline.from_pretrained(source, dtype=dtype, **family.load_kwargs(source)).to(device)
-        workers = tuple(d for d in devices if d == device)
-        loaded.append(runners_for_pipeline(base, family, replace(options, devices=workers), tiny=tiny))
-    return LoadedRunners(
-        capabilities=loaded[0].capabilities,
-        runners=[runner for part in loaded for runner in part.runners],
-        pipeline_class=pipeline_class,
-    )
-
-
-def runners_for_pipeline(base: Any, family: Family, options: LoadOptions, *, tiny: bool = False) -> LoadedRunners:
-    """Serve a pipeline that already sits on its device: one runner per entry of
-    ``options.devices`` (all naming that device), sharing its weights."""
+    family = family_for(pipeline_class, spec.family)
+    devices = resolve_devices(spec.devices)
+    bases: dict[str, Any] = {}
     runners: list[DiffusersRunner] = []
-    for index, device in enumerate(options.devices):
+    for device in dict.fromkeys(devices):
+        dtype = resolve_dtype(spec.torch_dtype, device)
+        logger.info("loading %s (%s, family %s) on %s as %s", spec.id, pipeline_class, family.name, device, dtype)
+        base = DiffusionPipeline.from_pretrained(source, dtype=dtype, **family.load_kwargs(source)).to(device)
+        bases[device] = base
+        workers = [name for name in devices if name == device]
+        runners += runners_for_pipeline(base, family, workers, settings.preview_scale)
+    return DiffusersModel(bases, runners, pipeline_class)
+
+
+def runners_for_pipeline(
+    base: Any, family: Family, devices: Sequence[str], preview_scale: float = 1.0
+) -> list[DiffusersRunner]:
+    """Serve a pipeline that already sits on its device: one runner per entry of ``devices``
+    (all naming that device), sharing its weights."""
+    runners: list[DiffusersRunner] = []
+    for index, device in enumerate(devices):
         # A second worker on a device shares its weights but needs its own scheduler:
         # schedulers keep per-call state and break when two threads step one.
         pipe = (
@@ -88,11 +120,8 @@ def runners_for_pipeline(base: Any, family: Family, options: LoadOptions, *, tin
             if index == 0
             else type(base).from_pipe(base, scheduler=copy.deepcopy(base.scheduler), dtype=base.dtype)
         )
-        runners.append(
-            DiffusersRunner(f"{device}#{index}", family, task_pipelines(pipe, family), options.preview_scale)
-        )
-    capabilities = derive_capabilities(runners[0].pipelines, family, options, tiny)
-    return LoadedRunners(capabilities=capabilities, runners=runners, pipeline_class=type(base).__name__)
+        runners.append(DiffusersRunner(f"{device}#{index}", family, task_pipelines(pipe, family), preview_scale))
+    return runners
 
 
 def task_pipelines(base: Any, family: Family) -> dict[Task, Any]:
@@ -108,56 +137,31 @@ def task_pipelines(base: Any, family: Family) -> dict[Task, Any]:
     return pipelines
 
 
-def native_size(pipeline: Any) -> int:
-    sample = getattr(pipeline, "default_sample_size", None)
-    if sample is None and getattr(pipeline, "unet", None) is not None:
-        sample = pipeline.unet.config.sample_size
-    return int(sample * getattr(pipeline, "vae_scale_factor", 8)) if sample else 1024
+def _tensors(pipeline: Any) -> list[torch.Tensor]:
+    """Parameters and buffers of every module of a pipeline, each counted once."""
+    seen: dict[int, torch.Tensor] = {}
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            for tensor in (*component.parameters(), *component.buffers()):
+                seen.setdefault(id(tensor), tensor)
+    return list(seen.values())
 
 
-def position_limit(pipeline: Any) -> int | None:
-    """The largest side a transformer's position table covers (SD3's ``pos_embed_max_size``)."""
-    config = getattr(getattr(pipeline, "transformer", None), "config", None)
-    table = getattr(config, "pos_embed_max_size", None)
-    if not table:
-        return None
-    return int(table * config.patch_size * getattr(pipeline, "vae_scale_factor", 8))
+def _is_cuda(device: str) -> bool:
+    return device.startswith("cuda") and torch.cuda.is_available()
 
 
-def has_guidance_embedding(pipeline: Any) -> bool:
-    """False for transformers built without one (FLUX.1-schnell): guidance_scale does nothing."""
-    config = getattr(getattr(pipeline, "transformer", None), "config", None)
-    return getattr(config, "guidance_embeds", True) is not False
+def _start_peak(device: str) -> int:
+    """Start measuring a device's peak; returns what is allocated there now (0 off CUDA)."""
+    if not _is_cuda(device):
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
 
 
-def derive_capabilities(pipelines: dict[Task, Any], family: Family, options: LoadOptions, tiny: bool) -> Capabilities:
-    first = next(iter(pipelines.values()))
-    extras = task_extras({task: type(pipe) for task, pipe in pipelines.items()}, family)
-    if not has_guidance_embedding(first):
-        extras = {task: names - {"guidance_scale"} for task, names in extras.items()}
-    honoured = frozenset().union(*extras.values())
-    max_side = min(options.max_image_size, position_limit(first) or options.max_image_size)
-    max_side -= max_side % family.size_multiple
-    side = max(options.min_image_size, min(max_side, native_size(first)))
-    side -= side % family.size_multiple
-    variation = (
-        f"image-to-image from the input with the configured variation prompt at strength {options.variation_strength:g}"
-        if Task.VARIATION in pipelines
-        else None
-    )
-    return Capabilities(
-        family=family.name,
-        tasks=frozenset(pipelines),
-        extras=honoured,
-        task_extras=extras,
-        size=SizeRules(family.size_multiple, options.min_image_size, max_side, side, side),
-        default_steps=family.default_steps,
-        default_guidance_scale=family.default_guidance_scale,
-        default_strength=family.default_strength,
-        default_true_cfg_scale=family.default_true_cfg_scale,
-        default_negative_prompt=family.default_negative_prompt,
-        negative_prompt_scale=family.negative_prompt_scale if "negative_prompt" in honoured else None,
-        variation_method=variation,
-        max_input_images=family.max_input_images,
-        notes=((TINY_MODEL_NOTE,) if tiny else ()) + family.notes,
-    )
+def _free_cuda(devices: Iterable[str]) -> None:
+    for device in devices:
+        if _is_cuda(device):
+            with torch.cuda.device(device):
+                torch.cuda.empty_cache()
