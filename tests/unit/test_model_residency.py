@@ -14,10 +14,12 @@ from fastapi.testclient import TestClient
 
 from diffuser_api.domain import Task
 from diffuser_api.engine import EngineLimits
+from diffuser_api.engine.engine import MAX_DEATHS_IN_A_ROW
 from diffuser_api.models.served import FIRST_RETRY_S
 from tests.fakes import FakeModel, FakeRunner, fake_models_app, png_bytes
 from tests.servers import ThreadedServer
 from tests.unit.test_api import EDIT, GEN, assert_envelope, wait_ready
+from tests.unit.test_engine_faults import WorkerKiller
 
 SECRET_PATH = "/srv/models/secret/unet/diffusion_pytorch_model.safetensors"
 
@@ -296,3 +298,18 @@ def test_two_models_on_one_device_never_run_batches_at_the_same_time(tmp_path):
     assert len(a.runner.batches) >= 4 and len(b.runner.batches) >= 4
     for earlier, later in zip(batches, batches[1:], strict=False):
         assert earlier.finished_at is not None and earlier.finished_at <= later.started_at, (earlier, later)
+
+
+def test_a_loaded_model_whose_workers_keep_dying_turns_health_503_even_if_not_pinned(tmp_path):
+    runner = FakeRunner("fake#0", fail_on={"kill": WorkerKiller("x")})
+    app = fake_models_app(tmp_path, [FakeModel("model-a"), FakeModel("model-b", runner=runner)])
+    with TestClient(app) as client:
+        wait_ready(client)
+        for _ in range(MAX_DEATHS_IN_A_ROW):
+            assert_envelope(generate(client, "model-b", "kill"), 500)
+        health = assert_envelope(client.get("/health"), 503)
+        assert health["message"] == "model 'model-b' is unhealthy: its worker died 3 times in a row"
+        assert statuses(app)["model-b"] == "failed"
+        assert generate(client, "model-a").status_code == 200
+        assert generate(client, "model-b").status_code == 200  # a replacement worker still serves
+        assert client.get("/health").status_code == 200
