@@ -212,8 +212,8 @@ class Engine:
         if self._stop_deadline is not None:
             return
         replacement = self._new_worker(dead.runner)
+        replacement.start()  # before it is listed: a stop joining the list meanwhile must find it started
         self.workers = [replacement if worker is dead else worker for worker in self.workers]
-        replacement.start()
         logger.warning("started a new worker on %s", dead.runner.name)
 
     def _record(self, report: BatchReport) -> None:

@@ -392,7 +392,11 @@ class ModelRegistry:
         await asyncio.gather(*(asyncio.shield(model.transition) for model in wanted if model.transition))
 
     def health_problem(self) -> Unavailable | None:
-        """Why the server should not be called ready: a pinned (or the default) model that is not."""
+        """Why the server should not be called ready: a pinned (or the default) model that is
+        not, or any loaded model whose workers keep dying (a restart is due)."""
+        for model in self:
+            if model.engine_now is not None and model.engine_now.health_problem is not None:
+                return model.unavailable()
         for model in [model for model in self if model.pinned] or [self.default]:
             if model.status is not ModelStatus.READY:
                 return model.unavailable()
