@@ -27,10 +27,13 @@ def model_card(model: ServedModel) -> dict[str, Any]:
 
 def describe_model(model: ServedModel) -> dict[str, Any]:
     """What a model can do, for ``GET /`` and ``GET /v1/models/{id}``: known from the
-    checkpoint before any load, so a cold model is described without loading it."""
+    checkpoint before any load, so a cold model is described without loading it. A checkpoint
+    that could not even be read has only its status and reason."""
     described: dict[str, Any] = {"id": model.id, "status": model.status.value}
     if model.status in EXPLAINED:
         described["reason"] = model.unavailable().message
+    if not model.probed:
+        return described
     caps = model.capabilities
     described.update(
         family=caps.family,

@@ -164,19 +164,20 @@ class EndpointSupport(BaseModel):
 
 
 class ModelDescription(BaseModel):
-    """What the model can do, known from its checkpoint before any load; ``reason`` only while
-    loading or failed (our words, never the load's exception)."""
+    """What the model can do, known from its checkpoint before any load (absent only when the
+    checkpoint could not be read); ``reason`` only while loading or failed (our words, never
+    the load's exception)."""
 
     id: str
     status: ModelStatusName = Field(description=STATUS_MEANING)
     reason: str | SkipJsonSchema[None] = omitted()
-    family: str
-    pipeline: str
-    notes: list[str]
-    endpoints: EndpointSupport
-    extras: list[str]
-    sizes: SizeDescription
-    defaults: ModelDefaults
+    family: str | SkipJsonSchema[None] = omitted()
+    pipeline: str | SkipJsonSchema[None] = omitted()
+    notes: list[str] | SkipJsonSchema[None] = omitted()
+    endpoints: EndpointSupport | SkipJsonSchema[None] = omitted()
+    extras: list[str] | SkipJsonSchema[None] = omitted()
+    sizes: SizeDescription | SkipJsonSchema[None] = omitted()
+    defaults: ModelDefaults | SkipJsonSchema[None] = omitted()
 
 
 class Evictions(BaseModel):

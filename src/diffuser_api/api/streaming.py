@@ -20,7 +20,7 @@ from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from diffuser_api.domain import Endpoint, ImageRequest
 from diffuser_api.errors import DiffuserError
 from diffuser_api.service.images import response_quality, response_size
-from diffuser_api.service.streaming import Completed, ImageStream, PartialImage, Queued, Step, StreamEvent
+from diffuser_api.service.streaming import Completed, ImageStream, Loading, PartialImage, Queued, Step, StreamEvent
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ def usage(prompt_tokens: int | None) -> dict[str, Any]:
 
 
 def openai_event(event: StreamEvent, request: ImageRequest, size: str) -> dict[str, Any] | None:
-    """The OpenAI JSON of an event, or None for events OpenAI's stream has no type for."""
+    """The OpenAI JSON of an event, or None for events OpenAI's stream has no type for
+    (``Loading``, ``Queued``, ``Step``): the ``: ping`` comments keep such a stream alive."""
     common = {
         "created_at": int(time.time()),
         "size": response_size(size) or "auto",
@@ -63,6 +64,8 @@ def openai_event(event: StreamEvent, request: ImageRequest, size: str) -> dict[s
 
 
 def websocket_message(event: StreamEvent) -> dict[str, Any]:
+    if isinstance(event, Loading):
+        return {"type": "loading"}
     if isinstance(event, Queued):
         return {"type": "queued", "position": event.position}
     if isinstance(event, Step):
