@@ -51,9 +51,9 @@ from diffuser_api.api.app import create_app
 from diffuser_api.config import Settings
 from diffuser_api.main import engine_limits
 from diffuser_api.models import qwen_image_edit
+from diffuser_api.models.in_memory import in_memory_spec, registry_of_one
 from diffuser_api.models.loading import LoadOptions, runners_for_pipeline
 from diffuser_api.models.qwen_processor import Qwen2VLImageOnlyProcessor
-from diffuser_api.models.registry import ModelHandle, ModelRegistry
 from diffuser_api.models.tiny import qwen_image as tiny
 from diffuser_api.models.tiny.tokenizers import (
     QWEN_ENDOFTEXT_TOKEN_ID,
@@ -176,8 +176,9 @@ def main() -> None:
                           torch_dtype=str(dtype).removeprefix("torch."), min_image_size=settings.min_image_size,
                           max_image_size=settings.max_image_size, variation_strength=settings.variation_strength)
     family = qwen_image_edit.FAMILY
-    handle = ModelHandle(MODEL_ID, lambda: runners_for_pipeline(pipe, family, options), engine_limits(settings))
-    with ThreadedServer(create_app(settings, ModelRegistry([handle]))) as server:
+    registry = registry_of_one(in_memory_spec(MODEL_ID, device, engine_limits(settings)),
+                               lambda: runners_for_pipeline(pipe, family, options))
+    with ThreadedServer(create_app(settings, registry)) as server:
         server.wait_ready(timeout_s=120)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -43,8 +43,9 @@ from diffuser_api.main import engine_limits
 from diffuser_api.models import stable_diffusion
 from diffuser_api.models.families import family_for
 from diffuser_api.models.family import Family
+from diffuser_api.models.in_memory import in_memory_spec, registry_of_one
 from diffuser_api.models.loading import LoadOptions, derive_capabilities, task_pipelines
-from diffuser_api.models.registry import LoadedRunners, ModelHandle, ModelRegistry
+from diffuser_api.models.registry import LoadedRunners, ModelRegistry
 from diffuser_api.models.runner import DiffusersRunner
 from diffuser_api.models.tiny import sdxl as tiny_sdxl
 from diffuser_api.models.tiny import stable_diffusion as tiny_sd
@@ -148,7 +149,7 @@ def in_memory_registry(pipe: Any, family: Family, settings: Settings, device: st
         capabilities = derive_capabilities(pipelines, family, options, tiny=False)
         return LoadedRunners(capabilities, [DiffusersRunner(f"{device}#0", family, pipelines)], PIPELINE_CLASS)
 
-    return ModelRegistry([ModelHandle(MODEL_ID, load, engine_limits(settings))])
+    return registry_of_one(in_memory_spec(MODEL_ID, device, engine_limits(settings)), load)
 
 
 def device_name(device: str) -> str:

@@ -22,7 +22,8 @@ from diffuser_api.config import Settings
 from diffuser_api.domain import Capabilities, GeneratedImage, ImageJob, SizeRules, Task
 from diffuser_api.engine import EngineLimits, StepCallback
 from diffuser_api.errors import OutOfMemory
-from diffuser_api.models.registry import LoadedRunners, ModelHandle, ModelRegistry
+from diffuser_api.models.registry import ModelRegistry, ProbedModel
+from diffuser_api.models.spec import ModelSpec, ServingPlan
 
 ALL_BUT_MULTI = frozenset(Task) - {Task.MULTI_IMAGE_EDIT}
 
@@ -148,6 +149,166 @@ def fake_capabilities(tasks: frozenset[Task] = ALL_BUT_MULTI, extras: frozenset[
     )
 
 
+@dataclass
+class FakeLoadedModel:
+    """Implements ``LoadedModel``: fake bytes on a fake device, offload/restore/release counted."""
+
+    runners: list[FakeRunner]
+    weights: dict[str, int]
+    working: dict[str, int]
+    can_offload: bool = True
+    pipeline_class: str = "FakePipeline"
+    offloads: int = 0
+    restores: int = 0
+    released: bool = False
+    on_host: bool = False
+
+    def resident_bytes(self) -> dict[str, int]:
+        return {} if self.on_host or self.released else dict(self.weights)
+
+    def working_bytes(self) -> dict[str, int]:
+        return dict(self.working)
+
+    def offload(self) -> None:
+        assert self.can_offload and not self.on_host and not self.released
+        self.on_host = True
+        self.offloads += 1
+
+    def restore(self) -> None:
+        assert self.on_host and not self.released
+        self.on_host = False
+        self.restores += 1
+
+    def release(self) -> None:
+        assert not self.released
+        self.released = True
+
+
+@dataclass
+class FakeModel:
+    """One entry of a fake models file, and what happened to its loads.
+
+    ``weight_bytes`` and ``working_bytes`` are what each load "measures" on ``device``;
+    ``load_gate`` holds every load until set; ``load_error`` makes loads fail (clear it to let
+    a later one succeed); ``probe_error`` makes the checkpoint unreadable. The runner keeps its
+    batches across loads, so a test sees which model served what.
+    """
+
+    id: str
+    runner: FakeRunner | None = None
+    device: str = "fake"
+    tasks: frozenset[Task] = ALL_BUT_MULTI
+    extras: frozenset[str] = FAKE_EXTRAS
+    aliases: tuple[str, ...] = ()
+    pinned: bool = False
+    weight_bytes: int = 0
+    working_bytes: int = 0
+    can_offload: bool = True
+    limits: EngineLimits = field(default_factory=lambda: EngineLimits(request_timeout_s=10.0))
+    disabled_tasks: frozenset[Task] = frozenset()
+    variation_prompt: str = ""
+    load_gate: threading.Event | None = None
+    load_delay_s: float = 0.0
+    load_error: Exception | None = None
+    probe_error: Exception | None = None
+    loaded: list[FakeLoadedModel] = field(default_factory=list)  # one per (cold) load
+
+    def __post_init__(self) -> None:
+        if self.runner is None:
+            self.runner = FakeRunner(f"{self.device}#0")
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(
+            id=self.id, source=self.id, aliases=self.aliases, pinned=self.pinned, devices=(self.device,),
+            disabled_tasks=self.disabled_tasks, variation_prompt=self.variation_prompt, engine=self.limits,
+        )
+
+    def probe(self) -> ProbedModel:
+        if self.probe_error is not None:
+            raise self.probe_error
+        return ProbedModel(fake_capabilities(self.tasks, self.extras).without(self.disabled_tasks), "FakePipeline")
+
+    def load(self) -> FakeLoadedModel:
+        if self.load_gate is not None:
+            assert self.load_gate.wait(GATE_TIMEOUT_S), "load gate never opened"
+        if self.load_delay_s:
+            time.sleep(self.load_delay_s)
+        if self.load_error is not None:
+            raise self.load_error
+        assert self.runner is not None
+        loaded = FakeLoadedModel(
+            [self.runner], {self.device: self.weight_bytes}, {self.device: self.working_bytes}, self.can_offload
+        )
+        self.loaded.append(loaded)
+        return loaded
+
+    @property
+    def offloads(self) -> int:
+        return sum(loaded.offloads for loaded in self.loaded)
+
+    @property
+    def restores(self) -> int:
+        return sum(loaded.restores for loaded in self.loaded)
+
+    @property
+    def releases(self) -> int:
+        return sum(loaded.released for loaded in self.loaded)
+
+
+def fake_registry(
+    models: Sequence[FakeModel],
+    *,
+    default: str | None = None,
+    max_loaded_models: int | None = None,
+    memory_budget_bytes: int | None = None,
+    host_memory_budget_bytes: int | None = None,
+    strict_names: bool = False,
+) -> ModelRegistry:
+    """A registry of fake models; the first is the default unless ``default`` names another."""
+    by_id = {model.id: model for model in models}
+    plan = ServingPlan(
+        models=tuple(model.spec for model in models),
+        default=default or models[0].id,
+        max_loaded_models=max_loaded_models,
+        memory_budget_bytes=memory_budget_bytes,
+        host_memory_budget_bytes=host_memory_budget_bytes,
+    )
+    return ModelRegistry(
+        plan,
+        probe=lambda spec: by_id[spec.id].probe(),
+        loader=lambda spec: by_id[spec.id].load(),
+        strict_names=strict_names,
+    )
+
+
+def fake_settings(tmp_path: Path, **settings: Any) -> Settings:
+    # TestClient sends Host "testserver", which the loopback default refuses; tests of the
+    # allow-list pass allowed_hosts=None to get the real default.
+    settings.setdefault("allowed_hosts", ["*"])
+    return Settings(_env_file=None, model_id="fake-model", storage_dir=tmp_path / "images", **settings)
+
+
+def fake_models_app(
+    tmp_path: Path,
+    models: Sequence[FakeModel],
+    *,
+    default: str | None = None,
+    max_loaded_models: int | None = None,
+    memory_budget_bytes: int | None = None,
+    host_memory_budget_bytes: int | None = None,
+    tracer_provider: Any = None,
+    **settings: Any,
+) -> FastAPI:
+    """An app serving several fake models (see ``fake_registry``)."""
+    config = fake_settings(tmp_path, **settings)
+    registry = fake_registry(
+        models, default=default, max_loaded_models=max_loaded_models, memory_budget_bytes=memory_budget_bytes,
+        host_memory_budget_bytes=host_memory_budget_bytes, strict_names=config.strict_model_names,
+    )
+    return create_app(config, registry, tracer_provider=tracer_provider)
+
+
 def fake_app(
     tmp_path: Path,
     runner: FakeRunner | None = None,
@@ -159,26 +320,21 @@ def fake_app(
     tracer_provider: Any = None,
     **settings: Any,
 ) -> FastAPI:
-    runner = runner or FakeRunner()
-
-    def load() -> LoadedRunners:
-        if load_gate is not None:
-            assert load_gate.wait(10), "load gate never opened"
-        return LoadedRunners(fake_capabilities(tasks, extras), [runner], "FakePipeline")
-
-    # TestClient sends Host "testserver", which the loopback default refuses; tests of the
-    # allow-list pass allowed_hosts=None to get the real default.
-    settings.setdefault("allowed_hosts", ["*"])
-    config = Settings(_env_file=None, model_id="fake-model", storage_dir=tmp_path / "images", **settings)
-    handle = ModelHandle(
+    """One pinned fake model, "fake-model", as ``DIFFUSER_MODEL_ID`` alone serves one model."""
+    config = fake_settings(tmp_path, **settings)
+    model = FakeModel(
         "fake-model",
-        load,
-        limits or EngineLimits(request_timeout_s=10.0),
+        runner or FakeRunner(),
+        tasks=tasks,
+        extras=extras,
+        pinned=True,
+        limits=limits or EngineLimits(request_timeout_s=10.0),
         disabled_tasks=frozenset(config.disabled_tasks),
+        variation_prompt=config.variation_prompt,
+        load_gate=load_gate,
     )
-    return create_app(
-        config, ModelRegistry([handle], strict_names=config.strict_model_names), tracer_provider=tracer_provider
-    )
+    registry = fake_registry([model], strict_names=config.strict_model_names)
+    return create_app(config, registry, tracer_provider=tracer_provider)
 
 
 def png_bytes(size: tuple[int, int] = (40, 40), colour: tuple[int, ...] = (200, 30, 30), mode: str = "RGB") -> bytes:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 from fastapi import FastAPI
 
 from diffuser_api.api.app import create_app
 from diffuser_api.config import Settings
 from diffuser_api.engine import EngineLimits
-from diffuser_api.models.registry import ModelHandle, ModelRegistry
+from diffuser_api.models.in_memory import registry_of_one
+from diffuser_api.models.registry import LoadedRunners, ModelRegistry, warm_up
+from diffuser_api.models.spec import ModelSpec
 
 
 def engine_limits(settings: Settings) -> EngineLimits:
@@ -23,6 +23,8 @@ def engine_limits(settings: Settings) -> EngineLimits:
 
 
 def build_registry(settings: Settings) -> ModelRegistry:
+    """One model from ``DIFFUSER_MODEL_ID``, pinned. Interim: its probe loads the weights (see
+    ``registry_of_one``) until a probe that reads only the checkpoint's configs exists."""
     # Imported here so that building an app with another registry (tests) never loads torch.
     from diffuser_api.models.loading import LoadOptions, load_model
 
@@ -37,14 +39,20 @@ def build_registry(settings: Settings) -> ModelRegistry:
         preview_scale=settings.preview_scale,
         family=settings.family,
     )
-    handle = ModelHandle(
-        settings.model_id,
-        partial(load_model, options),
-        engine_limits(settings),
-        disabled_tasks=frozenset(settings.disabled_tasks),
-        warmup=settings.warmup,
+    spec = ModelSpec(
+        id=settings.model_id, source=settings.model_id, pinned=True, devices=tuple(settings.device),
+        torch_dtype=settings.torch_dtype, family=settings.family,
+        disabled_tasks=frozenset(settings.disabled_tasks), variation_prompt=settings.variation_prompt,
+        variation_strength=settings.variation_strength, engine=engine_limits(settings), warmup=settings.warmup,
     )
-    return ModelRegistry([handle], strict_names=settings.strict_model_names)
+
+    def load() -> LoadedRunners:
+        loaded = load_model(options)
+        if settings.warmup:
+            warm_up(loaded)
+        return loaded
+
+    return registry_of_one(spec, load, strict_names=settings.strict_model_names)
 
 
 def build_app(settings: Settings) -> FastAPI:

@@ -381,14 +381,19 @@ def test_pipeline_failure_is_500_and_next_request_works(tmp_path):
         assert_still_serves(client)
 
 
-def test_health_is_503_while_loading(tmp_path):
+def test_health_is_503_while_loading_and_a_request_waits_for_the_load(tmp_path):
     gate = threading.Event()
     with TestClient(fake_app(tmp_path, load_gate=gate)) as client:
         error = assert_envelope(client.get("/health"), 503)
         assert "loading" in error["message"]
-        assert_envelope(client.post(GEN, json={"prompt": "x"}), 503)
-        assert client.get("/").json()["models"][0]["status"] == "loading"
+        answers: list = []
+        waiting = threading.Thread(target=lambda: answers.append(client.post(GEN, json={"prompt": "x"})))
+        waiting.start()
+        time.sleep(0.2)
+        assert answers == [] and client.get("/").json()["models"][0]["status"] == "loading"
         gate.set()
+        waiting.join(10)
+        assert answers[0].status_code == 200, answers[0].text
         wait_ready(client)
         assert_still_serves(client)
 

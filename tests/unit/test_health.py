@@ -9,10 +9,7 @@ from threading import Event
 
 from fastapi.testclient import TestClient
 
-from diffuser_api.api.app import create_app
-from diffuser_api.engine import EngineLimits
-from diffuser_api.models.registry import LoadedRunners, ModelHandle, ModelRegistry
-from tests.fakes import fake_app
+from tests.fakes import FakeModel, fake_app, fake_models_app
 from tests.unit.test_api import GEN, assert_envelope
 from tests.unit.test_auth import bearer
 
@@ -20,15 +17,13 @@ SECRET_PATH = "/srv/models/secret-checkpoint/unet/diffusion_pytorch_model.safete
 KEY = "sk-health-test"
 
 
-def broken_loader() -> LoadedRunners:
-    raise OSError(f"Error no file named diffusion_pytorch_model.safetensors found in {SECRET_PATH}")
+LOAD_ERROR = OSError(f"Error no file named diffusion_pytorch_model.safetensors found in {SECRET_PATH}")
 
 
 def test_a_failed_load_is_reported_without_its_exception(tmp_path, caplog):
-    settings = fake_app(tmp_path, api_keys=[KEY]).state.settings
-    handle = ModelHandle("broken-model", broken_loader, EngineLimits())
+    broken = FakeModel("broken-model", pinned=True, load_error=LOAD_ERROR)
     with caplog.at_level(logging.ERROR, logger="diffuser_api.models.registry"), TestClient(
-        create_app(settings, ModelRegistry([handle]))
+        fake_models_app(tmp_path, [broken], api_keys=[KEY])
     ) as client:
         deadline = time.monotonic() + 10
         while (health := client.get("/health")).json()["error"]["message"].endswith("still loading"):
@@ -42,7 +37,8 @@ def test_a_failed_load_is_reported_without_its_exception(tmp_path, caplog):
         info = client.get("/", headers=bearer(KEY))
         assert info.status_code == 200
         (model,) = info.json()["models"]
-        assert model == {"id": "broken-model", "status": "failed", "reason": error["message"]}
+        assert (model["id"], model["status"], model["reason"]) == ("broken-model", "failed", error["message"])
+        assert model["family"] == "fake"  # capabilities come from the checkpoint, not the load
         for response in (health, generation, info):
             assert "secret" not in response.text and "OSError" not in response.text
     assert SECRET_PATH in caplog.text  # the operator still learns why
@@ -54,9 +50,11 @@ def test_health_while_loading_and_when_ready(tmp_path):
         error = assert_envelope(client.get("/health"), 503)
         assert error["message"] == "model 'fake-model' is still loading"
         assert client.get("/health").headers["retry-after"] == "5"
-        assert client.get("/").json()["models"] == [
-            {"id": "fake-model", "status": "loading", "reason": "model 'fake-model' is still loading"}
-        ]
+        (model,) = client.get("/").json()["models"]
+        assert (model["id"], model["status"], model["reason"]) == (
+            "fake-model", "loading", "model 'fake-model' is still loading"
+        )
+        assert model["endpoints"]["generations"] == {"supported": True}  # known before the load
         gate.set()
         deadline = time.monotonic() + 10
         while (health := client.get("/health")).status_code != 200:

@@ -117,14 +117,13 @@ def test_each_app_has_its_own_registry(tmp_path):
 
 def test_device_memory_from_the_probe_the_models_layer_hands_in(tmp_path):
     from diffuser_api.api.app import create_app
-    from diffuser_api.models.registry import ModelRegistry
 
     app = fake_app(tmp_path)
 
     def probe() -> list[DeviceMemory]:
         return [DeviceMemory("cuda:0", 100, 200, 1000), DeviceMemory("cuda:1", 1, 2, 3)]
 
-    app = create_app(app.state.settings, ModelRegistry(list(app.state.registry)), device_memory=probe)
+    app = create_app(app.state.settings, app.state.registry, device_memory=probe)
     with TestClient(app) as client:
         samples = scrape(client)
     assert value(samples, "diffuser_gpu_memory_allocated_bytes", device="cuda:0") == 100

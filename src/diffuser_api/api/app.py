@@ -61,7 +61,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(registry.load_all())
+        loading = asyncio.create_task(registry.start())
         cleanup = asyncio.create_task(remove_expired_periodically(storage, settings.storage_cleanup_interval_s))
         try:
             yield

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from diffuser_api.domain import GeneratedImage, ImageJob
 from diffuser_api.engine.batching import BatchLimits, JobQueue
+from diffuser_api.engine.device_turns import DeviceTurns, device_of
 from diffuser_api.engine.job import Job, JobTiming, ProgressSink
 from diffuser_api.engine.runner import ModelRunner
 from diffuser_api.engine.splitting import SplitProgress, split_work
@@ -43,11 +45,17 @@ class Engine:
     """Owns one model's queue and its workers (one per device or model copy)."""
 
     def __init__(
-        self, runners: Sequence[ModelRunner], limits: EngineLimits, observers: Sequence[BatchObserver] = ()
+        self,
+        runners: Sequence[ModelRunner],
+        limits: EngineLimits,
+        observers: Sequence[BatchObserver] = (),
+        turns: DeviceTurns | None = None,
     ) -> None:
         """``observers`` (e.g. metrics) hear of every finished batch; the sequence is read at each
-        batch, so observers added to it later are heard too."""
+        batch, so observers added to it later are heard too. ``turns``, shared with the engines
+        of other models, keeps them from running batches on one device at the same time."""
         self.limits = limits
+        self._turns = turns
         self._queue = JobQueue(limits.max_queue_size)
         self._batch_limits = BatchLimits(limits.max_batch_size, limits.max_batch_pixels, limits.batch_wait_s)
         self._observers = observers
@@ -78,9 +86,15 @@ class Engine:
         return None
 
     async def submit(
-        self, work: ImageJob, progress: ProgressSink | None = None, timing: JobTiming | None = None
+        self,
+        work: ImageJob,
+        progress: ProgressSink | None = None,
+        timing: JobTiming | None = None,
+        deadline: float | None = None,
     ) -> list[GeneratedImage]:
-        """Queue the work and wait for its images.
+        """Queue the work and wait for its images, until ``deadline`` (``time.monotonic``; by
+        default ``request_timeout_s`` from now: a caller that waited for the model to load
+        passes the request's own, so the wait counts against it).
 
         Work larger than one batch runs as several (its images come back in seed order).
         Cancelling the awaiting task (client gone) cancels the job: a queued job never runs,
@@ -93,7 +107,9 @@ class Engine:
             raise self._overloaded()
         self._submitted[id(work)] = jobs
         try:
-            images = await self._results(jobs)
+            if deadline is None:
+                deadline = time.monotonic() + self.limits.request_timeout_s
+            images = await self._results(jobs, deadline)
             if images is None:
                 raise self._timed_out(jobs)
             return images
@@ -138,12 +154,12 @@ class Engine:
             for index, chunk in enumerate(chunks)
         )
 
-    async def _results(self, jobs: Sequence[Job]) -> list[GeneratedImage] | None:
+    async def _results(self, jobs: Sequence[Job], deadline: float) -> list[GeneratedImage] | None:
         """Every chunk's images in order, or None at the deadline; the first failure of any
         chunk fails the request."""
         futures = [job.future for job in jobs]
         _, pending = await asyncio.wait(
-            futures, timeout=self.limits.request_timeout_s, return_when=asyncio.FIRST_EXCEPTION
+            futures, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_EXCEPTION
         )
         for future in futures:
             if future.done() and (error := future.exception()) is not None:
@@ -182,7 +198,13 @@ class Engine:
         self._queue.discard(job)
 
     def _new_worker(self, runner: ModelRunner) -> Worker:
-        return Worker(runner, self._queue, self._batch_limits, self._notify, self._replace)
+        return Worker(runner, self._queue, self._batch_limits, self._notify, self._replace, self._turn_on(runner))
+
+    def _turn_on(self, runner: ModelRunner) -> Callable[[], contextlib.AbstractContextManager[None]]:
+        if self._turns is None:
+            return contextlib.nullcontext
+        turns, device = self._turns, device_of(runner)
+        return lambda: turns.turn(device, self)
 
     def _replace(self, dead: Worker) -> None:
         """On the dead worker's thread: start another on its runner, so the queue is served."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -48,6 +49,8 @@ class BatchReport:
 
 
 WorkerExit = Callable[["Worker"], None]
+# The device's turn, held around each pipeline call (see device_turns).
+DeviceTurn = Callable[[], contextlib.AbstractContextManager[None]]
 
 
 class Worker:
@@ -62,8 +65,10 @@ class Worker:
         limits: BatchLimits,
         observe: BatchObserver | None = None,
         on_death: WorkerExit | None = None,
+        turn: DeviceTurn = contextlib.nullcontext,
     ) -> None:
         self.runner = runner
+        self._turn = turn
         self._queue = queue
         self._limits = limits
         self._lone_limits = dataclasses.replace(limits, wait_s=0.0)
@@ -108,8 +113,9 @@ class Worker:
                 return
             arrivals = self._queue.arrivals
             self._held = batch
-            self.busy = True
-            self._run(batch)
+            with self._turn():  # a job still waits (not started) while another model has the device
+                self.busy = True
+                self._run(batch)
             self.busy = False
             self._held = []
             # Waiting for company pays only while requests overlap. A batch of one during which

@@ -23,11 +23,11 @@ from diffuser_api.domain import (
 from diffuser_api.domain.timeline import Timeline
 from diffuser_api.engine.job import JobTiming
 from diffuser_api.errors import NotSupported
-from diffuser_api.models.registry import ModelHandle, ModelRegistry
+from diffuser_api.models.registry import ModelRegistry, ServedModel
 from diffuser_api.service.codec_pool import CodecPool
 from diffuser_api.service.encoding import encode_image
 from diffuser_api.service.storage import ImageStorage
-from diffuser_api.service.streaming import ImageStream, job_events
+from diffuser_api.service.streaming import ImageStream, leased_job_events
 from diffuser_api.service.uploads import UploadLimits, decode_image, decode_mask
 from diffuser_api.service.validation import (
     check_cost,
@@ -72,16 +72,21 @@ class ImageService:
         timing: JobTiming | None = None,
         timeline: Timeline | None = None,
         admit: Admission | None = None,
+        allowed: frozenset[str] | None = None,
     ) -> tuple[ImagesResult, str]:
         """Run one request end to end; returns the result and the id of the model that ran it.
 
         ``timing`` is filled in even when the request fails, for the caller's log line;
         ``timeline`` gets the encoding and storage phases, for its trace; ``admit`` is told the
-        image count once the request is known to be valid, before any upload is decoded.
+        image count once the request is known to be valid, before any upload is decoded;
+        ``allowed`` (the caller's key's models) hides every other model. The request is checked
+        against the model's capabilities before the model is loaded: a refusal costs no load.
         """
-        handle = self._registry.resolve(request.model)
-        job = await self.prepare(request, handle, admit)
-        images = await handle.engine.submit(job, timing=timing)
+        model = self._registry.resolve(request.model, allowed)
+        job = await self.prepare(request, model, admit)
+        deadline = time.monotonic() + model.spec.engine.request_timeout_s
+        async with self._registry.lease(model, deadline=deadline) as engine:
+            images = await engine.submit(job, timing=timing, deadline=deadline)
         timeline = timeline or Timeline()
         stored = await asyncio.gather(
             *(self.codec.run_admitted(self._store, image, request, url_base, timeline) for image in images)
@@ -95,7 +100,7 @@ class ImageService:
             steps=job.steps,
             prompt_tokens=images[0].prompt_tokens if images else None,
         )
-        return result, handle.id
+        return result, model.id
 
     async def open_stream(
         self,
@@ -103,11 +108,14 @@ class ImageService:
         timing: JobTiming | None = None,
         timeline: Timeline | None = None,
         admit: Admission | None = None,
+        allowed: frozenset[str] | None = None,
     ) -> ImageStream:
-        """Check and prepare now (so a bad request is a plain HTTP error), run when iterated."""
-        handle = self._registry.resolve(request.model)
-        job = await self.prepare(request, handle, admit)
-        handle.engine.check_room()
+        """Check and prepare now (so a bad request is a plain HTTP error), run when iterated:
+        the model is leased (and loaded if need be) inside the events, after the 200."""
+        model = self._registry.resolve(request.model, allowed)
+        job = await self.prepare(request, model, admit)
+        if model.engine_now is not None:  # a loaded model's full queue is a plain 429 still
+            model.engine_now.check_room()
         timeline = timeline or Timeline()
 
         async def encode_preview(image: Image.Image) -> str:
@@ -116,23 +124,24 @@ class ImageService:
         async def store(image: GeneratedImage) -> StoredImage:
             return await self.codec.run_admitted(self._store, image, request, "", timeline)
 
-        return ImageStream(job, handle.id, job_events(handle.engine, job, encode_preview, store, timing))
+        events = leased_job_events(self._registry, model, job, encode_preview, store, timing)
+        return ImageStream(job, model.id, events)
 
-    async def prepare(self, request: ImageRequest, handle: ModelHandle, admit: Admission | None = None) -> ImageJob:
+    async def prepare(self, request: ImageRequest, model: ServedModel, admit: Admission | None = None) -> ImageJob:
         """Check the request, charge it to ``admit``, then decode its uploads.
 
         Every check that needs no pixels comes first, so an invalid request is not charged; the
         charge comes before decoding, so a caller over budget costs no decode work.
         """
-        caps = handle.capabilities
+        caps = model.capabilities
         task = task_of(request)
         if task not in caps.tasks:
             offered = ", ".join(sorted(caps.tasks)) or "nothing"
             raise NotSupported(
-                f"model '{handle.id}' ({caps.family}) cannot do {task.value}; it supports: {offered}",
+                f"model '{model.id}' ({caps.family}) cannot do {task.value}; it supports: {offered}",
                 code="not_supported",
             )
-        owner = f"model '{handle.id}' ({caps.family})"
+        owner = f"model '{model.id}' ({caps.family})"
         if task is Task.MULTI_IMAGE_EDIT and request.mask is not None:
             # No diffusers pipeline inpaints from several images; never drop the mask silently.
             raise NotSupported(
@@ -157,7 +166,7 @@ class ImageService:
         else:
             images, mask, (width, height) = (), None, size
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - request.n)
-        prompt = self._settings.variation_prompt if task is Task.VARIATION else (request.prompt or "")
+        prompt = model.spec.variation_prompt if task is Task.VARIATION else (request.prompt or "")
         return ImageJob(
             task=task,
             prompt=prompt,

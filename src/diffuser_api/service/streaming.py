@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -16,9 +17,15 @@ from PIL.Image import Image
 from diffuser_api.domain import GeneratedImage, ImageJob, StepProgress, StoredImage
 from diffuser_api.engine import Engine
 from diffuser_api.engine.job import JobTiming
+from diffuser_api.models.registry import ModelRegistry, ServedModel
 
 # How often a waiting stream re-reads its queue position (and lets pings flow).
 QUEUE_POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class Loading:
+    """The model is being loaded for this request (once, before any other event)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,7 @@ class Completed:
     prompt_tokens: int | None
 
 
-StreamEvent = Queued | Step | PartialImage | Completed
+StreamEvent = Loading | Queued | Step | PartialImage | Completed
 
 
 @dataclass(frozen=True)
@@ -58,16 +65,50 @@ class ImageStream:
     events: AsyncIterator[StreamEvent]
 
 
+async def leased_job_events(
+    registry: ModelRegistry,
+    model: ServedModel,
+    job: ImageJob,
+    encode_preview: Callable[[Image], Awaitable[str]],
+    store: Callable[[GeneratedImage], Awaitable[StoredImage]],
+    timing: JobTiming | None = None,
+) -> AsyncIterator[StreamEvent]:
+    """``job_events`` under a lease on the model, taken when the stream starts: a model that
+    has to load first says so with one ``Loading`` event, then the wait goes on (the request's
+    deadline covers the load and the queue)."""
+    deadline = time.monotonic() + model.spec.engine.request_timeout_s
+    loading = asyncio.Event()
+    async with contextlib.AsyncExitStack() as stack:
+        leasing = asyncio.ensure_future(
+            stack.enter_async_context(registry.lease(model, deadline=deadline, on_loading=loading.set))
+        )
+        try:
+            waiting_for_load = asyncio.ensure_future(loading.wait())
+            await asyncio.wait({leasing, waiting_for_load}, return_when=asyncio.FIRST_COMPLETED)
+            waiting_for_load.cancel()
+            if loading.is_set():
+                yield Loading()
+            engine = await leasing
+        finally:
+            if not leasing.done():
+                leasing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await leasing
+        async for event in job_events(engine, job, encode_preview, store, timing, deadline):
+            yield event
+
+
 async def job_events(
     engine: Engine,
     job: ImageJob,
     encode_preview: Callable[[Image], Awaitable[str]],
     store: Callable[[GeneratedImage], Awaitable[StoredImage]],
     timing: JobTiming | None = None,
+    deadline: float | None = None,
 ) -> AsyncIterator[StreamEvent]:
     """Run the job, yielding its progress; closing the iterator early cancels the job."""
     progress: asyncio.Queue[StepProgress] = asyncio.Queue()
-    task = asyncio.ensure_future(engine.submit(job, progress.put_nowait, timing))
+    task = asyncio.ensure_future(engine.submit(job, progress.put_nowait, timing, deadline))
     partial_counts = [0] * job.n
     last_position: int | None = None
     getter: asyncio.Future[StepProgress] | None = None
