@@ -11,7 +11,6 @@ from pydantic import ValidationError
 
 from diffuser_api.api.keys import load_key_store
 from diffuser_api.config import Settings
-from diffuser_api.errors import ModelNotFound
 from tests.fakes import fake_models_app, png_bytes
 from tests.unit.test_api import EDIT, GEN, VAR, assert_envelope, wait_ready
 from tests.unit.test_auth import bearer, sha
@@ -21,11 +20,11 @@ SERVED = {"model-a": "model-a", "model-b": "model-b", "alias-of-b": "model-b"}
 
 
 def served_ids(names: Iterable[str]) -> frozenset[str]:
-    """Stands in for ``ModelRegistry.ids_for``: ids and aliases to ids, ModelNotFound otherwise."""
+    """Stands in for ``ModelRegistry.ids_for``: ids and aliases to ids, ValueError otherwise."""
     ids = set()
     for name in names:
         if name not in SERVED:
-            raise ModelNotFound(f"The model '{name}' does not exist", param="model", code="model_not_found")
+            raise ValueError(f"unknown model '{name}'")
         ids.add(SERVED[name])
     return frozenset(ids)
 
@@ -108,7 +107,8 @@ def test_a_limited_key_gets_404_for_other_models_on_every_route(client):
         for response in refusals:
             error = assert_envelope(response, 404, param="model", code="model_not_found")
             # It lists only what this key may use: model-b stays unknown to it.
-            assert "model-a" in error["message"] and "model-b" not in error["message"]
+            served = error["message"].partition("Served models:")[2]
+            assert served.strip().split(", ") == ["model-a", "model-c"], error["message"]
         with client.websocket_connect(f"/v1/images/ws?api_key={LIMITED}") as socket:
             socket.send_json({"prompt": "x", "model": name})
             message = socket.receive_json()
@@ -118,7 +118,8 @@ def test_a_limited_key_gets_404_for_other_models_on_every_route(client):
     assert [card["id"] for card in client.get("/v1/models", headers=limited).json()["data"]] == ["model-a", "model-c"]
     assert [model["id"] for model in client.get("/", headers=limited).json()["models"]] == ["model-a", "model-c"]
     # Its own models serve, and the key without a list sees everything.
-    assert client.post(GEN, json={"prompt": "x", "model": "model-c", "size": "32x32"}, headers=limited).status_code == 200
+    own = client.post(GEN, json={"prompt": "x", "model": "model-c", "size": "32x32"}, headers=limited)
+    assert own.status_code == 200
     assert client.post(GEN, json={"prompt": "x", "model": "model-b", "size": "32x32"},
                        headers=bearer(FULL)).status_code == 200
     assert client.get("/health?model=model-b", headers=bearer(FULL)).status_code == 200

@@ -169,7 +169,8 @@ def test_model_routes_document_statuses_details_and_admin_answers(spec):
         responses = spec["paths"][f"/v1/models/{{model_id}}/{action}"]["post"]["responses"]
         assert {"200", "202", "401", "403", "404"} <= set(responses)
         for status in ("200", "202"):
-            assert responses[status]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ModelCard"}
+            schema = responses[status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ModelCard"}
     health = spec["paths"]["/health"]["get"]
     assert [parameter["name"] for parameter in health["parameters"]] == ["model"]
     assert {"200", "404", "503"} <= set(health["responses"])

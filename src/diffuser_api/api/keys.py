@@ -20,9 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from diffuser_api.config import Settings
 from diffuser_api.config.settings import RateLimitText
-from diffuser_api.errors import ModelNotFound
 
-# Model ids or aliases -> the served ids they name; ModelNotFound for a name nothing serves.
+# Model ids or aliases -> the served ids they name; ValueError for a name nothing serves.
 ModelIds = Callable[[Iterable[str]], frozenset[str]]
 
 
@@ -102,7 +101,7 @@ def _refuse_unknown_models(entries: list[KeyEntry], model_ids: ModelIds) -> None
         for name in entry.models or ():
             try:
                 model_ids([name])
-            except ModelNotFound:
+            except ValueError:
                 unknown.append(f"'{name}' (key '{entry.name}')")
     if unknown:
         raise ValueError(f"the keys file names models this server does not serve: {', '.join(unknown)}")

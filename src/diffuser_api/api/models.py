@@ -102,7 +102,8 @@ async def get_model(model_id: str, registry: RegistryDep, allowed: AllowedModels
 def _admin_answers(action: str) -> dict[int | str, dict[str, Any]]:
     return {
         202: {"model": ModelCard, "description": f"The {action} started; poll GET /v1/models/{{id}} for its status"},
-        200: {"model": ModelCard, "description": f"Nothing to do: the model is already {action}ed"},
+        200: {"model": ModelCard, "description": f"Nothing to do: already {action}ed"
+              + (" (or in host memory)" if action == "unload" else "")},
     } | error_responses(403, 404)
 
 
@@ -111,9 +112,12 @@ def _admin_answers(action: str) -> dict[int | str, dict[str, Any]]:
     dependencies=[AdminDep], responses=_admin_answers("load"),
 )
 async def load_model(model_id: str, registry: RegistryDep, allowed: AllowedModelsDep) -> JSONResponse:
+    """A started load may first wait for evictions, so the model reads ``unloaded`` a moment
+    longer; the answer says ``loading``, which is what the caller started."""
     model = registry.get(model_id, allowed)
-    started = registry.start_load(model.id)
-    return JSONResponse(model_card(model), status_code=202 if started else 200)
+    if registry.start_load(model.id):
+        return JSONResponse(model_card(model) | {"status": ModelStatus.LOADING.value}, status_code=202)
+    return JSONResponse(model_card(model))
 
 
 @router.post(
@@ -121,6 +125,7 @@ async def load_model(model_id: str, registry: RegistryDep, allowed: AllowedModel
     response_model=None, dependencies=[AdminDep], responses=_admin_answers("unload"),
 )
 async def unload_model(model_id: str, registry: RegistryDep, allowed: AllowedModelsDep) -> JSONResponse:
+    """The answer has the status of the moment: ``ready`` while a running batch finishes."""
     model = registry.get(model_id, allowed)
     started = registry.start_unload(model.id)
     return JSONResponse(model_card(model), status_code=202 if started else 200)
