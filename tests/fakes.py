@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,7 +211,8 @@ class FakeModel:
     load_delay_s: float = 0.0
     load_error: Exception | None = None
     probe_error: Exception | None = None
-    loaded: list[FakeLoadedModel] = field(default_factory=list)  # one per (cold) load
+    loaded: list[FakeLoadedModel] = field(default_factory=list)  # one per successful cold load
+    load_attempts: int = 0
 
     def __post_init__(self) -> None:
         if self.runner is None:
@@ -230,6 +231,7 @@ class FakeModel:
         return ProbedModel(fake_capabilities(self.tasks, self.extras).without(self.disabled_tasks), "FakePipeline")
 
     def load(self) -> FakeLoadedModel:
+        self.load_attempts += 1
         if self.load_gate is not None:
             assert self.load_gate.wait(GATE_TIMEOUT_S), "load gate never opened"
         if self.load_delay_s:
@@ -264,8 +266,10 @@ def fake_registry(
     memory_budget_bytes: int | None = None,
     host_memory_budget_bytes: int | None = None,
     strict_names: bool = False,
+    clock: Callable[[], float] = time.monotonic,
 ) -> ModelRegistry:
-    """A registry of fake models; the first is the default unless ``default`` names another."""
+    """A registry of fake models; the first is the default unless ``default`` names another;
+    ``clock`` times the back-off of failed loads."""
     by_id = {model.id: model for model in models}
     plan = ServingPlan(
         models=tuple(model.spec for model in models),
@@ -279,6 +283,7 @@ def fake_registry(
         probe=lambda spec: by_id[spec.id].probe(),
         loader=lambda spec: by_id[spec.id].load(),
         strict_names=strict_names,
+        clock=clock,
     )
 
 
@@ -297,6 +302,7 @@ def fake_models_app(
     max_loaded_models: int | None = None,
     memory_budget_bytes: int | None = None,
     host_memory_budget_bytes: int | None = None,
+    clock: Callable[[], float] = time.monotonic,
     tracer_provider: Any = None,
     **settings: Any,
 ) -> FastAPI:
@@ -304,7 +310,7 @@ def fake_models_app(
     config = fake_settings(tmp_path, **settings)
     registry = fake_registry(
         models, default=default, max_loaded_models=max_loaded_models, memory_budget_bytes=memory_budget_bytes,
-        host_memory_budget_bytes=host_memory_budget_bytes, strict_names=config.strict_model_names,
+        host_memory_budget_bytes=host_memory_budget_bytes, strict_names=config.strict_model_names, clock=clock,
     )
     return create_app(config, registry, tracer_provider=tracer_provider)
 

@@ -93,25 +93,30 @@ def plan_room(incoming: ServedModel, models: Sequence[ServedModel], budgets: Bud
         candidates.remove(victim)
         staying.remove(victim)
         victims.append(victim)
-    return _destinations(victims, models, budgets)
+    return _destinations(incoming, victims, models, budgets)
 
 
-def _destinations(victims: list[ServedModel], models: Sequence[ServedModel], budgets: Budgets) -> list[Eviction]:
+def _destinations(
+    incoming: ServedModel, victims: list[ServedModel], models: Sequence[ServedModel], budgets: Budgets
+) -> list[Eviction]:
     """Offload while the warm tier has room, releasing its least recently used models to make
-    it; a victim that cannot offload (CPU only) or cannot fit at all is released."""
+    it; a victim that cannot offload (CPU only) or cannot fit at all is released. An incoming
+    model restored from the warm tier still takes its room there until it is back."""
     warm = sorted(
-        (model for model in models if model.placement is Placement.HOST and model.transition is None),
+        (model for model in models
+         if model.placement is Placement.HOST and model.transition is None and model is not incoming),
         key=_last_used,
     )
+    limit = budgets.host_bytes
+    kept = incoming.host_bytes
     warm_bytes = sum(model.host_bytes for model in warm)
     plan: list[Eviction] = []
     for victim in victims:
         size = sum(victim.resident_bytes().values())
-        limit = budgets.host_bytes
-        if not victim.can_offload or (limit is not None and size > limit):
+        if not victim.can_offload or (limit is not None and kept + size > limit):
             plan.append(Eviction(victim, to_host=False))
             continue
-        while limit is not None and warm_bytes + size > limit:
+        while limit is not None and kept + warm_bytes + size > limit:
             oldest = warm.pop(0)
             warm_bytes -= oldest.host_bytes
             plan.append(Eviction(oldest, to_host=False))
