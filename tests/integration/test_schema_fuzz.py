@@ -45,6 +45,8 @@ FUZZ_CONFIG = {
 
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
+    # No keys and admin_open off (the defaults): the admin routes are fuzzed and answer their
+    # documented 403, so no fuzzed request can unload the model under the other operations.
     app = fake_app(
         tmp_path_factory.mktemp("fuzz"),
         max_steps=4,

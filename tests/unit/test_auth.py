@@ -251,6 +251,6 @@ def test_keys_from_the_environment_are_secret_in_settings(monkeypatch):
     monkeypatch.setenv("DIFFUSER_API_KEYS", " sk-env-a , sk-env-b ")
     settings = Settings(_env_file=None)
     assert "sk-env-a" not in repr(settings) and "sk-env-a" not in str(settings.model_dump())
-    store = load_key_store(settings)
+    store = load_key_store(settings, frozenset)  # no keys file: no model names to resolve
     assert store.find("sk-env-a").name == f"key-{sha('sk-env-a')[:8]}"
     assert store.find("sk-env-b") is not None and store.find("sk-env-a , sk-env-b") is None

@@ -10,8 +10,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from diffuser_api.domain.devices import DeviceMemory
 from diffuser_api.engine import EngineLimits
-from tests.fakes import FakeRunner, fake_app
+from tests.fakes import FakeRunner, fake_app, fake_models_app
 from tests.unit.test_api import GEN, wait_ready
+from tests.unit.test_models_api import WEIGHTS, three_models
 
 
 def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -133,3 +134,28 @@ def test_device_memory_from_the_probe_the_models_layer_hands_in(tmp_path):
 def test_no_gpu_memory_series_without_a_probe(tmp_path):
     with TestClient(fake_app(tmp_path)) as client:
         assert "diffuser_gpu_memory" not in client.get("/metrics").text
+
+
+def test_per_model_status_loads_evictions_and_memory(tmp_path):
+    models = three_models()
+    with TestClient(fake_models_app(tmp_path, models, max_loaded_models=2)) as client:
+        wait_ready(client)
+        for name in ("model-b", "model-c"):  # room for two, model-a pinned: model-b goes to host memory
+            assert client.post(GEN, json={"prompt": "x", "model": name}).status_code == 200
+        samples = scrape(client)
+    statuses = {dict(labels)["model"]: dict(labels)["status"]
+                for (name, labels), sample in samples.items() if name == "diffuser_model_status" and sample == 1}
+    assert statuses == {"model-a": "ready", "model-b": "offloaded", "model-c": "ready"}
+    assert sum(sample for (name, labels), sample in samples.items()
+               if name == "diffuser_model_status" and dict(labels)["model"] == "model-b") == 1
+    for model in ("model-a", "model-b", "model-c"):
+        assert value(samples, "diffuser_model_loads_total", model=model) == 1
+        assert ("diffuser_model_load_seconds", (("model", model),)) in samples
+        assert ("diffuser_queue_depth", (("model", model),)) in samples
+    assert value(samples, "diffuser_model_evictions_total", model="model-b", kind="host") == 1
+    assert ("diffuser_model_evictions_total", (("kind", "released"), ("model", "model-b"))) in samples
+    assert value(samples, "diffuser_model_evictions_total", model="model-a", kind="host") == 0
+    resident = {dict(labels)["model"]: (dict(labels)["device"], sample)
+                for (name, labels), sample in samples.items() if name == "diffuser_model_resident_bytes"}
+    assert resident == {"model-a": ("fake", WEIGHTS), "model-c": ("fake", 3 * WEIGHTS)}
+    assert value(samples, "diffuser_model_ready", model="model-b") == 0

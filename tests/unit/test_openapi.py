@@ -144,7 +144,7 @@ def test_real_answers_match_the_documented_schemas(client, spec):
                          data={"response_format": "url", "size": "32x32"})
     answer_schema(spec, "/v1/images/variations", "post", 200).validate(stored.json())
     for path, schema_name in (("/", "ServiceInfo"), ("/health", "HealthResponse"), ("/v1/models", "ModelList"),
-                              ("/v1/models/fake-model", "ModelCard")):
+                              ("/v1/models/fake-model", "ModelDetails")):
         response = client.get(path)
         assert response.status_code == 200
         component(spec, schema_name).validate(response.json())
@@ -162,3 +162,39 @@ def test_keys_left_out_are_documented_as_optional_not_null(spec):
     error = component(spec, "ErrorResponse")
     error.validate({"error": {"message": "m", "type": "t", "param": None, "code": None, "request_id": "r"}})
     assert not error.is_valid({"error": {"message": "m", "type": "t"}})
+
+
+def test_model_routes_document_statuses_details_and_admin_answers(spec):
+    for action in ("load", "unload"):
+        responses = spec["paths"][f"/v1/models/{{model_id}}/{action}"]["post"]["responses"]
+        assert {"200", "202", "401", "403", "404"} <= set(responses)
+        for status in ("200", "202"):
+            schema = responses[status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ModelCard"}
+    health = spec["paths"]["/health"]["get"]
+    assert [parameter["name"] for parameter in health["parameters"]] == ["model"]
+    assert {"200", "404", "503"} <= set(health["responses"])
+    status = spec["components"]["schemas"]["ModelCard"]["properties"]["status"]
+    assert set(status["enum"]) == {"ready", "loading", "offloaded", "unloaded", "failed"}
+
+
+def test_admin_answers_match_the_documented_schemas(tmp_path):
+    with TestClient(fake_app(tmp_path, admin_open=True)) as client:
+        spec = client.get("/openapi.json").json()
+        deadline = time.monotonic() + 10
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "model never became ready"
+            time.sleep(0.01)
+        unload = client.post("/v1/models/fake-model/unload")
+        assert unload.status_code == 202
+        answer_schema(spec, "/v1/models/{model_id}/unload", "post", 202).validate(unload.json())
+        while (details := client.get("/v1/models/fake-model")).json()["status"] != "unloaded":
+            assert time.monotonic() < deadline, "the model never unloaded"
+            time.sleep(0.01)
+        component(spec, "ModelDetails").validate(details.json())
+        component(spec, "ModelList").validate(client.get("/v1/models").json())
+        component(spec, "ServiceInfo").validate(client.get("/").json())
+        load = client.post("/v1/models/fake-model/load")
+        answer_schema(spec, "/v1/models/{model_id}/load", "post", load.status_code).validate(load.json())
+        refused = client.post("/v1/models/nope/load")
+        answer_schema(spec, "/v1/models/{model_id}/load", "post", 404).validate(refused.json())

@@ -57,6 +57,7 @@ def create_app(
     service = ImageService(settings, registry, storage)
     service_metrics = ServiceMetrics(registry, device_memory)
     public = PublicPaths(settings)
+    keys = load_key_store(settings, registry.ids_for)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,6 +84,7 @@ def create_app(
     app.state.storage = storage
     app.state.service = service
     app.state.metrics = service_metrics
+    app.state.keys = keys
     app.state.proxies = ProxyRule.from_settings(settings)
     app.state.rate_limiter = RateLimiter(
         settings, app.state.proxies, on_store_error=service_metrics.rate_limit_store_errors.inc
@@ -94,7 +96,7 @@ def create_app(
     # those drains the unread body too.
     app.add_middleware(RateLimitMiddleware, limiter=app.state.rate_limiter, public=public)
     app.add_middleware(
-        ApiKeyMiddleware, keys=load_key_store(settings), public=public, failures=app.state.rate_limiter
+        ApiKeyMiddleware, keys=keys, public=public, failures=app.state.rate_limiter
     )
     app.add_middleware(ConnectionLimitMiddleware, max_connections=settings.max_connections)
     app.add_middleware(BodyLimitMiddleware, limits=BodyLimits.from_settings(settings))

@@ -29,14 +29,22 @@ KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
 
 class PublicPaths:
     """What needs no key: /health, image files (their names are unguessable, like presigned
-    URLs, so browsers can load ``url`` results), and /metrics if configured public."""
+    URLs, so browsers can load ``url`` results), and /metrics if configured public.
+
+    ``/health?model=ID`` is not public: a key limited to some models must not learn of the
+    others by leaving its key out.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self._exact = {"/health"} | ({"/metrics"} if settings.metrics_public else set())
         self._prefix = f"{settings.api_prefix}/images/files/"
 
-    def __contains__(self, path: object) -> bool:
-        return isinstance(path, str) and (path in self._exact or path.startswith(self._prefix))
+    def covers(self, scope: Scope) -> bool:
+        path = scope["path"]
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        if path == "/health" and "model" in query:
+            return False
+        return path in self._exact or path.startswith(self._prefix)
 
 
 def presented_key(scope: Scope) -> str | None:
@@ -105,7 +113,7 @@ class ApiKeyMiddleware:
         self._failures = failures
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or not self._keys.enabled or scope["path"] in self._public:
+        if scope["type"] not in ("http", "websocket") or not self._keys.enabled or self._public.covers(scope):
             await self.app(scope, receive, send)
             return
         connection = HTTPConnection(scope)

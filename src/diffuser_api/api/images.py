@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from diffuser_api.api.dependencies import ServiceDep, SettingsDep
+from diffuser_api.api.dependencies import ServiceDep, SettingsDep, allowed_models
 from diffuser_api.api.disconnect import cancel_on_disconnect
 from diffuser_api.api.errors import describe_error, request_id_of
 from diffuser_api.api.forms import read_image_form
@@ -95,10 +95,11 @@ async def _run(
     # Images count against the caller's budget only once the service found the request valid,
     # and are given back if its job never ran.
     admit = ImagesCharge(request, timing)
+    allowed = allowed_models(request)
     with recording(request, image_request, timing) as record:
         if image_request.stream:
             async with admit.refunded_if_never_run():
-                stream = await service.open_stream(image_request, timing, record.timeline, admit)
+                stream = await service.open_stream(image_request, timing, record.timeline, admit, allowed=allowed)
             note_stream(record, stream)
             request_id = request_id_of(request)
             events = admit.refunded_events(timed_events(record, timing, stream.events))
@@ -109,7 +110,8 @@ async def _run(
                 settings.stream_ping_s,
             )
         work = service.create(
-            image_request, files_url_base(request, settings), timing=timing, timeline=record.timeline, admit=admit
+            image_request, files_url_base(request, settings), timing=timing, timeline=record.timeline, admit=admit,
+            allowed=allowed,
         )
         async with admit.refunded_if_never_run():
             result, model_id = await cancel_on_disconnect(request, work)

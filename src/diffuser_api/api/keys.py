@@ -1,7 +1,8 @@
-"""The configured API keys, kept only as SHA-256 hashes, with their names and limits.
+"""The configured API keys, kept only as SHA-256 hashes, with their names, limits, role and models.
 
 Keys come from ``DIFFUSER_API_KEYS`` (plain keys, hashed on load) or a keys file that holds
-hashes only, so the file can be checked in or shared without handing out a secret.
+hashes only, so the file can be checked in or shared without handing out a secret. Only a
+keys-file entry can be an admin or be limited to some models: a plain key is a user of every model.
 """
 
 from __future__ import annotations
@@ -9,14 +10,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from diffuser_api.config import Settings
 from diffuser_api.config.settings import RateLimitText
+
+# Model ids or aliases -> the served ids they name; ValueError for a name nothing serves.
+ModelIds = Callable[[Iterable[str]], frozenset[str]]
 
 
 class KeyLimits(BaseModel):
@@ -34,16 +40,21 @@ class KeyEntry(BaseModel):
     name: str = Field(min_length=1)
     key_sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
     limits: KeyLimits = Field(default_factory=KeyLimits)
+    role: Literal["admin", "user"] = "user"
+    models: list[str] | None = Field(None, min_length=1, description="Ids or aliases; absent: every model.")
 
 
 @dataclass(frozen=True)
 class ApiKey:
-    """Who is calling: what logs, metrics and ``/`` show, and the limits that apply."""
+    """Who is calling: what logs, metrics and ``/`` show, the limits that apply, whether it may
+    load and unload models, and which models it may use (None: every one)."""
 
     name: str
     sha256: bytes
     requests_limit: str | None = None
     images_limit: str | None = None
+    admin: bool = False
+    models: frozenset[str] | None = None
 
 
 def hash_key(key: str) -> bytes:
@@ -73,11 +84,27 @@ class KeyStore:
         return found
 
 
-def load_key_store(settings: Settings) -> KeyStore:
+def load_key_store(settings: Settings, model_ids: ModelIds) -> KeyStore:
+    """``model_ids`` resolves the models an entry lists (the registry's ``ids_for``); a name
+    nothing serves stops the start, so a typo never leaves a key quietly without a model."""
     keys = [_from_plain(secret.get_secret_value()) for secret in settings.api_keys]
     if settings.api_keys_file is not None:
-        keys += [_from_entry(entry) for entry in read_keys_file(settings.api_keys_file)]
+        entries = read_keys_file(settings.api_keys_file)
+        _refuse_unknown_models(entries, model_ids)
+        keys += [_from_entry(entry, model_ids) for entry in entries]
     return KeyStore(keys)
+
+
+def _refuse_unknown_models(entries: list[KeyEntry], model_ids: ModelIds) -> None:
+    unknown = []
+    for entry in entries:
+        for name in entry.models or ():
+            try:
+                model_ids([name])
+            except ValueError:
+                unknown.append(f"'{name}' (key '{entry.name}')")
+    if unknown:
+        raise ValueError(f"the keys file names models this server does not serve: {', '.join(unknown)}")
 
 
 def read_keys_file(path: Path) -> list[KeyEntry]:
@@ -95,10 +122,12 @@ def _from_plain(key: str) -> ApiKey:
     return ApiKey(name=f"key-{digest.hex()[:8]}", sha256=digest)
 
 
-def _from_entry(entry: KeyEntry) -> ApiKey:
+def _from_entry(entry: KeyEntry, model_ids: ModelIds) -> ApiKey:
     return ApiKey(
         name=entry.name,
         sha256=bytes.fromhex(entry.key_sha256),
         requests_limit=entry.limits.requests,
         images_limit=entry.limits.images,
+        admin=entry.role == "admin",
+        models=None if entry.models is None else model_ids(entry.models),
     )

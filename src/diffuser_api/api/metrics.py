@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +26,8 @@ from diffuser_api.models.registry import ModelRegistry, ModelStatus
 
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+# Where an evicted model's weights went: host memory (the warm tier), or nowhere.
+EVICTION_KINDS = ("host", "released")
 
 router = APIRouter(tags=["service"])
 
@@ -80,27 +82,42 @@ class ServiceMetrics:
 
 
 class LiveFigures(Collector):
-    """Queue depth, readiness, load time and device memory, read when scraped."""
+    """Per model: status, queue depth, loads, evictions and resident memory, read when scraped
+    from the registry, which keeps them anyway; and device memory."""
 
     def __init__(self, models: ModelRegistry, device_memory: DeviceMemoryProbe | None) -> None:
         self._models = models
         self._device_memory = device_memory
 
     def collect(self) -> Iterator[Metric]:
-        ready = GaugeMetricFamily("diffuser_model_ready", "1 when the model serves, 0 while loading or failed",
-                                  labels=["model"])
+        ready = GaugeMetricFamily("diffuser_model_ready", "1 when the model serves, 0 otherwise", labels=["model"])
+        status = GaugeMetricFamily("diffuser_model_status", "1 for the model's current status, 0 for the others",
+                                   labels=["model", "status"])
         depth = GaugeMetricFamily("diffuser_queue_depth", "Requests waiting in the model's queue", labels=["model"])
         busy = GaugeMetricFamily("diffuser_busy_workers", "Workers running a batch now", labels=["model"])
-        load = GaugeMetricFamily("diffuser_model_load_seconds", "Time to load (and warm up) the model",
+        load = GaugeMetricFamily("diffuser_model_load_seconds", "Time of the model's last load (and warm-up)",
                                  labels=["model"])
-        for handle in self._models:
-            ready.add_metric([handle.id], float(handle.status is ModelStatus.READY))
-            if (engine := handle.engine_now) is not None:
-                depth.add_metric([handle.id], engine.queue_depth)
-                busy.add_metric([handle.id], sum(worker.busy for worker in engine.workers))
-            if handle.load_seconds is not None:
-                load.add_metric([handle.id], handle.load_seconds)
-        yield from (ready, depth, busy, load)
+        loads = CounterMetricFamily("diffuser_model_loads", "Loads of the model, from disk or from host memory",
+                                    labels=["model"])
+        evictions = CounterMetricFamily("diffuser_model_evictions", "Evictions to make room, by where the weights went",
+                                        labels=["model", "kind"])
+        resident = GaugeMetricFamily("diffuser_model_resident_bytes", "Bytes of the model's weights on the device",
+                                     labels=["model", "device"])
+        for model in self._models:
+            ready.add_metric([model.id], float(model.status is ModelStatus.READY))
+            for value in ModelStatus:
+                status.add_metric([model.id, value.value], float(model.status is value))
+            depth.add_metric([model.id], model.queue_depth())
+            engine = model.engine_now
+            busy.add_metric([model.id], sum(worker.busy for worker in engine.workers) if engine else 0)
+            if model.load_seconds is not None:
+                load.add_metric([model.id], model.load_seconds)
+            loads.add_metric([model.id], model.loads)
+            for kind in EVICTION_KINDS:
+                evictions.add_metric([model.id, kind], model.evictions.get(kind, 0))
+            for device, size in model.resident_bytes().items():
+                resident.add_metric([model.id, device], size)
+        yield from (ready, status, depth, busy, load, loads, evictions, resident)
         if self._device_memory is not None:
             yield from self._memory()
 

@@ -355,7 +355,7 @@ class RateLimitMiddleware:
         self._public = public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in self._public:
+        if scope["type"] not in ("http", "websocket") or self._public.covers(scope):
             await self.app(scope, receive, send)
             return
         async def send_with_headers(message: Message) -> None:

@@ -103,11 +103,22 @@ class CompletedImageEvent(BaseModel):
     image_index: int | SkipJsonSchema[None] = omitted("Which image, when n > 1.")
 
 
+ModelStatusName = Literal["ready", "loading", "offloaded", "unloaded", "failed"]
+STATUS_MEANING = (
+    "ready: on its devices, serving; loading: being loaded; offloaded: weights in host memory, "
+    "a request moves them back; unloaded: not in memory, a request loads it; failed: the last load failed, "
+    "a later request tries again."
+)
+
+
 class ModelCard(BaseModel):
+    """OpenAI's model object plus ``status``, which OpenAI's SDKs keep as an extra field."""
+
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
+    status: ModelStatusName = Field(description=STATUS_MEANING)
 
 
 class ModelList(BaseModel):
@@ -153,11 +164,12 @@ class EndpointSupport(BaseModel):
 
 
 class ModelDescription(BaseModel):
-    """``reason`` only while not ready (our words, never the load's exception); what the model can
-    do only once it is ready."""
+    """What the model can do, known from its checkpoint before any load (absent only when the
+    checkpoint could not be read); ``reason`` only while loading or failed (our words, never
+    the load's exception)."""
 
     id: str
-    status: Literal["loading", "ready", "failed"]
+    status: ModelStatusName = Field(description=STATUS_MEANING)
     reason: str | SkipJsonSchema[None] = omitted()
     family: str | SkipJsonSchema[None] = omitted()
     pipeline: str | SkipJsonSchema[None] = omitted()
@@ -166,6 +178,27 @@ class ModelDescription(BaseModel):
     extras: list[str] | SkipJsonSchema[None] = omitted()
     sizes: SizeDescription | SkipJsonSchema[None] = omitted()
     defaults: ModelDefaults | SkipJsonSchema[None] = omitted()
+
+
+class Evictions(BaseModel):
+    host: int = Field(description="Times its weights moved to host memory to make room.")
+    released: int = Field(description="Times its weights were dropped from memory to make room.")
+
+
+class ModelDetails(ModelDescription):
+    """``GET /v1/models/{id}``: the model object, what it can do, and where it is now."""
+
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    devices: list[str] = Field(description="The devices it runs on (one worker each).")
+    resident_bytes: dict[str, int] = Field(description="Bytes of weights on each device now; empty when not loaded.")
+    pinned: bool = Field(description="Loaded at start and never evicted.")
+    loads: int = Field(description="Times it was loaded or moved back from host memory.")
+    evictions: Evictions
+    queue_depth: int = Field(description="Requests waiting for it now.")
+    load_seconds: float | SkipJsonSchema[None] = omitted("Time of its last load; absent before the first.")
+    last_used_at: int | SkipJsonSchema[None] = omitted("Unix time of its last request; absent before the first.")
 
 
 class CallerDescription(BaseModel):
@@ -225,6 +258,7 @@ METRICS_ANSWER: dict[int | str, dict[str, Any]] = {200: {
 ERROR_DESCRIPTIONS = {
     400: "Invalid request: a field, the body, or a Host header the server does not serve",
     401: "Missing or wrong API key",
+    403: "The API key may not do this: loading and unloading models needs role admin",
     404: "Unknown model, image file or path",
     408: "The request body did not arrive in time",
     413: "The body or an image part is larger than the server takes",

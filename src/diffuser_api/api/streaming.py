@@ -41,7 +41,8 @@ def usage(prompt_tokens: int | None) -> dict[str, Any]:
 
 
 def openai_event(event: StreamEvent, request: ImageRequest, size: str) -> dict[str, Any] | None:
-    """The OpenAI JSON of an event, or None for events OpenAI's stream has no type for."""
+    """The OpenAI JSON of an event, or None for events OpenAI's stream has no type for
+    (``Loading``, ``Queued``, ``Step``): the ``: ping`` comments keep such a stream alive."""
     common = {
         "created_at": int(time.time()),
         "size": response_size(size) or "auto",

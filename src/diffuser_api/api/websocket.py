@@ -17,6 +17,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from diffuser_api.api.auth import accepted_subprotocol
+from diffuser_api.api.dependencies import allowed_models
 from diffuser_api.api.errors import describe_error, invalid_request_from
 from diffuser_api.api.images import build_image_request, json_uploads
 from diffuser_api.api.rate_limits import ImagesCharge
@@ -50,7 +51,9 @@ async def image_socket(socket: WebSocket) -> None:
         admit = ImagesCharge(socket, timing)
         with recording(socket, image_request, timing) as record:
             async with admit.refunded_if_never_run():
-                stream = await service.open_stream(image_request, timing, record.timeline, admit=admit)
+                stream = await service.open_stream(
+                    image_request, timing, record.timeline, admit=admit, allowed=allowed_models(socket)
+                )
                 note_stream(record, stream)
                 await _serve(socket, stream.events)
     except WebSocketDisconnect:

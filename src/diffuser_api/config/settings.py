@@ -174,6 +174,9 @@ class Settings(BaseSettings):
         None, description="YAML or JSON list of keys: name, key_sha256, optional limits (requests, images)."
     )
     metrics_public: bool = Field(False, description="If true, /metrics needs no key even when keys are set.")
+    admin_open: bool = Field(
+        False, description="If true and no keys are configured, anyone may load and unload models (else 403)."
+    )
     rate_limit_requests: RateLimitText | None = Field(
         None, description="Requests per key (per client address without keys), e.g. 60/minute; a number is per minute."
     )
