@@ -6,6 +6,7 @@ reproduce and differ without running a pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import time
@@ -23,7 +24,7 @@ from diffuser_api.domain import Capabilities, GeneratedImage, ImageJob, SizeRule
 from diffuser_api.engine import EngineLimits, StepCallback
 from diffuser_api.errors import OutOfMemory
 from diffuser_api.models.registry import ModelRegistry, ProbedModel
-from diffuser_api.models.spec import ModelSpec, ServingPlan
+from diffuser_api.models.spec import ModelDefaults, ModelSpec, ServingPlan
 
 ALL_BUT_MULTI = frozenset(Task) - {Task.MULTI_IMAGE_EDIT}
 
@@ -207,6 +208,8 @@ class FakeModel:
     limits: EngineLimits = field(default_factory=lambda: EngineLimits(request_timeout_s=10.0))
     disabled_tasks: frozenset[Task] = frozenset()
     variation_prompt: str = ""
+    variation_strength: float = 0.7
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)
     load_gate: threading.Event | None = None
     load_delay_s: float = 0.0
     load_error: Exception | None = None
@@ -222,13 +225,23 @@ class FakeModel:
     def spec(self) -> ModelSpec:
         return ModelSpec(
             id=self.id, source=self.id, aliases=self.aliases, pinned=self.pinned, devices=(self.device,),
-            disabled_tasks=self.disabled_tasks, variation_prompt=self.variation_prompt, engine=self.limits,
+            disabled_tasks=self.disabled_tasks, variation_prompt=self.variation_prompt,
+            variation_strength=self.variation_strength, defaults=self.defaults, engine=self.limits,
         )
 
     def probe(self) -> ProbedModel:
         if self.probe_error is not None:
             raise self.probe_error
-        return ProbedModel(fake_capabilities(self.tasks, self.extras).without(self.disabled_tasks), "FakePipeline")
+        caps = fake_capabilities(self.tasks, self.extras).without(self.disabled_tasks)
+        # As the real probe does: the model's own defaults are folded into its capabilities.
+        caps = dataclasses.replace(
+            caps,
+            default_steps=self.defaults.steps or caps.default_steps,
+            default_guidance_scale=(
+                caps.default_guidance_scale if self.defaults.guidance_scale is None else self.defaults.guidance_scale
+            ),
+        )
+        return ProbedModel(caps, "FakePipeline")
 
     def load(self) -> FakeLoadedModel:
         self.load_attempts += 1
@@ -337,6 +350,8 @@ def fake_app(
         limits=limits or EngineLimits(request_timeout_s=10.0),
         disabled_tasks=frozenset(config.disabled_tasks),
         variation_prompt=config.variation_prompt,
+        variation_strength=config.variation_strength,
+        defaults=ModelDefaults(steps=config.default_steps, guidance_scale=config.default_guidance_scale),
         load_gate=load_gate,
     )
     registry = fake_registry([model], strict_names=config.strict_model_names)

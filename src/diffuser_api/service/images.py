@@ -155,8 +155,8 @@ class ImageService:
         steps = resolve_steps(request, caps, self._settings)
         if size is not None:
             check_cost(request.n, *size, steps, self._settings)
-        strength = resolve_strength(request, task, caps, steps, self._settings)
-        guidance, true_cfg, negative = resolve_guidance(request, task, caps, owner, self._settings)
+        strength = resolve_strength(request, task, caps, steps, model.spec.variation_strength)
+        guidance, true_cfg, negative = resolve_guidance(request, task, caps, owner)
         if admit is not None:
             await admit(request.n)
         if request.images:

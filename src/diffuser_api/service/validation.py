@@ -91,14 +91,17 @@ def check_request(request: ImageRequest, task: Task, caps: Capabilities, owner: 
 
 
 def resolve_guidance(
-    request: ImageRequest, task: Task, caps: Capabilities, owner: str, settings: Settings
+    request: ImageRequest, task: Task, caps: Capabilities, owner: str
 ) -> tuple[float | None, float | None, str | None]:
     """Guidance scale, true CFG scale and negative prompt with defaults filled, refusing a
-    negative prompt its guidance would ignore and true CFG with nothing to contrast."""
+    negative prompt its guidance would ignore and true CFG with nothing to contrast.
+
+    Defaults come from the capabilities alone: the model's own defaults (its models-file entry,
+    or the global settings it inherits) are folded into them when the model is probed."""
     extras = caps.extras_for(task)
     guidance = request.guidance_scale
     if guidance is None and "guidance_scale" in extras:
-        guidance = settings.default_guidance_scale or caps.default_guidance_scale
+        guidance = caps.default_guidance_scale
     true_cfg = request.true_cfg_scale
     if true_cfg is None and "true_cfg_scale" in extras:
         true_cfg = caps.default_true_cfg_scale
@@ -151,7 +154,7 @@ def resolve_steps(request: ImageRequest, caps: Capabilities, settings: Settings)
                 code="invalid_value",
             )
         return request.num_inference_steps
-    base = settings.default_steps or caps.default_steps
+    base = caps.default_steps
     factor = settings.quality_step_factors.get(request.quality or "auto", 1.0)
     steps = max(1, round(base * factor))
     if steps > settings.max_steps:
@@ -192,15 +195,16 @@ def check_cost(n: int, width: int, height: int, steps: int, settings: Settings) 
 
 
 def resolve_strength(
-    request: ImageRequest, task: Task, caps: Capabilities, steps: int, settings: Settings
+    request: ImageRequest, task: Task, caps: Capabilities, steps: int, variation_strength: float
 ) -> float | None:
-    """How much of the input an edit or variation changes; refuses one that runs no step."""
+    """How much of the input an edit or variation changes (a variation: the model's
+    ``variation_strength``); refuses one that runs no step."""
     if task is Task.GENERATION or "strength" not in caps.extras_for(task):
         return None
     strength = request.strength
     if strength is None:
         if task is Task.VARIATION:
-            strength = settings.variation_strength
+            strength = variation_strength
         else:
             strength = caps.default_strength
             # High input fidelity keeps more of the input: change less of it.
