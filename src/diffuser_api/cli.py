@@ -1,4 +1,8 @@
-"""``diffuser-api serve``: start the server; flags override ``DIFFUSER_*`` settings."""
+"""``diffuser-api serve``: start the server; flags override ``DIFFUSER_*`` settings.
+
+The other subcommands (``generate``, ``edit``, ``vary``, ``models``) are the client, in
+``diffuser_api.client``: they talk to a running server and import nothing of it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from uvicorn.server import STARTUP_FAILURE
 
+from diffuser_api.client.commands import add_client_commands, run_client_command
 from diffuser_api.config import Settings
 from diffuser_api.log_format import configure_logging
 
@@ -31,6 +36,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--max-batch-size", type=int)
     serve.add_argument("--max-queue-size", type=int)
     serve.add_argument("--log-level")
+    add_client_commands(commands)
     return parser.parse_args(argv)
 
 
@@ -61,6 +67,8 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicor
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.command != "serve":
+        sys.exit(run_client_command(args))
     overrides = {key: value for key, value in vars(args).items() if key != "command" and value is not None}
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_format)
