@@ -23,6 +23,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from diffuser_api.domain import Task
 from tests.conftest import LiveServer, free_port
 from tests.fakes import FakeRunner, fake_app, png_bytes
 from tests.servers import ThreadedServer
@@ -130,6 +131,21 @@ def test_vary_over_http_reencodes_to_the_asked_format_and_reports_the_response(t
     for path in paths:
         with Image.open(path) as image:
             assert image.format == "JPEG"
+
+
+def test_edit_sends_every_image(serve, tmp_path):
+    runner = FakeRunner()
+    server = serve(runner, tasks=frozenset(Task))
+    first = image_file(tmp_path / "a.png", (32, 32))
+    second = tmp_path / "b.png"
+    second.write_bytes(png_bytes((32, 32), (0, 90, 0)))
+    result = run_cli("edit", str(first), str(second), "--prompt", "both", "--server",
+                     server.base_url, "--seed", "2", "-o", str(tmp_path / "out"), "-q")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{tmp_path / 'out' / 'edit-2.png'}\n"
+    job = runner.jobs_seen[0]
+    assert (job.task, job.prompt) == (Task.MULTI_IMAGE_EDIT, "both")
+    assert [image.getpixel((0, 0))[:3] for image in job.images] == [(200, 30, 30), (0, 90, 0)]
 
 
 # --- listing models ------------------------------------------------------------------------------
@@ -245,6 +261,27 @@ def test_ctrl_c_cancels_the_work_on_the_server_and_exits_130(serve, tmp_path):
     assert response.status_code == 200
     assert time.monotonic() - started < 5, "the worker stayed busy after the client left"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_a_variation_closes_the_request_and_the_server_stops(serve, tmp_path):
+    runner = FakeRunner(step_delay_s=0.1)
+    server = serve(runner)
+    process = subprocess.Popen(
+        cli_command("vary", str(image_file(tmp_path / "in.png", (32, 32))), "--server", server.base_url,
+                    "--steps", "90", "--size", "32x32", "-o", str(tmp_path / "out")),
+        env=cli_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_until(lambda: bool(runner.batches) and runner.batches[0].steps >= 3, "the variation to run")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(15) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+    batch = runner.batches[0]
+    wait_until(lambda: batch.finished_at is not None, "the server to stop the cancelled work")
+    assert batch.steps < 90
+    assert not (tmp_path / "out").exists()
 
 
 def run_in_terminal(command: list[str], timeout_s: float = 60) -> tuple[int, str]:

@@ -115,8 +115,9 @@ def readable_file(text: str) -> Path:
     return path
 
 
-def run_client_command(args: argparse.Namespace, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr) -> int:
+def run_client_command(args: argparse.Namespace, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
     """Run one parsed client command; the exit code tells scripts what went wrong."""
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     output = Output.for_args(args, stdout)
     try:
         server = resolve_server(args.server, args.api_key)
@@ -172,11 +173,11 @@ def data_url(path: Path) -> str:
 
 
 def run_generate(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
-    return _over_websocket(args, server, output, generation_body(args), "generating")
+    return _over_websocket(args, server, output, generation_body(args), _doing("generating", args.n))
 
 
 def run_edit(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
-    return _over_websocket(args, server, output, edit_body(args), "editing")
+    return _over_websocket(args, server, output, edit_body(args), _doing("editing", args.n))
 
 
 def _over_websocket(
@@ -201,8 +202,9 @@ def _over_websocket(
 
 def run_vary(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
     fields = image_fields(args) | {"response_format": "b64_json"}
-    with output.display("making variations") as display:
-        display.waiting("making variations")
+    what = _doing("making variations", args.n)
+    with output.display(what) as display:
+        display.waiting(what)
         response = create_variation(server, args.image, fields)
         # Variations take no output_format: the server sends its format and --format is applied here.
         received = response.get("output_format", "png")
@@ -232,6 +234,10 @@ def run_models(args: argparse.Namespace, server: Server, output: Output) -> dict
         for model in models:
             print(f"{model.get('id')}\t{model.get('status', '')}", file=output.stdout)
     return response
+
+
+def _doing(what: str, n: int | None) -> str:
+    return f"{what} ({n} images)" if n and n > 1 else what
 
 
 def _prefix(args: argparse.Namespace) -> str:
