@@ -23,6 +23,12 @@ serve: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The Node examples need the openai npm package (tests/integration/test_examples.py runs them).
+test: examples/node_modules
+examples/node_modules: examples/package.json examples/package-lock.json
+	npm ci --prefix examples --no-audit --no-fund
+	touch $@
+
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
