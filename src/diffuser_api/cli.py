@@ -42,6 +42,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def uvicorn_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
     """How ``serve`` runs uvicorn; tests serve on a free port with the same options (``overrides``)."""
+    from diffuser_api.serving import connections_deadline_s  # the server's parts: not for client commands
+
     options: dict[str, Any] = dict(
         host=settings.host,
         port=settings.port,
@@ -50,7 +52,7 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicor
         log_config=None,
         access_log=False,
         # A backstop: the models are drained to finish within the grace (serving.DrainingServer).
-        timeout_graceful_shutdown=settings.shutdown_grace_s,
+        timeout_graceful_shutdown=connections_deadline_s(settings.shutdown_grace_s),
         # A WebSocket edit carries its images in one JSON message, as large as an edits body may
         # be; uvicorn's own 16 MiB default would otherwise override the setting. Its other
         # limits do not undercut ours: h11 caps only headers (16 KiB) and streams bodies, and

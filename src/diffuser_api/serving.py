@@ -19,11 +19,19 @@ from diffuser_api.models.registry import ModelRegistry
 # Running requests stop this much before the grace ends, so their 503 leaves before uvicorn
 # cancels what is left.
 ANSWER_MARGIN_S = 0.5
+# uvicorn's own deadline for open connections comes this much before the grace ends, so the
+# app's shutdown (stopping workers, flushing traces) and the process exit fit inside the grace.
+EXIT_MARGIN_S = 0.25
+
+
+def connections_deadline_s(grace_s: float) -> float:
+    """``timeout_graceful_shutdown`` for uvicorn: its backstop, inside the grace."""
+    return max(0.0, grace_s - min(EXIT_MARGIN_S, grace_s / 4))
 
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, registry: ModelRegistry, grace_s: float) -> None:
-        """``config.timeout_graceful_shutdown`` should be ``grace_s``: uvicorn's backstop."""
+        """``config.timeout_graceful_shutdown`` should be ``connections_deadline_s(grace_s)``."""
         super().__init__(config)
         self._registry = registry
         self._grace_s = grace_s
