@@ -74,33 +74,31 @@ class ImagesResponse(BaseModel):
     usage: Usage | SkipJsonSchema[None] = omitted()
 
 
-class PartialImageEvent(BaseModel):
+class ImageEventFields(BaseModel):
+    """What every image event of a stream carries, partial or final."""
+
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: Literal["transparent", "opaque"]
+    output_format: Literal["png", "jpeg", "webp"]
+    image_index: int | SkipJsonSchema[None] = omitted("Which image, when n > 1.")
+
+
+class PartialImageEvent(ImageEventFields):
     """A preview while the image is made (``partial_images`` asks for them)."""
 
     type: Literal["image_generation.partial_image", "image_edit.partial_image"]
-    b64_json: str
-    created_at: int
-    size: str
-    quality: str
-    background: Literal["transparent", "opaque"]
-    output_format: Literal["png", "jpeg", "webp"]
     partial_image_index: int
-    image_index: int | SkipJsonSchema[None] = omitted("Which image, when n > 1.")
 
 
-class CompletedImageEvent(BaseModel):
+class CompletedImageEvent(ImageEventFields):
     """One finished image; a stream sends one per image."""
 
     type: Literal["image_generation.completed", "image_edit.completed"]
-    b64_json: str
-    created_at: int
-    size: str
-    quality: str
-    background: Literal["transparent", "opaque"]
-    output_format: Literal["png", "jpeg", "webp"]
     usage: Usage
     seed: int
-    image_index: int | SkipJsonSchema[None] = omitted("Which image, when n > 1.")
 
 
 ModelStatusName = Literal["ready", "loading", "offloaded", "unloaded", "failed"]
