@@ -80,7 +80,8 @@ def create_app(
         version=__version__,
         summary="The OpenAI Images API on Hugging Face diffusers pipelines",
         lifespan=lifespan,
-        # Served from the package by install_docs: FastAPI's own pages load from a CDN.
+        # /docs is served from the package by install_docs (FastAPI's own page loads from a CDN);
+        # there is no /redoc, whose page loads a logo from outside whatever it is told.
         docs_url=None,
         redoc_url=None,
     )
