@@ -195,27 +195,45 @@ def test_edit_sends_the_mask_painted_with_the_mouse_and_results_can_be_used_as_i
         assert job.mask.getextrema() == (255, 255)
 
 
-def test_variation_of_a_dropped_image_goes_over_http(tmp_path, page):
+# Hands the page an image file the way a drop or a paste does (Playwright has no native one).
+HAND_OVER_FILE = """([kind, data]) => {
+    const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([bytes], "given.png", {type: "image/png"}));
+    const event = kind === "drop"
+        ? new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true})
+        : new ClipboardEvent("paste", {clipboardData: transfer, bubbles: true, cancelable: true});
+    (kind === "drop" ? document.getElementById("dropzone") : document.body).dispatchEvent(event);
+}"""
+
+
+def hand_over(page, kind: str, colour: tuple[int, int, int]) -> None:
+    page.evaluate(HAND_OVER_FILE, [kind, base64.b64encode(png_bytes((48, 48), colour)).decode()])
+
+
+def test_variation_of_a_dropped_or_pasted_image_goes_over_http(tmp_path, page):
     runner = FakeRunner()
     with ThreadedServer(fake_app(tmp_path, runner)) as server:
         server.wait_ready()
         open_playground(page, server)
         page.click("#tab-vary")
-        drop = base64.b64encode(png_bytes((48, 48), (250, 200, 10))).decode()
-        page.evaluate("""(data) => {
-            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
-            const transfer = new DataTransfer();
-            transfer.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
-            document.getElementById("dropzone").dispatchEvent(new DragEvent("drop", {dataTransfer: transfer, bubbles: true}));
-        }""", drop)
+        hand_over(page, "drop", (250, 200, 10))
         page.wait_for_selector("#inputs img")
         assert page.locator("textarea[name=prompt]").is_hidden()  # variations take no prompt
         page.fill("#size", "48x48")
         page.click("button[type=submit]")
         page.wait_for_selector("#results img")
+        assert runner.jobs_seen[-1].images[0].convert("RGB").getpixel((10, 10)) == (250, 200, 10)
+
+        dropped = page.get_attribute("#inputs img", "src")
+        hand_over(page, "paste", (10, 250, 100))  # replaces the one input a variation takes
+        page.wait_for_function("(before) => document.querySelector('#inputs img').src !== before", arg=dropped)
+        assert page.locator("#inputs img").count() == 1
+        page.click("button[type=submit]")
+        page.wait_for_function("document.querySelectorAll('#results img').length === 2")
     job = runner.jobs_seen[-1]
     assert job.task is Task.VARIATION
-    assert job.images[0].convert("RGB").getpixel((10, 10)) == (250, 200, 10)
+    assert job.images[0].convert("RGB").getpixel((10, 10)) == (10, 250, 100)
     assert results(page)[0]["seed"] == f"seed {job.seeds[0]}"
 
 
