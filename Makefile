@@ -29,6 +29,13 @@ examples/node_modules: examples/package.json examples/package-lock.json
 	npm ci --prefix examples --no-audit --no-fund
 	touch $@
 
+# The browser tests (playground, /docs) drive Debian's chromium: Playwright's own browser
+# download is not reachable from CI. Installed only when missing (CI runs as root).
+.PHONY: test-deps-chromium
+test: test-deps-chromium
+test-deps-chromium:
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y --no-install-recommends chromium)
+
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 

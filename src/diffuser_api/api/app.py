@@ -15,11 +15,13 @@ from diffuser_api.api import files, health, images, metrics, models, websocket
 from diffuser_api.api.auth import ApiKeyMiddleware, PublicPaths
 from diffuser_api.api.body_limits import BodyLimitMiddleware, BodyLimits
 from diffuser_api.api.connection_limits import ConnectionLimitMiddleware
+from diffuser_api.api.docs import install_docs
 from diffuser_api.api.errors import install_error_handlers
 from diffuser_api.api.hosts import BrowserSafetyMiddleware, HostAllowList, WebSocketOrigins
 from diffuser_api.api.keys import load_key_store
 from diffuser_api.api.metrics import HttpMetricsMiddleware, ServiceMetrics
 from diffuser_api.api.openapi import install_openapi
+from diffuser_api.api.playground import install_playground
 from diffuser_api.api.proxies import ProxyRule
 from diffuser_api.api.rate_limits import RateLimiter, RateLimitMiddleware
 from diffuser_api.api.request_id import RequestIdMiddleware
@@ -78,6 +80,10 @@ def create_app(
         version=__version__,
         summary="The OpenAI Images API on Hugging Face diffusers pipelines",
         lifespan=lifespan,
+        # /docs is served from the package by install_docs (FastAPI's own page loads from a CDN);
+        # there is no /redoc, whose page loads a logo from outside whatever it is told.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.registry = registry
@@ -113,6 +119,8 @@ def create_app(
     app.add_middleware(RequestIdMiddleware)
     install_error_handlers(app)
     install_openapi(app)
+    install_docs(app)
+    install_playground(app, settings.api_prefix)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(files.router, prefix=settings.api_prefix)

@@ -16,6 +16,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from diffuser_api.api.errors import diffuser_error_handler
 from diffuser_api.api.keys import ApiKey, KeyStore
+from diffuser_api.api.playground import ASSETS_PATH as PLAYGROUND_ASSETS
+from diffuser_api.api.playground import PAGE_PATH as PLAYGROUND_PAGE
 from diffuser_api.api.request_record import record_of
 from diffuser_api.config import Settings
 from diffuser_api.errors import DiffuserError, RateLimited, Unauthorized, Unavailable
@@ -29,22 +31,23 @@ KEY_SUBPROTOCOL_PREFIX = "openai-insecure-api-key."
 
 class PublicPaths:
     """What needs no key: /health, image files (their names are unguessable, like presigned
-    URLs, so browsers can load ``url`` results), and /metrics if configured public.
+    URLs, so browsers can load ``url`` results), the playground page and its assets (they hold
+    no secret, and the page must load to ask for a key), and /metrics if configured public.
 
     ``/health?model=ID`` is not public: a key limited to some models must not learn of the
     others by leaving its key out.
     """
 
     def __init__(self, settings: Settings) -> None:
-        self._exact = {"/health"} | ({"/metrics"} if settings.metrics_public else set())
-        self._prefix = f"{settings.api_prefix}/images/files/"
+        self._exact = {"/health", PLAYGROUND_PAGE} | ({"/metrics"} if settings.metrics_public else set())
+        self._prefixes = (f"{settings.api_prefix}/images/files/", f"{PLAYGROUND_ASSETS}/")
 
     def covers(self, scope: Scope) -> bool:
         path = scope["path"]
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         if path == "/health" and "model" in query:
             return False
-        return path in self._exact or path.startswith(self._prefix)
+        return path in self._exact or path.startswith(self._prefixes)
 
 
 def presented_key(scope: Scope) -> str | None:
