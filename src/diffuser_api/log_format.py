@@ -43,6 +43,15 @@ class RedactKeys(logging.Filter):
         return True
 
 
+class DropTorchvisionAdvice(logging.Filter):
+    """transformers advises installing torchvision each time diffusers imports its pipelines, on
+    every CPU start. Following the advice breaks the install (torchvision fails to import beside
+    the torch wheel this project pins), and the Pil fallback it describes is what we use anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("transformers") and "requires torchvision" in record.getMessage())
+
+
 class TextFormatter(logging.Formatter):
     """One line per message; a traceback after it keeps its own lines."""
 
@@ -72,6 +81,7 @@ def log_handler(log_format: str, stream: TextIO | None = None) -> logging.Handle
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
     handler.addFilter(RedactKeys())
+    handler.addFilter(DropTorchvisionAdvice())
     return handler
 
 

@@ -134,3 +134,20 @@ def test_text_log_lines_escape_control_characters_from_any_logger():
     handler.handle(record)
     assert output.getvalue().count("\n") == 1
     assert "model 'x\\nFAKE'\\x1b[31m" in output.getvalue()
+
+
+def test_the_torchvision_advice_of_transformers_is_dropped_and_nothing_else():
+    """Installing torchvision as advised would break the pinned torch; other warnings stay."""
+    import io
+
+    from diffuser_api.log_format import log_handler
+
+    stream = io.StringIO()
+    handler = log_handler("text", stream)
+    advice = "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"
+    for name, message in (("transformers.image_processing_utils", advice), ("transformers.modeling_utils", "other"),
+                          ("diffuser_api.x", advice)):
+        handler.handle(logging.LogRecord(name, logging.WARNING, __file__, 1, message, None, None))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "other" in lines[0] and "diffuser_api.x" in lines[1]
