@@ -85,5 +85,15 @@ def log_handler(log_format: str, stream: TextIO | None = None) -> logging.Handle
     return handler
 
 
+def route_transformers_logs() -> None:
+    """transformers writes through a handler of its own, past our format, key scrubbing and
+    filters; send its records through ours, as uvicorn's are. Called by the server only: it
+    imports transformers."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+
+
 def configure_logging(level: str, log_format: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[log_handler(log_format)], force=True)
