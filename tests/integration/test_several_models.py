@@ -23,7 +23,9 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import websockets
 from PIL import Image
+from websockets.sync.client import connect
 
 from tests.conftest import TINY_CACHE, LiveServer
 
@@ -311,6 +313,36 @@ def test_broken_entries_are_503_naming_the_model_while_the_others_serve(several)
     health = http(several, "GET", "/health", params={"model": "bad-index"})
     assert health.status_code == 503 and "bad-index" in health.json()["error"]["message"]
     assert edit(client, "qwen-edit")
+
+
+def test_a_stream_to_a_cold_model_waits_for_its_load(several):
+    """SSE: the 200 comes first, the load happens inside the stream; the image is the one a
+    plain request gets."""
+    client = sdk(several)
+    unload(several, "qwen-edit")
+    events = list(client.images.edit(model="qwen-edit", prompt="make it blue", image=("in0.png", noise_png(0),
+                                                                                       "image/png"),
+                                     size=SIZE, stream=True, extra_body={**STEPS, "seed": 7}))
+    assert [event.type for event in events] == ["image_edit.completed"]
+    assert base64.b64decode(events[0].b64_json) == base64.b64decode(edit(client, "qwen-edit"))
+
+
+def test_a_websocket_to_a_cold_model_hears_loading_first(several):
+    unload(several, "tiny-sd")
+    url = several.base_url.replace("http://", "ws://") + "/v1/images/ws"
+    received = []
+    with connect(url, additional_headers={"Authorization": f"Bearer {KEYS['user']}"}) as socket:
+        socket.send(json.dumps({"model": "tiny-sd", "prompt": "a watercolor fox", "size": SIZE, **STEPS,
+                                "seed": 7}))
+        try:
+            while True:
+                received.append(json.loads(socket.recv(timeout=60)))
+        except websockets.exceptions.ConnectionClosed:
+            pass
+    kinds = [message["type"] for message in received]
+    assert kinds[0] == "loading" and kinds.count("loading") == 1
+    assert kinds[-2:] == ["completed", "done"], kinds
+    assert base64.b64decode(received[-2]["b64_json"]) == base64.b64decode(generate(sdk(several), "tiny-sd"))
 
 
 # -- admin, keys and health ---------------------------------------------------------------------------
