@@ -295,6 +295,28 @@ def test_ten_concurrent_first_requests_share_one_load(several):
     assert metric(several, "diffuser_model_loads_total", model="qwen-edit-plus") == counted + 1
 
 
+def test_two_cold_models_asked_for_at_once_both_load(several):
+    """Two loads on two threads at the same moment (they once broke each other's weights)."""
+    unload(several, "qwen-edit", "qwen-edit-plus")
+
+    async def both() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"{several.base_url}/v1", api_key=KEYS["user"], max_retries=0,
+                                    timeout=120)
+        image = ("a.png", noise_png(0), "image/png")
+        results = await asyncio.gather(*(
+            client.images.edit(model=model, prompt="make it blue", image=image, size=SIZE,
+                               extra_body={**STEPS, "seed": 7})
+            for model in ("qwen-edit", "qwen-edit-plus")
+        ))
+        await client.close()
+        return [result.data[0].b64_json for result in results]
+
+    edited, edited_plus = asyncio.run(both())
+    assert edited == edit(sdk(several), "qwen-edit")
+    assert {model: statuses(sdk(several))[model] for model in ("qwen-edit", "qwen-edit-plus")} == {
+        "qwen-edit": "ready", "qwen-edit-plus": "ready"}
+
+
 def test_broken_entries_are_503_naming_the_model_while_the_others_serve(several):
     client = sdk(several)
     for model_id in ("bad-index", "missing", "bad-weights"):
