@@ -31,6 +31,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: bench/ and tests/ are importable from the root
+# One OpenMP regime for every process compared here (this one's direct calls and the servers,
+# which inherit the environment): libgomp's default spin-waiting is fast on idle cores but
+# collapses when other work takes them (a one-model server fell from 42 to 2.5 images/s as the
+# machine's load rose from 3.4 to 4.3), and a server that has run torch on several threads
+# stops spinning by itself. Passive waiting everywhere compares the serving, not the regimes.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import diffusers
 import httpx
@@ -89,6 +95,13 @@ def timed_request(server: LiveServer, model: str) -> float:
     return elapsed
 
 
+def compute_s(server: LiveServer, model: str) -> float:
+    """The server's total pipeline-call seconds for the model so far (its own clock)."""
+    prefix = f'diffuser_compute_seconds_sum{{model="{model}"}} '
+    lines = httpx.get(f"{server.base_url}/metrics", timeout=30).text.splitlines()
+    return next((float(line[len(prefix):]) for line in lines if line.startswith(prefix)), 0.0)
+
+
 def unload(server: LiveServer, model: str) -> None:
     httpx.post(f"{server.base_url}/v1/models/{model}/unload", timeout=30).raise_for_status()
     while model_details(server, model)["status"] != "unloaded":
@@ -103,6 +116,7 @@ class FirstRequests:
     cold_s: list[float]
     hot_s: list[float]
     load_s: list[float]  # the server's own load_seconds of each cold load (load + warm-up)
+    server_call_s: list[float]  # the server's own pipeline call of each hot request
     direct: list[Measurement]
 
     @property
@@ -115,7 +129,7 @@ class FirstRequests:
 
 def measure_first_requests(server: LiveServer, model: str, rounds: int) -> FirstRequests:
     direct = DirectPipeline.tiny(TINY_CACHE, model)
-    found = FirstRequests(model, [], [], [], [])
+    found = FirstRequests(model, [], [], [], [], [])
     timed_request(server, model)  # the request size's first allocations, outside the rounds
     for _ in range(rounds):
         found.direct.append(direct.measure(f"{model}, direct call", batch=1, side=FIRST_SIDE, steps=FIRST_STEPS,
@@ -123,7 +137,9 @@ def measure_first_requests(server: LiveServer, model: str, rounds: int) -> First
         unload(server, model)
         found.cold_s.append(timed_request(server, model))
         found.load_s.append(model_details(server, model)["load_seconds"])
+        before = compute_s(server, model)
         found.hot_s.append(timed_request(server, model))
+        found.server_call_s.append(compute_s(server, model) - before)
     return found
 
 
@@ -197,13 +213,14 @@ def markdown(first: list[FirstRequests], churn: dict[str, Measurement], evicted:
         "",
         f"## First request to a model ({FIRST_SIDE}², {FIRST_STEPS} steps)",
         "",
-        "| model | one pipeline call (p50 ms) | hot: first request, model loaded | cold: first request, "
-        "loaded from disk | of which the server's load + warm-up |",
-        "|---|---|---|---|---|",
+        "| model | one pipeline call, direct (p50 ms) | the same call in the server (ms) | hot: first request, "
+        "model loaded | cold: first request, loaded from disk | of which the server's load + warm-up |",
+        "|---|---|---|---|---|---|",
     ]
     for found in first:
         lines.append(
-            f"| {found.model} | {found.call_ms:.1f} | {found.ratio(found.hot_s):.2f} calls "
+            f"| {found.model} | {found.call_ms:.1f} | {np.median(found.server_call_s) * 1000:.1f} | "
+            f"{found.ratio(found.hot_s):.2f} calls "
             f"({np.median(found.hot_s) * 1000:.0f} ms) | {found.ratio(found.cold_s):.1f} calls "
             f"({np.median(found.cold_s) * 1000:.0f} ms) | {np.median(found.load_s) * 1000:.0f} ms |"
         )
@@ -268,7 +285,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=12 * CLIENTS, help="churn requests per round")
     args = parser.parse_args()
     pressure_before = cpu_pressure()
-    started = time.monotonic()
+    started, began = time.monotonic(), datetime.datetime.now()
     scratch = Path(tempfile.mkdtemp(prefix="diffuser-bench-models-"))
     admin = {"DIFFUSER_ADMIN_OPEN": "true"}
 
@@ -301,11 +318,15 @@ def main() -> None:
                 for found in first}
     measured |= {"churn / one model, images/s": throughput, "churn / one model, p95 latency": tail}
     notes = [
-        (f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPU cores shared with other work; "
+        (f"{began:%Y-%m-%d %H:%M}, {os.cpu_count()} CPU cores shared with other work; "
          f"before: {pressure_before}; after: {cpu_pressure()}; whole run {time.monotonic() - started:.0f} s"),
-        (f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), diffusers {diffusers.__version__}; "
+        (f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads, OMP_WAIT_POLICY="
+         f"{os.environ['OMP_WAIT_POLICY']} in every process), diffusers {diffusers.__version__}; "
          f"{args.first_rounds} rounds of first requests, {args.rounds} interleaved churn rounds of {args.requests} "
          "requests"),
+        ("One pipeline call is timed in this process (`bench/direct.py`), interleaved with the server's "
+         "rounds; the server's own time for the same call (its `diffuser_compute_seconds`) is shown beside it: "
+         "on a busy shared machine the two differ by more than HTTP and PNG encoding do."),
         ("Cold: the model was unloaded by `POST /v1/models/{id}/unload`; its first request loads it from the "
          "disk cache (`from_pretrained`), runs the warm-up call, then the request. On CPU an evicted model is "
          "released (there is no warm tier: host RAM is the device's memory)."),
