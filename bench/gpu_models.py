@@ -131,6 +131,10 @@ def main() -> None:
     print(text)
 
 
+def gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
 def report(scenario: Scenario, rows: list[tuple[str, str, float, float | None]], hot_s: float,
            evicted: dict[str, dict[str, int]], resident: dict[str, int], weight_bytes: int, target: Target | None,
            elapsed_s: float) -> str:
@@ -138,8 +142,8 @@ def report(scenario: Scenario, rows: list[tuple[str, str, float, float | None]],
         (f"# The warm tier: SDXL architecture, random weights ({'tiny, ' if scenario is TINY else ''}"
          f"{str(scenario.dtype).split('.')[-1]}), two models with room for one"),
         "",
-        (f"Device: {device_name(scenario.device)}. Checkpoint: {weight_bytes / 2**30:.2f} GiB of safetensors; "
-         f"resident on the device: {', '.join(f'{d} {b / 2**30:.2f} GiB' for d, b in resident.items()) or '–'}."),
+        (f"Device: {device_name(scenario.device)}. Checkpoint: {gib(weight_bytes)} of safetensors; "
+         f"resident on the device: {', '.join(f'{d} {gib(b)}' for d, b in resident.items()) or '–'}."),
         (f"Server: main.build_app + uvicorn, max_loaded_models 1, host_memory_budget "
          f"{HOST_BUDGET[scenario.device]}; requests {scenario.side}², {scenario.steps} steps. "
          f"Whole run: {elapsed_s:.0f} s."),
