@@ -45,6 +45,7 @@ lint: install
 bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/previews.py
+	$(BIN)/python bench/models.py
 
 soak: install
 	$(BIN)/python bench/soak.py

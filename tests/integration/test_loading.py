@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,25 @@ def test_local_folder_loads_like_a_hub_id(tmp_path: Path):
     loaded = load_model(spec(str(folder)), SETTINGS)
     assert loaded.pipeline_class == "StableDiffusionPipeline"
     assert probe_model(spec(str(folder)), SETTINGS).capabilities.notes == ()  # not announced as a tiny model
+
+
+def test_loads_on_several_threads_at_once_all_succeed():
+    """The registry loads two cold models on two threads at the same time; unguarded,
+    diffusers' process-wide meta-device patch left one of them without weights."""
+    loaded, errors = [], []
+
+    def load() -> None:
+        try:
+            loaded.append(load_model(spec(), SETTINGS))
+        except Exception as error:  # recorded, so the assertion shows what went wrong
+            errors.append(repr(error))
+
+    for _ in range(3):
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert len(loaded) == 9
+    assert all(model.resident_bytes()["cpu"] == loaded[0].resident_bytes()["cpu"] > 0 for model in loaded)

@@ -165,7 +165,8 @@ def test_bad_byte_sizes_are_refused(text):
 def test_the_readme_example_is_a_valid_file(tmp_path):
     readme = (EXAMPLE.parent / "README.md").read_text()
     section = readme[readme.index("## Several models"):]
-    example = section[section.index("```yaml\n") + len("```yaml\n"):section.index("```\n\n-")]
+    start = section.index("```yaml\n") + len("```yaml\n")
+    example = section[start:section.index("```\n", start)]
     plan = serving_plan(settings(tmp_path, example))
     assert [spec.id for spec in plan.models] == ["tiny-sd", "tiny-qwen-edit"]
     assert plan.models[1].engine.max_batch_size == 4

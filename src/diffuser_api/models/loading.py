@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -28,6 +29,13 @@ from diffuser_api.models.spec import ModelSpec
 from diffuser_api.models.tasks import task_classes
 
 logger = logging.getLogger(__name__)
+
+# ``from_pretrained`` is not thread-safe: while it builds a model it patches torch.nn.Module
+# for the whole process (accelerate's ``init_empty_weights``), so a second load on another
+# thread gets weights on the meta device ("Cannot copy out of meta tensor"). The registry
+# loads each model on a thread of its own, and two cold models asked for at once load at
+# the same time: their loads take turns. Process-wide, like the patch it guards against.
+_ONE_LOAD_AT_A_TIME = threading.Lock()
 
 
 def resolve_devices(devices: Sequence[str]) -> list[str]:
@@ -89,7 +97,13 @@ class DiffusersModel:
 
 
 def load_model(spec: ModelSpec, settings: Settings) -> DiffusersModel:
-    """One copy of the weights per distinct device, and one runner per listed device."""
+    """One copy of the weights per distinct device, and one runner per listed device.
+    Safe to call from several threads: loads take turns (see ``_ONE_LOAD_AT_A_TIME``)."""
+    with _ONE_LOAD_AT_A_TIME:
+        return _load_model(spec, settings)
+
+
+def _load_model(spec: ModelSpec, settings: Settings) -> DiffusersModel:
     source = checkpoint_source(spec, settings)
     pipeline_class = DiffusionPipeline.load_config(source)["_class_name"]
     family = family_for(pipeline_class, spec.family)
