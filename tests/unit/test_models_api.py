@@ -93,7 +93,8 @@ def test_unknown_model_ids_are_404_and_the_server_keeps_serving(tmp_path):
     with TestClient(fake_models_app(tmp_path, three_models())) as client:
         wait_ready(client)
         for path in ("/v1/models/nope", "/v1/models/b-alias", "/health?model=nope", "/health?model="):
-            assert_envelope(client.get(path), 404, code="model_not_found")
+            error = assert_envelope(client.get(path), 404, code="model_not_found")
+            assert error["message"].endswith("Served models: model-a, model-b, model-c")
             assert_still_serves(client)
 
 

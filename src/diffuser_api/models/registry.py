@@ -123,19 +123,22 @@ class ModelRegistry:
         hides every other model: it answers as if it did not exist."""
         model = self._lookup(name)
         if model is None or (allowed is not None and model.id not in allowed):
-            served = [model_id for model_id in self._models if allowed is None or model_id in allowed]
             named = f"The model '{name}' does not exist" if name else "The default model is not available to you"
-            raise ModelNotFound(
-                f"{named}. Served models: {', '.join(served) or 'none'}", param="model", code="model_not_found"
-            )
+            raise self._not_found(named, allowed)
         return model
 
     def get(self, model_id: str, allowed: frozenset[str] | None = None) -> ServedModel:
         """Exact lookup, for /v1/models/{id}: aliases are not models."""
         model = self._models.get(model_id)
         if model is None or (allowed is not None and model_id not in allowed):
-            raise ModelNotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+            raise self._not_found(f"The model '{model_id}' does not exist", allowed)
         return model
+
+    def _not_found(self, named: str, allowed: frozenset[str] | None) -> ModelNotFound:
+        """Names the served ids the caller may use, and no others."""
+        served = [model_id for model_id in self._models if allowed is None or model_id in allowed]
+        return ModelNotFound(f"{named}. Served models: {', '.join(served) or 'none'}", param="model",
+                             code="model_not_found")
 
     def ids_for(self, names: Iterable[str]) -> frozenset[str]:
         """Ids and aliases (a keys file's) as model ids; an unknown name is a ValueError."""
