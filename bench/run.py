@@ -78,7 +78,9 @@ def main() -> None:
 
     direct = DirectPipeline.tiny(TINY_CACHE)
     step_s = direct.step_time_s(DISCONNECT_SIZE, 10)
-    with served(scratch) as batching, served(scratch, DIFFUSER_MAX_BATCH_SIZE="1") as unbatched:
+    # The disconnect probe's request is longer than the default DIFFUSER_MAX_STEPS allows.
+    with served(scratch, DIFFUSER_MAX_STEPS=str(DISCONNECT_STEPS)) as batching, \
+            served(scratch, DIFFUSER_MAX_BATCH_SIZE="1") as unbatched:
         print("latency: direct vs. 1 client ...", flush=True)
         latency = interleaved({
             "direct": lambda: direct.measure("direct, 1 image per call", batch=1, side=LATENCY_SIZE,
