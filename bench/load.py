@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -21,19 +22,23 @@ def payload(side: int, steps: int) -> dict[str, Any]:
     return {"prompt": "a watercolor fox", "size": f"{side}x{side}", "num_inference_steps": steps, "seed": 1}
 
 
-async def _drive(base_url: str, body: dict[str, Any], clients: int, requests: int) -> tuple[list[float], int]:
+async def drive(
+    base_url: str, bodies: Sequence[dict[str, Any]], clients: int, timeout_s: float = 120.0
+) -> tuple[list[float], int]:
+    """``clients`` closed-loop clients working through ``bodies`` in order: the latencies of the
+    200s, and how many answers were not 200."""
     latencies: list[float] = []
     failures = 0
-    remaining = requests
+    queue = list(reversed(bodies))
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits) as client:
 
         async def one_client() -> None:
-            nonlocal remaining, failures
-            while remaining > 0:
-                remaining -= 1
+            nonlocal failures
+            while queue:
+                request = queue.pop()
                 started = time.perf_counter()
-                response = await client.post(GENERATIONS, json=body)
+                response = await client.post(GENERATIONS, json=request)
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - started)
                 else:
@@ -63,11 +68,11 @@ def run_clients(
     body = payload(side, steps)
     warmup = clients if warmup_requests is None else warmup_requests
     if warmup:
-        asyncio.run(_drive(base_url, body, clients, warmup))
+        asyncio.run(drive(base_url, [body] * warmup, clients))
     server_cpu = process_cpu_s(server_pid) if server_pid else None
     own_cpu = time.process_time()
     started = time.perf_counter()
-    latencies, failures = asyncio.run(_drive(base_url, body, clients, requests))
+    latencies, failures = asyncio.run(drive(base_url, [body] * requests, clients))
     wall = time.perf_counter() - started
     return Measurement(
         label, side, steps, clients=clients, batch=batch, images=len(latencies), wall_s=wall,

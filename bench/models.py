@@ -47,7 +47,7 @@ from tests.conftest import TINY_CACHE, LiveServer
 
 from bench import tables
 from bench.direct import PROMPT, DirectPipeline
-from bench.load import GENERATIONS
+from bench.load import GENERATIONS, drive
 from bench.measure import Measurement, Target, cpu_pressure, process_cpu_s
 from bench.run import interleaved, served
 
@@ -150,29 +150,6 @@ def zipf_requests(count: int, models: Sequence[str], s: float, seed: int = 0) ->
     return [models[index] for index in picks]
 
 
-async def _drive(base_url: str, bodies: Sequence[dict[str, Any]], clients: int) -> tuple[list[float], int]:
-    """``clients`` closed-loop clients working through ``bodies`` in order."""
-    latencies: list[float] = []
-    failures = 0
-    queue = list(reversed(bodies))
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base_url, timeout=300, limits=limits) as client:
-
-        async def one_client() -> None:
-            nonlocal failures
-            while queue:
-                request = queue.pop()
-                started = time.perf_counter()
-                response = await client.post(GENERATIONS, json=request)
-                if response.status_code == 200:
-                    latencies.append(time.perf_counter() - started)
-                else:
-                    failures += 1
-
-        await asyncio.gather(*(one_client() for _ in range(clients)))
-    return latencies, failures
-
-
 def evictions(server: LiveServer, models: Sequence[str]) -> int:
     return sum(sum(model_details(server, model)["evictions"].values()) for model in models)
 
@@ -192,7 +169,7 @@ def churn_phase(server: LiveServer, label: str, names: Sequence[str], counted: S
     def phase() -> Measurement:
         before, server_cpu, own_cpu = evictions(server, counted), process_cpu_s(server.process.pid), time.process_time()
         started = time.perf_counter()
-        latencies, failures = asyncio.run(_drive(server.base_url, bodies, CLIENTS))
+        latencies, failures = asyncio.run(drive(server.base_url, bodies, CLIENTS, timeout_s=300))
         wall = time.perf_counter() - started
         into.evictions += evictions(server, counted) - before
         return Measurement(label, CHURN_SIDE, CHURN_STEPS, clients=CLIENTS, batch=8, images=len(latencies),
