@@ -23,12 +23,13 @@ from tests.fakes import FakeRunner, colour_of, image_job
 TEST_TIMEOUT_S = 10.0
 
 
-def run_async(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
-    """Run an async test on a fresh loop, bounded in time (the project has no pytest-asyncio)."""
+def run_async(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test on a fresh loop, bounded in time (the project has no pytest-asyncio);
+    its parameters (``parametrize``) pass through."""
 
     @functools.wraps(test)
-    def wrapper() -> None:
-        asyncio.run(asyncio.wait_for(test(), TEST_TIMEOUT_S))
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), TEST_TIMEOUT_S))
 
     return wrapper
 
@@ -201,12 +202,16 @@ async def test_full_queue_answers_overloaded_at_once_and_serves_again_later() ->
         assert_images_of(await engine.submit(image_job("later")), "later")
 
 
+@pytest.mark.parametrize(
+    ("seeds", "max_batch_size"),
+    [pytest.param((1,), 8, id="one-job"), pytest.param((1, 2, 3), 1, id="split-request-every-chunk")],
+)
 @run_async
-async def test_cancelled_queued_job_never_runs() -> None:
+async def test_cancelled_queued_job_never_runs(seeds: tuple[int, ...], max_batch_size: int) -> None:
     runner = FakeRunner()
-    async with serving(runner) as engine:
+    async with serving(runner, max_batch_size=max_batch_size) as engine:
         blocker = await block_worker(engine, runner)
-        gone = await submit(engine, "never")
+        gone = await submit(engine, "never", seeds=seeds)
         await wait_until(lambda: engine.queue_depth == 1, "the job to be queued")
         gone.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -475,23 +480,6 @@ async def test_split_request_counts_once_in_the_queue_and_its_position_is_report
         runner.gate.set()
         _, images, _ = await asyncio.gather(blocker, split, later)
     assert_images_of(images, "split", (1, 2, 3))
-
-
-@run_async
-async def test_cancelling_a_split_request_drops_every_chunk() -> None:
-    runner = FakeRunner()
-    async with serving(runner, max_batch_size=1) as engine:
-        blocker = await block_worker(engine, runner)
-        gone = await submit(engine, "gone", seeds=(1, 2, 3))
-        await wait_until(lambda: engine.queue_depth == 1, "the split request to be queued")
-        gone.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await gone
-        assert engine.queue_depth == 0
-        runner.gate.set()
-        await blocker
-        assert_images_of(await engine.submit(image_job("after")), "after")
-    assert not runner.started("gone")
 
 
 @run_async
