@@ -145,13 +145,20 @@ class Settings(BaseSettings):
     variation_strength: float = Field(0.7, description="Strength used when variations run as image-to-image.")
 
     # Engine
-    max_queue_size: int = Field(64, description="Queued requests per model; beyond, 429 with Retry-After.")
+    max_queue_size: int = Field(
+        64, description="Queued interactive requests per model; beyond, 429 with Retry-After (jobs not counted)."
+    )
     max_batch_size: int = Field(8, description="Most images in one pipeline call.")
     max_batch_pixels: int = Field(8 * 1024 * 1024, description="Most output pixels in one pipeline call.")
     batch_wait_ms: float = Field(
         5.0, description="How long a worker waits for compatible requests to batch, while requests overlap."
     )
     request_timeout_s: float = Field(300.0, description="Past this a request is cancelled and answers 504.")
+    priority_ageing_s: float = Field(
+        30.0, gt=0.0,
+        description="Queued work moves up one priority class (batch lines, then async jobs, then interactive) "
+        "for every this many seconds it has waited, so lower classes never starve.",
+    )
 
     # Streaming
     stream_ping_s: float = Field(5.0, description="Seconds between ': ping' keep-alive comments on SSE streams.")
