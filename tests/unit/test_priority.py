@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+import openai
 import pytest
 
 from diffuser_api.domain import GeneratedImage
@@ -18,7 +19,8 @@ from diffuser_api.engine import Engine, EngineLimits
 from diffuser_api.engine.device_turns import DeviceTurns
 from diffuser_api.engine.priority import Priority, effective_class
 from diffuser_api.errors import Overloaded, Unavailable
-from tests.fakes import FakeRunner, image_job
+from tests.fakes import FakeRunner, fake_app, image_job
+from tests.servers import ThreadedServer
 from tests.unit.test_engine import block_worker, run_async, serving, wait_until
 
 
@@ -245,3 +247,43 @@ async def test_device_turns_go_to_the_best_class_then_to_the_oldest(
             await engine.stop(grace_s=2.0)
     batches = sorted((batch for runner in runners.values() for batch in runner.batches), key=lambda b: b.started_at)
     assert [batch.prompts[0] for batch in batches] == ["holder", *after_holder]
+
+
+@pytest.mark.slow
+def test_over_http_a_burst_of_jobs_neither_fills_the_queue_nor_delays_a_client_by_more_than_a_batch(tmp_path):
+    """The real server with the OpenAI SDK: 50 jobs wait in a queue bounded at 2 interactive
+    requests, and a client's request is answered 200 right after the batch it found running."""
+    runner = FakeRunner(step_delay_s=0.005)
+    app = fake_app(tmp_path, runner, limits=EngineLimits(max_queue_size=2, max_batch_size=4, request_timeout_s=10))
+    with ThreadedServer(app) as server:
+        server.wait_ready()
+        engine = app.state.registry.get("fake-model").engine_now
+
+        async def burst() -> list[list[GeneratedImage]]:
+            works = [image_job(f"job-{index}", size=(64, 64)) for index in range(50)]
+            return await asyncio.gather(*(engine.submit(work, priority=Priority.JOB) for work in works))
+
+        jobs: list[list[list[GeneratedImage]]] = []
+        jobs_thread = threading.Thread(target=lambda: jobs.append(asyncio.run(burst())))
+        jobs_thread.start()
+        deadline = time.monotonic() + 5
+        while len(runner.batches) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        runner.gate.clear()  # hold the worker inside a job batch while the client's request arrives
+        time.sleep(0.05)
+        begun = len(runner.batches)
+        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+        answers: list[Any] = []
+        client_thread = threading.Thread(
+            target=lambda: answers.append(client.images.generate(prompt="interactive", size="32x32"))  # type: ignore[arg-type]
+        )
+        client_thread.start()
+        while engine.waiting(Priority.INTERACTIVE) == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert engine.waiting(Priority.JOB) > 40
+        runner.gate.set()
+        client_thread.join(10)
+        jobs_thread.join(10)
+    assert len(answers[0].data) == 1
+    assert runner.batches.index(runner.batch_of("interactive")) == begun
+    assert len(jobs[0]) == 50
