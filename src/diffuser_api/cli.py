@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from pydantic import ValidationError
 from uvicorn.server import STARTUP_FAILURE
 
 from diffuser_api.client.commands import add_client_commands, run_client_command
@@ -72,7 +73,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command != "serve":
         sys.exit(run_client_command(args))
     overrides = {key: value for key, value in vars(args).items() if key != "command" and value is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as error:  # the settings' own words (never their values), not a traceback
+        sys.exit(f"diffuser-api: invalid settings: {error}")
     configure_logging(settings.log_level, settings.log_format)
     from diffuser_api.main import build_app
     from diffuser_api.serving import DrainingServer

@@ -3,8 +3,12 @@ JSON logs and metrics, with tiny-sd behind them and the openai SDK in front."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -53,3 +57,23 @@ def test_keys_limits_json_logs_and_metrics_on_a_live_server(tmp_path):
     assert (generation["model"], generation["images"], generation["steps"]) == ("tiny-sd", 2, 2)
     assert generation["compute_s"] > 0
     assert KEY not in server.log.read_text()
+
+
+def test_serve_refuses_a_bad_webhook_secret_naming_the_setting_without_echoing_it(tmp_path):
+    """Before loading anything: one line of the settings' own words, no traceback, no secret."""
+    key = base64.b64encode(b"only-15-bytes!!").decode()
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("DIFFUSER_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "diffuser_api", "serve"],
+        env=environment | {
+            "DIFFUSER_JOB_WEBHOOK_URL": "https://hooks.example.com/diffuser",
+            "DIFFUSER_JOB_WEBHOOK_SECRET": f"whsec_{key}",
+            "DIFFUSER_CACHE_DIR": str(tmp_path),
+            "DIFFUSER_PORT": "0",  # should it start after all, it takes no one's port
+        },
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("diffuser-api: invalid settings")
+    assert "job_webhook_secret" in result.stderr and "15 bytes; it must be 24 to 64" in result.stderr
+    assert key not in result.stderr and "Traceback" not in result.stderr

@@ -172,6 +172,8 @@ def engine_limits(settings: Settings, section: EngineSection | None = None) -> E
         max_batch_pixels=pick("max_batch_pixels"),
         batch_wait_s=pick("batch_wait_ms") / 1000,
         request_timeout_s=pick("request_timeout_s"),
+        # One for every model: device turns compare the classes of different models' work.
+        priority_ageing_s=settings.priority_ageing_s,
     )
 
 

@@ -5,12 +5,15 @@ Built in ``main`` and passed down; nothing else reads the environment.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import limits
-from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from diffuser_api.domain.requests import Task
@@ -48,9 +51,48 @@ def _parseable(value: str) -> str:
 # A rate limit in the ``limits`` notation: "60/minute", "1000 per hour", "5/2 seconds", or 60.
 RateLimitText = Annotated[str, BeforeValidator(_per_minute), AfterValidator(_parseable)]
 
+WEBHOOK_SECRET_PREFIX = "whsec_"
+# Standard Webhooks asks for keys of 24 to 64 random bytes.
+WEBHOOK_KEY_BYTES = (24, 64)
+
+
+def webhook_signing_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret, ``whsec_`` then the key in base64.
+
+    Raises ValueError saying what is wrong, never quoting the secret."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError(f"the webhook secret must be {WEBHOOK_SECRET_PREFIX}<base64 key>, as Standard Webhooks has it")
+    try:
+        encoded = secret.removeprefix(WEBHOOK_SECRET_PREFIX)
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)  # padding optional
+    except binascii.Error:
+        raise ValueError(f"the webhook secret's key after {WEBHOOK_SECRET_PREFIX} is not valid base64") from None
+    shortest, longest = WEBHOOK_KEY_BYTES
+    if not shortest <= len(key) <= longest:
+        raise ValueError(f"the webhook secret's key is {len(key)} bytes; it must be {shortest} to {longest}")
+    return key
+
+
+def _webhook_secret(value: SecretStr | None) -> SecretStr | None:
+    if value is not None:
+        webhook_signing_key(value.get_secret_value())
+    return value
+
+
+def _http_url(value: str | None) -> str | None:
+    if value is not None:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("the webhook URL must be an http:// or https:// URL with a host")
+    return value
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DIFFUSER_", env_file=".env", extra="ignore")
+    # A refused setting is named with the reason but never echoed: secrets (API keys, the
+    # webhook secret, storage credentials) must not reach the start-up log.
+    model_config = SettingsConfigDict(
+        env_prefix="DIFFUSER_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
 
     # Model
     model_id: str = Field("tiny-sd", description="Hub id, local folder, or a built-in tiny model (tiny-sd).")
@@ -145,13 +187,20 @@ class Settings(BaseSettings):
     variation_strength: float = Field(0.7, description="Strength used when variations run as image-to-image.")
 
     # Engine
-    max_queue_size: int = Field(64, description="Queued requests per model; beyond, 429 with Retry-After.")
+    max_queue_size: int = Field(
+        64, description="Queued interactive requests per model; beyond, 429 with Retry-After (jobs not counted)."
+    )
     max_batch_size: int = Field(8, description="Most images in one pipeline call.")
     max_batch_pixels: int = Field(8 * 1024 * 1024, description="Most output pixels in one pipeline call.")
     batch_wait_ms: float = Field(
         5.0, description="How long a worker waits for compatible requests to batch, while requests overlap."
     )
     request_timeout_s: float = Field(300.0, description="Past this a request is cancelled and answers 504.")
+    priority_ageing_s: float = Field(
+        30.0, gt=0.0,
+        description="Queued work moves up one priority class (batch lines, then async jobs, then interactive) "
+        "for every this many seconds it has waited, so lower classes never starve.",
+    )
 
     # Streaming
     stream_ping_s: float = Field(5.0, description="Seconds between ': ping' keep-alive comments on SSE streams.")
@@ -223,6 +272,20 @@ class Settings(BaseSettings):
     )
     otel_service_name: str = Field("diffuser-api", description="service.name of the traces.")
 
+    # Async jobs: a signed POST on every final status (Standard Webhooks)
+    job_webhook_url: Annotated[str | None, AfterValidator(_http_url)] = Field(
+        None, description="Where a signed POST goes when a job (or batch) ends; none: no webhook."
+    )
+    job_webhook_secret: Annotated[SecretStr | None, AfterValidator(_webhook_secret)] = Field(
+        None,
+        description="Signing secret of the webhook in Standard Webhooks form, whsec_ then 24 to 64 random bytes "
+        "in base64; needed with job_webhook_url.",
+    )
+    job_webhook_max_attempts: int = Field(
+        5, ge=1, description="Tries per webhook message; retried on connection errors, 5xx and 429."
+    )
+    job_webhook_timeout_s: float = Field(10.0, gt=0.0, description="How long one webhook POST may take.")
+
     log_level: str = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line.")
 
@@ -235,6 +298,12 @@ class Settings(BaseSettings):
     @classmethod
     def _task_names(cls, value: object) -> object:
         return task_names(value)
+
+    @model_validator(mode="after")
+    def _webhook_is_signed(self) -> Settings:
+        if self.job_webhook_url is not None and self.job_webhook_secret is None:
+            raise ValueError("DIFFUSER_JOB_WEBHOOK_URL needs DIFFUSER_JOB_WEBHOOK_SECRET: every webhook is signed")
+        return self
 
 
 def task_names(value: object) -> object:

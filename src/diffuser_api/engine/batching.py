@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from diffuser_api.engine.job import Job
+from diffuser_api.engine.priority import Priority, effective_class
 
 
 @dataclass(frozen=True)
@@ -23,40 +24,57 @@ class QueueClosed(Exception):
 
 
 class JobQueue:
-    """A bounded FIFO that workers take *batches* from.
+    """A queue that workers take *batches* from, in order of priority class with ageing.
 
     One queue serves every worker of a model, so an idle device takes the next job rather than
-    waiting behind a busy one. A batch starts with the oldest job and gathers later jobs with
-    the same batch key, so an incompatible job is never starved by ones that arrive after it.
+    waiting behind a busy one. Jobs are served by effective class (``engine.priority``: the
+    class, improved by one per ``ageing_s`` waited), then oldest first. A batch starts with the
+    first job in that order and gathers compatible jobs (same batch key) in the same order,
+    whatever their class: a job filling a free place in an interactive batch costs the
+    interactive request nothing, and an incompatible job is never starved by ones that arrive
+    after it in its class.
+
+    Only interactive requests count against ``max_requests``: their clients hold a connection
+    open and must hear 429 at once. Jobs and batch lines are always taken; their feeders bound
+    how many they put in (the rest wait in the database).
 
     A request too large for one batch comes as several jobs (its chunks); the bound counts
     requests, so a large request is never refused by a queue that has room for it.
     """
 
-    def __init__(self, max_requests: int) -> None:
+    def __init__(self, max_requests: int, ageing_s: float) -> None:
         self._max_requests = max_requests
-        self._jobs: deque[Job] = deque()
+        self._ageing_s = ageing_s
+        self._jobs: deque[Job] = deque()  # in arrival order
         self._ready = threading.Condition()
         self._closed = False
         self.arrivals = 0  # requests ever offered: a worker compares it to see if others came meanwhile
 
     def __len__(self) -> int:
-        """Requests waiting (a split request counts once)."""
+        """Requests waiting, every class (a split request counts once)."""
         with self._ready:
             return len({id(job.whole) for job in self._jobs})
 
+    def waiting(self, priority: Priority) -> int:
+        """Requests of ``priority`` (their own class, not the aged one) waiting."""
+        with self._ready:
+            return self._requests_of(priority)
+
     @property
     def full(self) -> bool:
-        return len(self) >= self._max_requests
+        """No room for another interactive request."""
+        with self._ready:
+            return self._interactive_full()
 
     def offer(self, jobs: Sequence[Job]) -> bool:
-        """Add one request's jobs, all or none, unless the queue is full or closed; never blocks.
+        """Add one request's jobs, all or none, unless the queue is closed or (interactive
+        requests only) full; never blocks.
 
         Wakes every waiting worker: a single wake-up may reach a worker gathering a batch the
         job cannot join, which ignores it while an idle worker sleeps on.
         """
         with self._ready:
-            if self._closed or len(self) >= self._max_requests:
+            if self._closed or (jobs[0].priority == Priority.INTERACTIVE and self._interactive_full()):
                 return False
             self._jobs.extend(jobs)
             self.arrivals += 1
@@ -73,14 +91,20 @@ class JobQueue:
             return True
 
     def position_of(self, job: Job) -> int | None:
-        """How many requests wait ahead of ``job``; None once it has left the queue."""
+        """How many requests wait ahead of ``job`` in the order they will be served now; None
+        once it has left the queue. A job's position may grow: a new interactive request goes
+        ahead of a job that has not aged to its class."""
         with self._ready:
             ahead: set[int] = set()
-            for queued in self._jobs:
+            for queued in self._in_order():
                 if queued is job:
                     return len(ahead)
                 ahead.add(id(queued.whole))
             return None
+
+    def class_of(self, job: Job, now: float) -> int:
+        """``job``'s effective class at ``now`` (its class, aged)."""
+        return effective_class(job.priority, now - job.enqueued_at, self._ageing_s)
 
     def close(self) -> None:
         with self._ready:
@@ -88,7 +112,8 @@ class JobQueue:
             self._ready.notify_all()
 
     def take_batch(self, limits: BatchLimits) -> list[Job]:
-        """Block until a job is there, then return it with compatible jobs (up to the limits).
+        """Block until a job is there, then return the first in serving order with compatible
+        jobs (up to the limits), these too in serving order.
 
         The engine splits requests so that every job fits the limits on its own, except a
         single image larger than ``max_pixels``: that one runs alone, with no company.
@@ -99,10 +124,7 @@ class JobQueue:
             items, pixels = first.work.n, first.work.pixels
             deadline = time.monotonic() + limits.wait_s
             while items < limits.max_items and pixels < limits.max_pixels:
-                for job in list(self._jobs):
-                    if job.cancelled:
-                        self._jobs.remove(job)
-                        continue
+                for job in self._in_order():
                     fits = items + job.work.n <= limits.max_items and pixels + job.work.pixels <= limits.max_pixels
                     if fits and job.key == first.key:
                         self._jobs.remove(job)
@@ -117,13 +139,27 @@ class JobQueue:
 
     def _take_first(self) -> Job:
         while True:
-            while not self._jobs:
-                if self._closed:
-                    raise QueueClosed
-                self._ready.wait()
-            job = self._jobs.popleft()
-            if not job.cancelled:
-                return job
+            queued = self._in_order()
+            if queued:
+                self._jobs.remove(queued[0])
+                return queued[0]
+            if self._closed:
+                raise QueueClosed
+            self._ready.wait()
+
+    def _in_order(self) -> list[Job]:
+        """Waiting jobs in serving order: effective class, then arrival (the sort is stable).
+        Cancelled jobs are dropped on the way: no worker should see them. Call under the lock."""
+        for job in [job for job in self._jobs if job.cancelled]:
+            self._jobs.remove(job)
+        now = time.monotonic()
+        return sorted(self._jobs, key=lambda job: self.class_of(job, now))
+
+    def _interactive_full(self) -> bool:
+        return self._requests_of(Priority.INTERACTIVE) >= self._max_requests
+
+    def _requests_of(self, priority: Priority) -> int:
+        return len({id(job.whole) for job in self._jobs if job.priority == priority})
 
     def drain(self) -> list[Job]:
         with self._ready:

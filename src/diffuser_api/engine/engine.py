@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from diffuser_api.domain import GeneratedImage, ImageJob
 from diffuser_api.engine.batching import BatchLimits, JobQueue
 from diffuser_api.engine.device_turns import DeviceTurns, device_of
 from diffuser_api.engine.job import Job, JobTiming, ProgressSink
+from diffuser_api.engine.priority import Priority
 from diffuser_api.engine.runner import ModelRunner
 from diffuser_api.engine.splitting import SplitProgress, split_work
-from diffuser_api.engine.worker import BatchObserver, BatchReport, Worker
+from diffuser_api.engine.worker import BatchObserver, BatchReport, DeviceTurn, Worker, no_turn
 from diffuser_api.errors import DiffuserError, Overloaded, RequestTimeout, Unavailable
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class EngineLimits:
     max_batch_pixels: int = 8 * 1024 * 1024
     batch_wait_s: float = 0.005
     request_timeout_s: float = 300.0
+    priority_ageing_s: float = 30.0
 
 
 class Engine:
@@ -56,7 +57,7 @@ class Engine:
         of other models, keeps them from running batches on one device at the same time."""
         self.limits = limits
         self._turns = turns
-        self._queue = JobQueue(limits.max_queue_size)
+        self._queue = JobQueue(limits.max_queue_size, limits.priority_ageing_s)
         self._batch_limits = BatchLimits(limits.max_batch_size, limits.max_batch_pixels, limits.batch_wait_s)
         self._observers = observers
         # Every runner of a model groups jobs the same way (one family), so one key serves all.
@@ -74,7 +75,13 @@ class Engine:
 
     @property
     def queue_depth(self) -> int:
+        """Requests waiting, every class."""
         return len(self._queue)
+
+    def waiting(self, priority: Priority) -> int:
+        """Requests of one class waiting: what a feeder of jobs or batch lines watches to keep
+        only a few of its own in the queue (the rest wait in its database)."""
+        return self._queue.waiting(priority)
 
     @property
     def health_problem(self) -> str | None:
@@ -91,23 +98,28 @@ class Engine:
         progress: ProgressSink | None = None,
         timing: JobTiming | None = None,
         deadline: float | None = None,
+        priority: Priority = Priority.INTERACTIVE,
     ) -> list[GeneratedImage]:
         """Queue the work and wait for its images, until ``deadline`` (``time.monotonic``; by
-        default ``request_timeout_s`` from now: a caller that waited for the model to load
-        passes the request's own, so the wait counts against it).
+        default ``request_timeout_s`` from now for an interactive request, none for the other
+        classes: jobs may wait for hours, and their feeder bounds an attempt itself; a caller
+        that waited for the model to load passes the request's own, so the wait counts against it).
+
+        ``priority`` places it in the queue (see ``engine.priority``); only interactive requests
+        are refused by a full queue.
 
         Work larger than one batch runs as several (its images come back in seed order).
         Cancelling the awaiting task (client gone) cancels the job: a queued job never runs,
         a running one stops at the next step once no client of its batch is left. ``timing``,
         if given, gets the job's queue wait and compute time however it ends.
         """
-        self.check_room()
-        jobs = self._jobs_of(work, progress)
+        self.check_room(priority)
+        jobs = self._jobs_of(work, progress, priority)
         if not self._queue.offer(jobs):
             raise self._overloaded()
         self._submitted[id(work)] = jobs
         try:
-            if deadline is None:
+            if deadline is None and priority == Priority.INTERACTIVE:
                 deadline = time.monotonic() + self.limits.request_timeout_s
             images = await self._results(jobs, deadline)
             if images is None:
@@ -121,13 +133,13 @@ class Engine:
             if timing is not None:
                 timing.record(jobs, time.monotonic())
 
-    def check_room(self) -> None:
+    def check_room(self, priority: Priority = Priority.INTERACTIVE) -> None:
         """Raise now what ``submit`` would for a full queue or a stopping engine, so a stream can
         still answer with a plain 429 or 503 before its 200 (``submit`` decides in the end: a
-        request may lose the race for the last place)."""
+        request may lose the race for the last place). Only interactive requests meet a full queue."""
         if self._stop_deadline is not None:
             raise Unavailable("the server is shutting down", retry_after=SHUTDOWN_RETRY_AFTER_S)
-        if self._queue.full:
+        if priority == Priority.INTERACTIVE and self._queue.full:
             raise self._overloaded()
 
     def _overloaded(self) -> Overloaded:
@@ -136,8 +148,9 @@ class Engine:
             retry_after=self.retry_after_s(),
         )
 
-    def _jobs_of(self, work: ImageJob, progress: ProgressSink | None) -> tuple[Job, ...]:
+    def _jobs_of(self, work: ImageJob, progress: ProgressSink | None, priority: Priority) -> tuple[Job, ...]:
         loop = asyncio.get_running_loop()
+        enqueued_at = time.monotonic()  # one for all chunks: they age together
         chunks = split_work(work, self.limits.max_batch_size, self.limits.max_batch_pixels)
         split_progress = SplitProgress(progress, chunks) if progress is not None else None
         cancel_flag = threading.Event()
@@ -150,17 +163,18 @@ class Engine:
                 future=loop.create_future(),
                 progress=split_progress.of_chunk(index) if split_progress is not None else None,
                 cancel_flag=cancel_flag,
+                priority=priority,
+                enqueued_at=enqueued_at,
             )
             for index, chunk in enumerate(chunks)
         )
 
-    async def _results(self, jobs: Sequence[Job], deadline: float) -> list[GeneratedImage] | None:
-        """Every chunk's images in order, or None at the deadline; the first failure of any
-        chunk fails the request."""
+    async def _results(self, jobs: Sequence[Job], deadline: float | None) -> list[GeneratedImage] | None:
+        """Every chunk's images in order, or None at the deadline (if any); the first failure of
+        any chunk fails the request."""
         futures = [job.future for job in jobs]
-        _, pending = await asyncio.wait(
-            futures, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_EXCEPTION
-        )
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        _, pending = await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
         for future in futures:
             if future.done() and (error := future.exception()) is not None:
                 raise error
@@ -187,9 +201,11 @@ class Engine:
         return self._queue.position_of(jobs[0])
 
     def retry_after_s(self) -> float:
-        """Estimate when a slot frees up: queued batches times the recent time per batch."""
+        """Estimate when a slot frees up for an interactive request: the interactive batches
+        queued times the recent time per batch (jobs wait behind them)."""
         per_batch = statistics.median(self._recent_compute_s) if self._recent_compute_s else 1.0
-        batches_ahead = max(1, len(self._queue)) / max(1, self.limits.max_batch_size * len(self.workers))
+        interactive_ahead = self._queue.waiting(Priority.INTERACTIVE)
+        batches_ahead = max(1, interactive_ahead) / max(1, self.limits.max_batch_size * len(self.workers))
         return max(1.0, round(per_batch * batches_ahead, 1))
 
     def _cancel(self, job: Job) -> None:
@@ -200,11 +216,21 @@ class Engine:
     def _new_worker(self, runner: ModelRunner) -> Worker:
         return Worker(runner, self._queue, self._batch_limits, self._notify, self._replace, self._turn_on(runner))
 
-    def _turn_on(self, runner: ModelRunner) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    def _turn_on(self, runner: ModelRunner) -> DeviceTurn:
         if self._turns is None:
-            return contextlib.nullcontext
+            return no_turn
         turns, device = self._turns, device_of(runner)
-        return lambda: turns.turn(device, self)
+        return lambda batch: turns.turn(device, self, lambda: self._waiting_class(batch))
+
+    def _waiting_class(self, batch: Sequence[Job]) -> int:
+        """The best effective class in the batch a worker holds while it waits for the device.
+
+        Only the held batch counts, not the queue behind it: the worker runs that batch first
+        whatever it has queued, so ranking it by its queue would put a batch of batch lines
+        ahead of another model's job batch and bring the queued request no sooner. A queued
+        request reaches the device through a worker of its own model that takes it."""
+        now = time.monotonic()
+        return min(self._queue.class_of(job, now) for job in batch)
 
     def _replace(self, dead: Worker) -> None:
         """On the dead worker's thread: start another on its runner, so the queue is served."""

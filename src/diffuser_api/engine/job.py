@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from diffuser_api.domain import GeneratedImage, ImageJob, StepProgress
 from diffuser_api.domain.timeline import Phase
+from diffuser_api.engine.priority import Priority
 
 ProgressSink = Callable[[StepProgress], None]
 
@@ -54,6 +55,7 @@ class Job:
     loop with ``call_soon_threadsafe``. ``work`` is one chunk of the request's ``whole`` work
     (the same object when the request fits one batch); ``key`` says which jobs may share a
     pipeline call, computed once on submit so no model code runs under the queue's lock.
+    ``priority`` and ``enqueued_at`` are the request's, shared by its chunks, so they age together.
     """
 
     work: ImageJob
@@ -62,6 +64,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[list[GeneratedImage]]
     progress: ProgressSink | None = None
+    priority: Priority = Priority.INTERACTIVE
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     # Shared by one request's jobs: once one is cancelled or fails, no worker starts the others

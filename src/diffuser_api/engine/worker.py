@@ -49,8 +49,13 @@ class BatchReport:
 
 
 WorkerExit = Callable[["Worker"], None]
-# The device's turn, held around each pipeline call (see device_turns).
-DeviceTurn = Callable[[], contextlib.AbstractContextManager[None]]
+# The device's turn for a batch, held around its pipeline call (see device_turns).
+DeviceTurn = Callable[[list[Job]], contextlib.AbstractContextManager[None]]
+
+
+def no_turn(batch: list[Job]) -> contextlib.AbstractContextManager[None]:
+    """A device of its own: nobody to take turns with."""
+    return contextlib.nullcontext()
 
 
 class Worker:
@@ -65,7 +70,7 @@ class Worker:
         limits: BatchLimits,
         observe: BatchObserver | None = None,
         on_death: WorkerExit | None = None,
-        turn: DeviceTurn = contextlib.nullcontext,
+        turn: DeviceTurn = no_turn,
     ) -> None:
         self.runner = runner
         self._turn = turn
@@ -113,7 +118,7 @@ class Worker:
                 return
             arrivals = self._queue.arrivals
             self._held = batch
-            with self._turn():  # a job still waits (not started) while another model has the device
+            with self._turn(batch):  # a job still waits (not started) while another model has the device
                 self.busy = True
                 self._run(batch)
             self.busy = False
