@@ -184,6 +184,17 @@ def test_service_info_names_the_family(servers):
         assert described["endpoints"]["generations"]["supported"] == (G in expect.tasks)
 
 
+def test_each_model_reports_its_preview_mode(servers):
+    """The tiny SD-type models have the real VAEs' channel counts (4, 4, 16): latent-map previews;
+    the tiny Flux and Qwen VAEs have 4 channels where the maps need 16: the VAE fallback, said why."""
+    for model, expect in EXPECTED.items():
+        previews = httpx.get(f"{servers[model].base_url}/v1/models/{model}", timeout=30).json()["previews"]
+        latent = expect.family in ("sdxl", "sd3")
+        assert previews["mode"] == ("latent" if latent else "vae"), model
+        if not latent:
+            assert "4 latent channels" in previews["method"] and "needs 16" in previews["method"]
+
+
 @pytest.mark.parametrize("model", sorted(EXPECTED))
 def test_streamed_previews_decode_at_the_requested_size(servers, model):
     """Each family unpacks its own latents (Flux and Qwen pack them) for previews."""

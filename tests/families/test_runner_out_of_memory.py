@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from diffuser_api.domain import Task
+from diffuser_api.domain.capabilities import PreviewPlan
 from diffuser_api.errors import OutOfMemory
 from diffuser_api.models.families import family_for
+from diffuser_api.models.preview_modes import preview_decoder
 from diffuser_api.models.runner import DiffusersRunner
 from tests.fakes import image_job
 
@@ -31,7 +33,9 @@ class OutOfMemoryPipeline:
 
 
 def test_out_of_memory_message_is_ours_and_the_report_goes_to_the_log(caplog):
-    runner = DiffusersRunner("cuda:0", family_for("StableDiffusionPipeline"), {Task.GENERATION: OutOfMemoryPipeline()})
+    family = family_for("StableDiffusionPipeline")
+    never_previewed = preview_decoder(family, PreviewPlan("vae", "unused"), 1.0)
+    runner = DiffusersRunner("cuda:0", family, {Task.GENERATION: OutOfMemoryPipeline()}, never_previewed)
     with caplog.at_level(logging.WARNING), pytest.raises(OutOfMemory) as raised:
         runner.run([image_job("x", seeds=(1, 2))], lambda step, total, previews: None)
     message = raised.value.message

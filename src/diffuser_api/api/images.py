@@ -6,11 +6,12 @@ import dataclasses
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from diffuser_api.api.dependencies import ServiceDep, SettingsDep, allowed_models
 from diffuser_api.api.disconnect import cancel_on_disconnect
 from diffuser_api.api.errors import describe_error, request_id_of
+from diffuser_api.api.fast_json import FastJSONResponse
 from diffuser_api.api.forms import read_image_form
 from diffuser_api.api.openapi import EDIT_REQUEST_BODY, GENERATION_REQUEST_BODY, VARIATION_REQUEST_BODY
 from diffuser_api.api.proxies import proxies_of
@@ -116,7 +117,7 @@ async def _run(
         async with admit.refunded_if_never_run():
             result, model_id = await cancel_on_disconnect(request, work)
         note_result(record, result, model_id)
-    return JSONResponse(images_response(result))
+    return FastJSONResponse(images_response(result))
 
 
 def build_image_request(

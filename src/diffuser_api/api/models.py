@@ -44,6 +44,7 @@ def describe_model(model: ServedModel) -> dict[str, Any]:
         sizes={"rule": caps.size.describe(), "default": f"{caps.size.default_width}x{caps.size.default_height}"},
         defaults={"steps": caps.default_steps, "guidance_scale": caps.default_guidance_scale,
                   "strength": caps.default_strength},
+        previews={"mode": caps.previews.mode, "method": caps.previews.method},
     )
     return described
 

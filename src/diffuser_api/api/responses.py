@@ -161,6 +161,14 @@ class EndpointSupport(BaseModel):
     variations: VariationsSupport
 
 
+class PreviewDescription(BaseModel):
+    mode: Literal["latent", "vae"] = Field(
+        description="'latent': a fixed linear map of the latent channels to RGB (nearly free); 'vae': a VAE "
+        "decode of downscaled latents (DIFFUSER_PREVIEW_MODE=vae, or no latent map fits this checkpoint)."
+    )
+    method: str = Field(description="How previews are made, and why not by the latent map when they are not.")
+
+
 class ModelDescription(BaseModel):
     """What the model can do, known from its checkpoint before any load (absent only when the
     checkpoint could not be read); ``reason`` only while loading or failed (our words, never
@@ -176,6 +184,7 @@ class ModelDescription(BaseModel):
     extras: list[str] | SkipJsonSchema[None] = omitted()
     sizes: SizeDescription | SkipJsonSchema[None] = omitted()
     defaults: ModelDefaults | SkipJsonSchema[None] = omitted()
+    previews: PreviewDescription | SkipJsonSchema[None] = omitted()
 
 
 class Evictions(BaseModel):

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 
 from diffuser_api.domain import Endpoint, ImageRequest
@@ -88,7 +89,8 @@ def sse_response(
             async for event in stream.events:
                 body = openai_event(event, request, size)
                 if body is not None:
-                    yield ServerSentEvent(data=json.dumps(body), event=body["type"])
+                    # Image events carry base64 images: orjson writes them several times faster.
+                    yield ServerSentEvent(data=orjson.dumps(body).decode(), event=body["type"])
         except DiffuserError as error:
             yield ServerSentEvent(data=json.dumps(error_body(error)), event="error")
         except Exception:  # a 200 is already sent: the error event is all the client can still get

@@ -204,9 +204,15 @@ class Settings(BaseSettings):
 
     # Streaming
     stream_ping_s: float = Field(5.0, description="Seconds between ': ping' keep-alive comments on SSE streams.")
+    preview_mode: Literal["latent", "vae"] = Field(
+        "latent",
+        description="How streamed previews are made: 'latent' maps the latent channels to RGB with the "
+        "family's fixed published factors (nearly free; a model whose latents match no map falls back to "
+        "'vae', as GET /v1/models/{id} says); 'vae' decodes the latents with the model's VAE.",
+    )
     preview_scale: float = Field(
         0.25, gt=0.0, le=1.0,
-        description="Streamed previews decode latents scaled by this factor, then resize up: 0.25 costs a "
+        description="VAE previews decode latents scaled by this factor, then resize up: 0.25 costs a "
         "sixteenth of a full VAE decode or less; 1.0 gives full-resolution previews.",
     )
 

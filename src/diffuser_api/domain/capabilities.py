@@ -43,6 +43,18 @@ class SizeRules:
 
 
 @dataclass(frozen=True)
+class PreviewPlan:
+    """How streamed previews of this model are made, for ``GET /v1/models/{id}``.
+
+    ``latent``: a fixed linear map of the latent channels to RGB (nearly free); ``vae``: a VAE
+    decode of downscaled latents. ``method`` says how, and why not by the latent map when not.
+    """
+
+    mode: str
+    method: str
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """The contract between a model and the service.
 
@@ -70,6 +82,7 @@ class Capabilities:
     default_true_cfg_scale: float | None = None
     default_negative_prompt: str | None = None
     negative_prompt_scale: str | None = "guidance_scale"
+    previews: PreviewPlan = PreviewPlan("vae", "decoded with the model's VAE")
 
     def extras_for(self, task: Task) -> frozenset[str]:
         return self.task_extras.get(task, self.extras)

@@ -24,6 +24,7 @@ from diffuser_api.domain import Capabilities, SizeRules, Task
 from diffuser_api.errors import InvalidRequest, NotSupported
 from diffuser_api.models.families import family_for
 from diffuser_api.models.family import Family
+from diffuser_api.models.preview_modes import latent_channels, plan_previews
 from diffuser_api.models.served import ProbedModel
 from diffuser_api.models.spec import ModelSpec
 from diffuser_api.models.tasks import task_classes, task_extras
@@ -46,6 +47,7 @@ class CheckpointShape:
     native_side: int  # the pipeline's default output side
     position_limit: int | None  # the largest side a transformer's position table covers (SD3)
     guidance_embedding: bool  # False for transformers built without one (FLUX.1-schnell)
+    latent_channels: int | None = None  # the VAE's: whether the family's latent-to-RGB map fits
 
 
 def checkpoint_source(spec: ModelSpec, settings: Settings) -> str:
@@ -104,6 +106,7 @@ def shape_from_configs(configs: Mapping[str, Mapping[str, Any]]) -> CheckpointSh
         native_side=int(sample * scale),
         position_limit=int(table * transformer["patch_size"] * scale) if table else None,
         guidance_embedding=transformer.get("guidance_embeds", True) is not False,
+        latent_channels=latent_channels(vae),
     )
 
 
@@ -145,6 +148,7 @@ def derive_capabilities(
         variation_method=variation,
         max_input_images=family.max_input_images,
         notes=((TINY_MODEL_NOTE,) if is_tiny_model(spec.source) else ()) + family.notes,
+        previews=plan_previews(family, shape.latent_channels, settings.preview_mode, settings.preview_scale),
     )
     return capabilities.without(spec.disabled_tasks)
 

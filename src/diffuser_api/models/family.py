@@ -16,7 +16,7 @@ import torch
 from PIL.Image import Image
 
 from diffuser_api.domain import ImageJob, Task
-from diffuser_api.models.previews import vae_preview
+from diffuser_api.models.previews import LatentRgbMap, unpacked_grid, vae_preview
 
 # Extras every family honours, because the generic runner applies them itself.
 UNIVERSAL_EXTRAS = frozenset({"num_inference_steps", "seed"})
@@ -24,10 +24,13 @@ UNIVERSAL_EXTRAS = frozenset({"num_inference_steps", "seed"})
 SIGNATURE_EXTRAS = ("guidance_scale", "true_cfg_scale", "negative_prompt", "strength")
 
 CallKwargs = Callable[[Task, Sequence[ImageJob]], dict[str, Any]]
-# (pipeline, latents at this step, height, width, scale) -> one preview image per batch row.
+# (pipeline, latents as the pipeline passes them to its step callback, height, width) ->
+# the (B, C, h, w) latent grid in the denoiser's space (see ``previews.py``).
+LatentGrid = Callable[[Any, Any, int, int], Any]
+# (pipeline, latent grid, height, width, scale) -> one preview image per batch row.
 # ``scale`` < 1 decodes smaller latents (the VAE's cost falls with their area, or faster)
 # and the preview is resized back up to the output size.
-PreviewDecoder = Callable[[Any, Any, int, int, float], list[Image]]
+VaePreview = Callable[[Any, Any, int, int, float], list[Image]]
 CallScope = Callable[[Sequence[ImageJob]], AbstractContextManager[Any]]
 LoadKwargs = Callable[[str], dict[str, Any]]
 
@@ -128,8 +131,11 @@ class Family:
     call_scope: CallScope = no_scope
     # Extra ``from_pretrained`` arguments (e.g. a processor that avoids torchvision).
     load_kwargs: LoadKwargs = no_load_kwargs
-    # How to turn mid-denoising latents into images for streamed previews.
-    preview: PreviewDecoder = vae_preview
+    # Streamed previews: how to unpack the step's latents into a grid, the fixed latent-to-RGB
+    # map of the family's VAE (None: none known), and the VAE decode used where the map cannot be.
+    latent_grid: LatentGrid = unpacked_grid
+    latent_rgb: LatentRgbMap | None = None
+    vae_preview: VaePreview = vae_preview
     # Hub ids of checkpoints of this family, for people reading the family table.
     examples: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())

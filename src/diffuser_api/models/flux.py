@@ -7,10 +7,13 @@ VAE with scale 8, so sides are multiples of 16 (diffusers silently rounds others
 """
 
 from diffuser_api.models.family import Family
-from diffuser_api.models.previews import packed_preview
+from diffuser_api.models.previews import FLUX_LATENT_RGB, flux_grid
+
+# Previews read the 2x2-packed tokens unpacked; shared with Kontext (same VAE).
+PREVIEWS = dict(latent_grid=flux_grid, latent_rgb=FLUX_LATENT_RGB)
 
 FAMILY = Family(
-    preview=packed_preview,
+    **PREVIEWS,
     name="flux",
     pipeline_classes=("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
     size_multiple=16,

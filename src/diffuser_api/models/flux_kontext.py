@@ -16,7 +16,7 @@ from typing import Any
 
 from diffuser_api.domain import ImageJob, Task
 from diffuser_api.models.family import Family, prompt_per_call_kwargs
-from diffuser_api.models.previews import packed_preview
+from diffuser_api.models.flux import PREVIEWS
 
 
 def kontext_kwargs(task: Task, jobs: Sequence[ImageJob]) -> dict[str, Any]:
@@ -25,7 +25,7 @@ def kontext_kwargs(task: Task, jobs: Sequence[ImageJob]) -> dict[str, Any]:
 
 
 FAMILY = Family(
-    preview=packed_preview,
+    **PREVIEWS,
     name="flux-kontext",
     pipeline_classes=("FluxKontextPipeline",),
     size_multiple=16,

@@ -21,9 +21,10 @@ from diffusers import DiffusionPipeline
 
 from diffuser_api.config import Settings
 from diffuser_api.domain import Task
-from diffuser_api.models.checkpoint import checkpoint_source
+from diffuser_api.models.checkpoint import checkpoint_source, pipeline_configs
 from diffuser_api.models.families import family_for
 from diffuser_api.models.family import Family
+from diffuser_api.models.preview_modes import PreviewMode, latent_channels, plan_previews, preview_decoder
 from diffuser_api.models.runner import DiffusersRunner
 from diffuser_api.models.spec import ModelSpec
 from diffuser_api.models.tasks import task_classes
@@ -116,15 +117,18 @@ def _load_model(spec: ModelSpec, settings: Settings) -> DiffusersModel:
         base = DiffusionPipeline.from_pretrained(source, dtype=dtype, **family.load_kwargs(source)).to(device)
         bases[device] = base
         workers = [name for name in devices if name == device]
-        runners += runners_for_pipeline(base, family, workers, settings.preview_scale)
+        runners += runners_for_pipeline(base, family, workers, settings.preview_mode, settings.preview_scale)
     return DiffusersModel(bases, runners, pipeline_class)
 
 
 def runners_for_pipeline(
-    base: Any, family: Family, devices: Sequence[str], preview_scale: float = 1.0
+    base: Any, family: Family, devices: Sequence[str], preview_mode: PreviewMode = "latent", preview_scale: float = 0.25
 ) -> list[DiffusersRunner]:
     """Serve a pipeline that already sits on its device: one runner per entry of ``devices``
-    (all naming that device), sharing its weights."""
+    (all naming that device), sharing its weights. Previews as the probe planned them (the
+    defaults are the settings' defaults)."""
+    channels = latent_channels(pipeline_configs(base).get("vae", {}))
+    preview = preview_decoder(family, plan_previews(family, channels, preview_mode, preview_scale), preview_scale)
     runners: list[DiffusersRunner] = []
     for index, device in enumerate(devices):
         # A second worker on a device shares its weights but needs its own scheduler:
@@ -134,7 +138,7 @@ def runners_for_pipeline(
             if index == 0
             else type(base).from_pipe(base, scheduler=copy.deepcopy(base.scheduler), dtype=base.dtype)
         )
-        runners.append(DiffusersRunner(f"{device}#{index}", family, task_pipelines(pipe, family), preview_scale))
+        runners.append(DiffusersRunner(f"{device}#{index}", family, task_pipelines(pipe, family), preview))
     return runners
 
 

@@ -7,7 +7,7 @@ released one is. Latents are packed 2x2 after a VAE with scale 8: multiples of 1
 """
 
 from diffuser_api.models.family import Family
-from diffuser_api.models.previews import qwen_preview
+from diffuser_api.models.previews import QWEN_IMAGE_LATENT_RGB, qwen_grid, qwen_vae_preview
 
 TRUE_CFG = dict(
     default_guidance_scale=None,
@@ -17,8 +17,11 @@ TRUE_CFG = dict(
     ignored_extras=frozenset({"guidance_scale"}),
 )
 
+# Previews of the one-frame video VAE every Qwen-Image family shares.
+PREVIEWS = dict(latent_grid=qwen_grid, latent_rgb=QWEN_IMAGE_LATENT_RGB, vae_preview=qwen_vae_preview)
+
 FAMILY = Family(
-    preview=qwen_preview,
+    **PREVIEWS,
     name="qwen-image",
     pipeline_classes=("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
     size_multiple=16,

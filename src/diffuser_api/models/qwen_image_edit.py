@@ -21,8 +21,7 @@ from typing import Any
 
 from diffuser_api.domain import ImageJob
 from diffuser_api.models.family import Family, prompt_per_call_kwargs
-from diffuser_api.models.previews import qwen_preview
-from diffuser_api.models.qwen_image import TRUE_CFG
+from diffuser_api.models.qwen_image import PREVIEWS, TRUE_CFG
 from diffuser_api.models.qwen_processor import load_qwen_processor
 from diffuser_api.models.qwen_working_area import working_area
 
@@ -44,7 +43,7 @@ EDIT_CALL = dict(
 )
 
 FAMILY = Family(
-    preview=qwen_preview,
+    **PREVIEWS,
     name="qwen-image-edit",
     pipeline_classes=("QwenImageEditPipeline", "QwenImageEditInpaintPipeline"),
     size_multiple=32,

@@ -6,12 +6,11 @@ Several ``image[]`` files are passed as one list; the model cards call 1-3 image
 """
 
 from diffuser_api.models.family import Family
-from diffuser_api.models.previews import qwen_preview
-from diffuser_api.models.qwen_image import TRUE_CFG
+from diffuser_api.models.qwen_image import PREVIEWS, TRUE_CFG
 from diffuser_api.models.qwen_image_edit import EDIT_CALL
 
 FAMILY = Family(
-    preview=qwen_preview,
+    **PREVIEWS,
     name="qwen-image-edit-plus",
     pipeline_classes=("QwenImageEditPlusPipeline",),
     size_multiple=16,

@@ -13,6 +13,7 @@ from diffuser_api.domain import GeneratedImage, ImageJob, Task
 from diffuser_api.engine import StepCallback
 from diffuser_api.errors import OutOfMemory
 from diffuser_api.models.family import Family
+from diffuser_api.models.preview_modes import PreviewDecoder
 from diffuser_api.models.tasks import takes
 
 logger = logging.getLogger(__name__)
@@ -24,11 +25,11 @@ class DiffusersRunner:
     Only its worker thread calls it, so the shared scheduler is never used concurrently.
     """
 
-    def __init__(self, name: str, family: Family, pipelines: dict[Task, Any], preview_scale: float = 1.0) -> None:
+    def __init__(self, name: str, family: Family, pipelines: dict[Task, Any], preview: PreviewDecoder) -> None:
         self.name = name
         self.family = family
         self.pipelines = pipelines
-        self.preview_scale = preview_scale
+        self.preview = preview
         # Pipelines with height/width get the job's size; the others (SD img2img) take it
         # from the input image, which the service has resized to it.
         self._sized = {task for task, pipe in pipelines.items() if takes(pipe, "height") and takes(pipe, "width")}
@@ -45,10 +46,7 @@ class DiffusersRunner:
 
         def step_end(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             def previews() -> list[list[Image]]:
-                return per_job(
-                    jobs,
-                    self.family.preview(pipeline, tensors["latents"], first.height, first.width, self.preview_scale),
-                )
+                return per_job(jobs, self.preview(pipeline, tensors["latents"], first.height, first.width))
 
             on_step(step + 1, pipeline.num_timesteps, previews)
             return tensors

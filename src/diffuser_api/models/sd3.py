@@ -5,6 +5,7 @@ position table caps them (the loader reads ``pos_embed_max_size`` from the check
 """
 
 from diffuser_api.models.family import Family
+from diffuser_api.models.previews import SD3_LATENT_RGB
 
 FAMILY = Family(
     name="sd3",
@@ -13,5 +14,6 @@ FAMILY = Family(
     default_steps=28,
     default_guidance_scale=7.0,
     default_strength=0.6,
+    latent_rgb=SD3_LATENT_RGB,
     examples=("stabilityai/stable-diffusion-3-medium-diffusers", "stabilityai/stable-diffusion-3.5-large"),
 )
