@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from diffuser_api import __version__
-from diffuser_api.api import files, health, images, metrics, models, websocket
+from diffuser_api.api import files, health, images, jobs, metrics, models, websocket
 from diffuser_api.api.auth import ApiKeyMiddleware, PublicPaths
 from diffuser_api.api.body_limits import BodyLimitMiddleware, BodyLimits
 from diffuser_api.api.connection_limits import ConnectionLimitMiddleware
@@ -28,6 +28,7 @@ from diffuser_api.api.request_id import RequestIdMiddleware
 from diffuser_api.api.tracer_provider import tracer_provider_from
 from diffuser_api.config import Settings
 from diffuser_api.domain.devices import DeviceMemoryProbe
+from diffuser_api.jobs.service import JobService, job_storage
 from diffuser_api.models.registry import ModelRegistry
 from diffuser_api.service.images import ImageService
 from diffuser_api.service.storage import ImageStorage, remove_expired_periodically
@@ -57,6 +58,7 @@ def create_app(
     tracer_provider = tracer_provider or built_provider
     storage = ImageStorage.from_settings(settings)
     service = ImageService(settings, registry, storage)
+    job_service = JobService(settings, registry, service, job_storage(settings))
     service_metrics = ServiceMetrics(registry, device_memory)
     public = PublicPaths(settings)
     keys = load_key_store(settings, registry.ids_for)
@@ -65,10 +67,13 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(registry.start())
         cleanup = asyncio.create_task(remove_expired_periodically(storage, settings.storage_cleanup_interval_s))
+        await job_service.start()
         try:
             yield
         finally:
             cleanup.cancel()
+            # Before the models stop: running jobs go back to the queue rather than failing.
+            await job_service.stop()
             await loading
             await registry.stop(settings.shutdown_grace_s)
             service.close()
@@ -89,6 +94,7 @@ def create_app(
     app.state.registry = registry
     app.state.storage = storage
     app.state.service = service
+    app.state.jobs = job_service
     app.state.metrics = service_metrics
     app.state.keys = keys
     app.state.proxies = ProxyRule.from_settings(settings)
@@ -123,6 +129,7 @@ def create_app(
     install_playground(app, settings.api_prefix)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(jobs.router, prefix=settings.api_prefix)
     app.include_router(files.router, prefix=settings.api_prefix)
     app.include_router(models.router, prefix=settings.api_prefix)
     app.include_router(images.router, prefix=settings.api_prefix)
