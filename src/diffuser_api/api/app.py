@@ -59,7 +59,8 @@ def create_app(
     storage = ImageStorage.from_settings(settings)
     service = ImageService(settings, registry, storage)
     job_service = JobService(settings, registry, service, job_storage(settings))
-    service_metrics = ServiceMetrics(registry, device_memory)
+    service_metrics = ServiceMetrics(registry, device_memory, job_counts=job_service.counts_by_status)
+    job_service.observe(service_metrics.observe_job)
     public = PublicPaths(settings)
     keys = load_key_store(settings, registry.ids_for)
 

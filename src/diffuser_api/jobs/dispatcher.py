@@ -23,11 +23,11 @@ from typing import Any
 
 from diffuser_api.config import Settings
 from diffuser_api.domain import GeneratedImage, ImageRequest, StepProgress
-from diffuser_api.errors import Cancelled, DiffuserError
+from diffuser_api.errors import DiffuserError
 from diffuser_api.jobs.live import LiveJob, LiveJobs
-from diffuser_api.jobs.outcomes import AfterFailure, after_failure, error_of
+from diffuser_api.jobs.outcomes import AfterFailure, after_failure, cancelled_error, error_of
 from diffuser_api.jobs.records import JobRecord, JobStatus
-from diffuser_api.jobs.requests import restore_request
+from diffuser_api.jobs.requests import as_checked, restore_request
 from diffuser_api.jobs.store import JobStore
 from diffuser_api.models.registry import ModelRegistry, ServedModel
 from diffuser_api.service.encoding import encode_image
@@ -202,8 +202,7 @@ class JobDispatcher:
                 if not running.cancel_requested:  # shutdown
                     await self._requeue(running, AfterFailure.REQUEUE, "the server is stopping")
                     return
-                error = Cancelled("the job was cancelled", code="cancelled")
-                await self._finish(running, JobStatus.CANCELLED, error=error_of(error))
+                await self._finish(running, JobStatus.CANCELLED, error=cancelled_error())
             except Exception as error:
                 if not isinstance(error, DiffuserError):
                     logger.exception("job %s (request %s) failed unexpectedly", record.id, record.request_id)
@@ -227,7 +226,7 @@ class JobDispatcher:
         inputs = await asyncio.to_thread(self._store.inputs, record.id)
         request = restore_request(record.endpoint, record.request, inputs)
         model = self._registry.get(record.model)
-        work = await self._images.prepare(request, model)
+        work = await self._images.prepare(as_checked(request), model)
         work = dataclasses.replace(work, partial_images=request.partial_images or 0)
         # One attempt's time: the load, the engine's queue and the steps (not the wait in the
         # database, and not request_timeout_s).

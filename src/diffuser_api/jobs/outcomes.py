@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import Enum
 
 from diffuser_api.errors import (
+    Cancelled,
     Conflict,
     DiffuserError,
     Forbidden,
@@ -39,3 +40,7 @@ def error_of(error: BaseException) -> dict[str, str | None]:
         return {"class": type(error).__name__, "message": error.message, "param": error.param, "code": error.code}
     return {"class": "ModelFailure", "message": "The server had an error while running this job.", "param": None,
             "code": None}
+
+
+def cancelled_error() -> dict[str, str | None]:
+    return error_of(Cancelled("the job was cancelled", code="cancelled"))

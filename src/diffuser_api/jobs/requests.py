@@ -6,6 +6,7 @@ pydantic dumps and rebuilds the dataclass field by field, so fields other featur
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -33,3 +34,9 @@ def restore_request(endpoint: str, fields: dict[str, Any], inputs: list[tuple[st
     images = tuple(Upload(param=param, data=data) for param, data in inputs if param != MASK)
     mask = next((Upload(param=param, data=data) for param, data in inputs if param == MASK), None)
     return REQUEST.validate_python({**fields, "endpoint": Endpoint(endpoint), "images": images, "mask": mask})
+
+
+def as_checked(request: ImageRequest) -> ImageRequest:
+    """What the synchronous checks see: a job's previews go to its events, not to a stream of
+    the request, so ``partial_images`` needs no ``stream`` here (its range is the schema's)."""
+    return dataclasses.replace(request, partial_images=None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from diffuser_api.config import Settings
@@ -14,8 +14,9 @@ from diffuser_api.errors import Conflict, Gone, InvalidRequest, NotFound, Overlo
 from diffuser_api.jobs.database import migrate, open_database
 from diffuser_api.jobs.dispatcher import FinalHook, FinalObserver, JobDispatcher
 from diffuser_api.jobs.live import LiveEvent, LiveJobs
+from diffuser_api.jobs.outcomes import cancelled_error
 from diffuser_api.jobs.records import JobRecord, JobStatus, new_job_id
-from diffuser_api.jobs.requests import request_fields, request_inputs
+from diffuser_api.jobs.requests import as_checked, request_fields, request_inputs
 from diffuser_api.jobs.store import JobStore
 from diffuser_api.models.registry import ModelRegistry
 from diffuser_api.service.images import Admission, ImageService
@@ -62,8 +63,9 @@ class JobService:
         storage: ImageStorage,
         *,
         on_final: FinalHook | None = None,
-        observers: Sequence[FinalObserver] = (),
     ) -> None:
+        """``on_final`` hears of every final status (completed, failed, cancelled, expired),
+        e.g. to send a webhook."""
         self._settings = settings
         self._registry = registry
         self._images = images
@@ -71,12 +73,17 @@ class JobService:
         engine = open_database(settings)
         self._store = JobStore(engine)
         self._live = LiveJobs()
+        self._observers: list[FinalObserver] = []
         self._dispatcher = JobDispatcher(
             settings, self._store, registry, images, storage, self._live,
-            single_process=engine.dialect.name == "sqlite", on_final=on_final, observers=observers,
+            single_process=engine.dialect.name == "sqlite", on_final=on_final, observers=self._observers,
         )
         self._engine = engine
         self._running: asyncio.Task[None] | None = None
+
+    def observe(self, observer: FinalObserver) -> None:
+        """Subscribe (metrics) to every job's final status."""
+        self._observers.append(observer)
 
     async def start(self) -> None:
         await asyncio.to_thread(migrate, self._engine)
@@ -91,7 +98,8 @@ class JobService:
         self._store.close()
 
     def counts_by_status(self) -> dict[str, int]:
-        return self._store.counts_by_status()
+        """Empty until started (the tables may not exist before the migrations ran)."""
+        return self._store.counts_by_status() if self._running is not None else {}
 
     # -- submission ------------------------------------------------------------------------
 
@@ -118,7 +126,7 @@ class JobService:
                                  "/images/jobs/{id}/events instead", param="stream", code="invalid_value")
         await self._check_room(owner)
         model = self._registry.resolve(request.model, allowed)
-        await self._images.prepare(request, model, admit)
+        await self._images.prepare(as_checked(request), model, admit)
         record = JobRecord(
             id=new_job_id(), owner=owner, endpoint=request.endpoint.value, model=model.id,
             request=request_fields(request), status=JobStatus.QUEUED, created_at=now, request_id=request_id,
@@ -145,7 +153,7 @@ class JobService:
         record = await asyncio.to_thread(self._store.get, job_id)
         if record is None or record.owner != owner:
             raise NotFound(f"no job with id '{job_id}'", param="job_id", code="not_found")
-        if record.status is JobStatus.EXPIRED:
+        if record.status is JobStatus.EXPIRED or (record.finished and (record.expires_at or 0) <= time.time()):
             raise Gone(f"job '{job_id}' has expired: finished jobs and their images are kept "
                        f"{self._settings.job_ttl_s:g} s", param="job_id", code="job_expired")
         return record
@@ -177,7 +185,8 @@ class JobService:
         if record.finished:
             raise Conflict(f"job '{job_id}' has already finished ({record.status.value}); it cannot be cancelled",
                            param="job_id", code="job_finished")
-        cancelled = await asyncio.to_thread(self._store.cancel, job_id, time.time(), self._settings.job_ttl_s)
+        cancelled = await asyncio.to_thread(self._store.cancel, job_id, time.time(), self._settings.job_ttl_s,
+                                            cancelled_error())
         if cancelled is None:
             raise NotFound(f"no job with id '{job_id}'", param="job_id", code="not_found")
         if record.status is JobStatus.QUEUED and cancelled.status is JobStatus.CANCELLED:
@@ -189,7 +198,8 @@ class JobService:
         """The record and its images go; a running job is cancelled first."""
         record = await self.get(job_id, owner)
         if not record.finished:
-            await asyncio.to_thread(self._store.cancel, job_id, time.time(), self._settings.job_ttl_s)
+            await asyncio.to_thread(self._store.cancel, job_id, time.time(), self._settings.job_ttl_s,
+                                            cancelled_error())
             self._dispatcher.wake()
         await asyncio.to_thread(self._store.delete, job_id)
         await asyncio.to_thread(self.storage.delete, record.image_names)

@@ -103,18 +103,22 @@ class JobStore:
 
     # -- client actions --------------------------------------------------------------------
 
-    def cancel(self, job_id: str, now: float, ttl_s: float) -> JobRecord | None:
+    def cancel(self, job_id: str, now: float, ttl_s: float, error: dict[str, Any]) -> JobRecord | None:
         """A queued job is cancelled at once (it never runs); a running one is asked to stop
         (its replica sees the flag at its next poll). Returns the job as it is now."""
         with self._engine.begin() as connection:
             connection.execute(
                 jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.QUEUED.value)
-                .values(status=JobStatus.CANCELLED.value, completed_at=now, expires_at=now + ttl_s)
+                .values(status=JobStatus.CANCELLED.value, completed_at=now, expires_at=now + ttl_s, error=error)
             )
             connection.execute(
                 jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.IN_PROGRESS.value)
                 .values(cancel_requested=True)
             )
+            connection.execute(job_inputs.delete().where(
+                job_inputs.c.job_id == job_id,
+                jobs.select().where(jobs.c.id == job_id, jobs.c.status == JobStatus.CANCELLED.value).exists(),
+            ))
             row = connection.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
         return None if row is None else _record(row)
 
