@@ -136,9 +136,11 @@ class JobDispatcher:
         if now >= self._next_expiry:
             self._next_expiry = now + EXPIRY_INTERVAL_S
             await self._expire(now)
+        if self._stopping or self._registry.draining:
+            return  # shutdown has begun: what is queued stays queued for the next start
         for model in list(self._registry):
             room = self._room(model)
-            if room <= 0 or self._stopping:
+            if room <= 0:
                 continue
             claimed = await asyncio.to_thread(
                 self._store.claim, model.id, room, self.replica, time.time(), self._settings.job_lease_s
@@ -211,15 +213,17 @@ class JobDispatcher:
                 if decision is AfterFailure.FAIL:
                     await self._finish(running, JobStatus.FAILED, error=error_of(error))
                 else:
+                    # Not claimed again before the next poll: a full engine queue gets time to drain.
                     await self._requeue(running, decision, getattr(error, "message", type(error).__name__))
+                    return
             else:
                 await self._finish(running, JobStatus.COMPLETED, result=result)
+            self._wake.set()  # room for the next job
         finally:
             self._running.pop(record.id, None)
             self._live.close(record.id)
             logger.info("job %s (request %s): attempt %d took %.2f s", record.id, record.request_id,
                         record.attempts, time.monotonic() - started)
-            self._wake.set()  # room for the next job
 
     async def _attempt(self, running: RunningJob) -> dict[str, Any]:
         record = running.record
