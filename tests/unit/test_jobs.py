@@ -310,3 +310,30 @@ def test_a_job_that_fails_every_attempt_fails_with_the_reason(tmp_path):
         assert done["error"]["type"] == "server_error" and "the pipeline broke" in done["error"]["message"]
         assert sum(batch.prompts == ("doomed",) for batch in runner.batches) == 2
         assert_still_serves(client)
+
+
+def test_a_stopping_server_gives_running_and_queued_jobs_back_for_the_next_start(tmp_path):
+    runner = FakeRunner(step_delay_s=0.05)
+    with TestClient(fake_app(tmp_path, runner, **FAST)) as client:
+        wait_ready(client)
+        running = submit(client, {"prompt": "interrupted", "num_inference_steps": 100, "size": "32x32"})
+        queued = submit(client, {"prompt": "waiting", "size": "16x16"})
+        wait_for(client, running["id"], ("in_progress",))
+    assert runner.started("interrupted")
+    with TestClient(fake_app(tmp_path, FakeRunner(), **FAST)) as client:
+        wait_ready(client)
+        for job in (running, queued):
+            done = wait_for(client, job["id"])
+            # Not failed, and the interrupted run did not count as an attempt.
+            assert done["status"] == "completed" and done["attempts"] == 1, done
+
+
+@pytest.mark.parametrize(("header", "applies"), [
+    ("respond-async", True), ("return=minimal, respond-async", True), ("Respond-Async; wait=5", True),
+    ("respond-asynchronously", False), ("return=representation", False),
+])
+def test_prefer_header_parsing(tmp_path, header, applies):
+    with TestClient(fake_app(tmp_path, **FAST)) as client:
+        wait_ready(client)
+        response = client.post(GEN, json={"prompt": "p", "size": "16x16"}, headers={"Prefer": header})
+        assert response.status_code == (202 if applies else 200), response.text
