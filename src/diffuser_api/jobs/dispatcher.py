@@ -236,6 +236,7 @@ class JobDispatcher:
         # database, and not request_timeout_s).
         deadline = time.monotonic() + self._settings.job_timeout_s
         async with self._registry.lease(model, deadline=deadline) as engine:
+            # The one place jobs enter an engine (where their priority class is given).
             generated = await engine.submit(work, self._progress_sink(running, request), deadline=deadline)
         names = await asyncio.gather(*(self._images.codec.run_admitted(self._save, image, request)
                                        for image in generated))
