@@ -114,7 +114,7 @@ def test_sigterm_puts_running_jobs_back_without_failing_them(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.05)
     finally:
-        assert first.stop() == 0
+        first.stop()
     assert f"job {ids[0]} (request" in first.log.read_text() and "queued again" in first.log.read_text()
     second = LiveServer(tmp_path, **{**env, "DIFFUSER_MAX_STEPS": "2000"})
     try:
