@@ -36,6 +36,12 @@ test: test-deps-chromium
 test-deps-chromium:
 	test -x /usr/bin/chromium || (apt-get update && apt-get install -y --no-install-recommends chromium)
 
+# The jobs tests start a throwaway PostgreSQL (Debian's package) as the postgres user.
+.PHONY: test-deps-postgresql
+test: test-deps-postgresql
+test-deps-postgresql:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update && apt-get install -y --no-install-recommends postgresql)
+
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 

@@ -39,6 +39,8 @@ class LiveServer:
             "DIFFUSER_STORAGE_DIR": str(tmp / "images"),
             "DIFFUSER_PORT": str(self.port),
             "DIFFUSER_REQUEST_TIMEOUT_S": "120",
+            # Each server its own jobs database, not one shared through the tiny-model cache.
+            "DIFFUSER_JOBS_URL": f"sqlite:///{tmp / 'jobs.sqlite3'}",
             **env,
         }
         self.process = subprocess.Popen(

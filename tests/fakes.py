@@ -304,6 +304,8 @@ def fake_settings(tmp_path: Path, **settings: Any) -> Settings:
     # TestClient sends Host "testserver", which the loopback default refuses; tests of the
     # allow-list pass allowed_hosts=None to get the real default.
     settings.setdefault("allowed_hosts", ["*"])
+    # The jobs database lives under the cache dir: each test gets its own.
+    settings.setdefault("cache_dir", tmp_path / "cache")
     return Settings(_env_file=None, model_id="fake-model", storage_dir=tmp_path / "images", **settings)
 
 

@@ -38,6 +38,14 @@ class NotFound(DiffuserError):
     """A stored object (e.g. an image file) does not exist."""
 
 
+class Gone(DiffuserError):
+    """A stored object existed but has expired (a finished job past its time to live)."""
+
+
+class Conflict(DiffuserError):
+    """The request contradicts the object's state (cancelling a finished job); retrying cannot help."""
+
+
 class PayloadTooLarge(DiffuserError):
     """A request body is over its route's cap, or an image part over ``max_upload_bytes``."""
 

@@ -14,13 +14,18 @@ from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from diffuser_api.config import Settings
 from diffuser_api.config.settings import webhook_signing_key
 from diffuser_api.service.webhooks import RetryPolicy, WebhookSender
+from tests.fakes import FakeRunner, fake_app
+from tests.unit.test_api import wait_ready
 from tests.unit.test_engine import run_async
+from tests.unit.test_jobs import JOBS, submit
+from tests.unit.test_jobs import wait_for as wait_for_job
 
 SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"o" * 32).decode()
@@ -251,3 +256,29 @@ def test_an_unpadded_secret_is_accepted_as_standard_webhooks_libraries_do() -> N
 def test_a_webhook_url_must_be_http_and_signed(settings: dict[str, str], complaint: str) -> None:
     with pytest.raises(ValidationError, match=complaint):
         Settings(**settings)
+
+
+def test_an_async_jobs_final_status_is_posted_signed_with_the_job_object(tmp_path, receiver: Receiver) -> None:
+    """The app wires the sender to the jobs: a completed and a cancelled job each reach the
+    receiver as ``image.job.<status>`` with the job object, verified by ``standardwebhooks``."""
+    app = fake_app(tmp_path, FakeRunner(step_delay_s=0.05), job_poll_s=0.05, max_steps=100,
+                   job_webhook_url=receiver.url, job_webhook_secret=SECRET)
+    with TestClient(app) as client:
+        wait_ready(client)
+        done = submit(client, {"prompt": "a red cube", "seed": 1})
+        assert wait_for_job(client, done["id"])["status"] == "completed"
+        long = submit(client, {"prompt": "a long one", "num_inference_steps": 80})
+        assert client.post(f"{JOBS}/{long['id']}/cancel").status_code == 200
+        wait_for_job(client, long["id"], ("cancelled",))
+        deadline = time.monotonic() + 10
+        while len(receiver.deliveries) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    verifier = Webhook(SECRET)
+    messages = {}
+    for delivery in receiver.deliveries:
+        message = verifier.verify(delivery.body, delivery.headers)
+        messages[message["data"]["id"]] = message
+    assert messages[done["id"]]["type"] == "image.job.completed"
+    assert messages[done["id"]]["data"]["result"]["data"][0]["b64_json"]
+    assert messages[long["id"]]["type"] == "image.job.cancelled"
+    assert messages[long["id"]]["data"]["status"] == "cancelled"

@@ -11,13 +11,14 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from diffuser_api import __version__
-from diffuser_api.api import files, health, images, metrics, models, websocket
+from diffuser_api.api import files, health, images, jobs, metrics, models, websocket
 from diffuser_api.api.auth import ApiKeyMiddleware, PublicPaths
 from diffuser_api.api.body_limits import BodyLimitMiddleware, BodyLimits
 from diffuser_api.api.connection_limits import ConnectionLimitMiddleware
 from diffuser_api.api.docs import install_docs
 from diffuser_api.api.errors import install_error_handlers
 from diffuser_api.api.hosts import BrowserSafetyMiddleware, HostAllowList, WebSocketOrigins
+from diffuser_api.api.job_webhooks import job_webhook
 from diffuser_api.api.keys import load_key_store
 from diffuser_api.api.metrics import HttpMetricsMiddleware, ServiceMetrics
 from diffuser_api.api.openapi import install_openapi
@@ -28,9 +29,11 @@ from diffuser_api.api.request_id import RequestIdMiddleware
 from diffuser_api.api.tracer_provider import tracer_provider_from
 from diffuser_api.config import Settings
 from diffuser_api.domain.devices import DeviceMemoryProbe
+from diffuser_api.jobs.service import JobService, job_storage
 from diffuser_api.models.registry import ModelRegistry
 from diffuser_api.service.images import ImageService
 from diffuser_api.service.storage import ImageStorage, remove_expired_periodically
+from diffuser_api.service.webhooks import WebhookSender
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -57,7 +60,12 @@ def create_app(
     tracer_provider = tracer_provider or built_provider
     storage = ImageStorage.from_settings(settings)
     service = ImageService(settings, registry, storage)
-    service_metrics = ServiceMetrics(registry, device_memory)
+    jobs_storage = job_storage(settings)
+    webhooks = WebhookSender.from_settings(settings)
+    job_service = JobService(settings, registry, service, jobs_storage,
+                             on_final=job_webhook(webhooks, jobs_storage, settings) if webhooks else None)
+    service_metrics = ServiceMetrics(registry, device_memory, job_counts=job_service.counts_by_status)
+    job_service.observe(service_metrics.observe_job)
     public = PublicPaths(settings)
     keys = load_key_store(settings, registry.ids_for)
 
@@ -65,10 +73,15 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(registry.start())
         cleanup = asyncio.create_task(remove_expired_periodically(storage, settings.storage_cleanup_interval_s))
+        await job_service.start()
         try:
             yield
         finally:
             cleanup.cancel()
+            # Before the models stop: running jobs go back to the queue rather than failing.
+            await job_service.stop()
+            if webhooks is not None:
+                await webhooks.close()
             await loading
             await registry.stop(settings.shutdown_grace_s)
             service.close()
@@ -89,6 +102,7 @@ def create_app(
     app.state.registry = registry
     app.state.storage = storage
     app.state.service = service
+    app.state.jobs = job_service
     app.state.metrics = service_metrics
     app.state.keys = keys
     app.state.proxies = ProxyRule.from_settings(settings)
@@ -123,6 +137,7 @@ def create_app(
     install_playground(app, settings.api_prefix)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(jobs.router, prefix=settings.api_prefix)
     app.include_router(files.router, prefix=settings.api_prefix)
     app.include_router(models.router, prefix=settings.api_prefix)
     app.include_router(images.router, prefix=settings.api_prefix)

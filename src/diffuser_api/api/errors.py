@@ -21,8 +21,10 @@ from diffuser_api.api.request_record import record_of
 from diffuser_api.errors import (
     BodyTimeout,
     Cancelled,
+    Conflict,
     DiffuserError,
     Forbidden,
+    Gone,
     InvalidRequest,
     ModelFailure,
     ModelNotFound,
@@ -47,6 +49,8 @@ ERROR_TABLE: dict[type[DiffuserError], tuple[int, str, bool | None]] = {
     ModelNotFound: (404, "invalid_request_error", None),
     NotFound: (404, "invalid_request_error", None),
     BodyTimeout: (408, "invalid_request_error", None),
+    Conflict: (409, "invalid_request_error", False),
+    Gone: (410, "invalid_request_error", False),
     PayloadTooLarge: (413, "invalid_request_error", False),
     Overloaded: (429, "requests", None),
     RateLimited: (429, "requests", None),
@@ -83,11 +87,14 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def error_kind(kind: type[DiffuserError]) -> tuple[int, str, bool | None]:
+    """The table's row for a failure class (its nearest listed ancestor's)."""
+    return next((ERROR_TABLE[base] for base in kind.__mro__ if base in ERROR_TABLE), (500, "server_error", None))
+
+
 def describe_error(error: DiffuserError, request_id: str) -> tuple[int, dict[str, Any], dict[str, str]]:
     """Status, envelope and headers of one of our errors: the table, applied."""
-    status, error_type, should_retry = next(
-        (ERROR_TABLE[kind] for kind in type(error).__mro__ if kind in ERROR_TABLE), (500, "server_error", None)
-    )
+    status, error_type, should_retry = error_kind(type(error))
     headers: dict[str, str] = {}
     if should_retry is not None:
         headers["x-should-retry"] = str(should_retry).lower()

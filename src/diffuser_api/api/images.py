@@ -13,6 +13,7 @@ from diffuser_api.api.disconnect import cancel_on_disconnect
 from diffuser_api.api.errors import describe_error, request_id_of
 from diffuser_api.api.fast_json import FastJSONResponse
 from diffuser_api.api.forms import read_image_form
+from diffuser_api.api.jobs import job_files_base, prefers_async, submit_job
 from diffuser_api.api.openapi import EDIT_REQUEST_BODY, GENERATION_REQUEST_BODY, VARIATION_REQUEST_BODY
 from diffuser_api.api.proxies import proxies_of
 from diffuser_api.api.rate_limits import ImagesCharge
@@ -98,6 +99,9 @@ async def _run(
     admit = ImagesCharge(request, timing)
     allowed = allowed_models(request)
     with recording(request, image_request, timing) as record:
+        if prefers_async(request):
+            return await submit_job(request, image_request, job_files_base(request, settings), allowed=allowed,
+                                    admit=admit)
         if image_request.stream:
             async with admit.refunded_if_never_run():
                 stream = await service.open_stream(image_request, timing, record.timeline, admit, allowed=allowed)

@@ -8,7 +8,7 @@ depth, load time, device memory) are read at scrape time rather than copied on e
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -22,10 +22,14 @@ from diffuser_api.api.request_record import record_of
 from diffuser_api.api.responses import METRICS_ANSWER, error_responses
 from diffuser_api.domain.devices import DeviceMemoryProbe
 from diffuser_api.engine.worker import BatchObserver, BatchReport
+from diffuser_api.jobs.records import JobRecord, JobStatus
 from diffuser_api.models.registry import ModelRegistry, ModelStatus
 
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+# Async jobs may wait in their queue for hours.
+JOB_SECONDS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
+ATTEMPTS = (1, 2, 3, 5, 10)
 # Where an evicted model's weights went: host memory (the warm tier), or nowhere.
 EVICTION_KINDS = ("host", "released")
 
@@ -33,7 +37,13 @@ router = APIRouter(tags=["service"])
 
 
 class ServiceMetrics:
-    def __init__(self, models: ModelRegistry, device_memory: DeviceMemoryProbe | None = None) -> None:
+    def __init__(
+        self,
+        models: ModelRegistry,
+        device_memory: DeviceMemoryProbe | None = None,
+        job_counts: Callable[[], dict[str, int]] | None = None,
+    ) -> None:
+        """``job_counts`` reads the jobs by status from the jobs database at scrape time."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("diffuser_requests", "HTTP requests answered", ["endpoint", "model", "status"],
@@ -57,7 +67,13 @@ class ServiceMetrics:
         self.rate_limit_store_errors = Counter(
             "diffuser_rate_limit_store_errors", "Calls to the rate-limit store that failed or timed out", registry=r
         )
+        self.job_seconds = Histogram("diffuser_job_duration_seconds", "Async jobs, from queued to finished",
+                                     ["model", "status"], buckets=JOB_SECONDS, registry=r)
+        self.job_attempts = Histogram("diffuser_job_attempts", "Runs an async job started before it finished",
+                                      ["model", "status"], buckets=ATTEMPTS, registry=r)
         r.register(LiveFigures(models, device_memory))
+        if job_counts is not None:
+            r.register(JobsByStatus(job_counts))
         models.observe_batches(self.batch_observer)
 
     def batch_observer(self, model_id: str) -> BatchObserver:
@@ -76,6 +92,13 @@ class ServiceMetrics:
                 self.steps_per_second.labels(model_id).set(report.steps / report.compute_s)
 
         return observe
+
+    def observe_job(self, job: JobRecord) -> None:
+        """Called once per job as it reaches a final status."""
+        if job.status is JobStatus.EXPIRED or job.completed_at is None:
+            return
+        self.job_seconds.labels(job.model, job.status.value).observe(max(0.0, job.completed_at - job.created_at))
+        self.job_attempts.labels(job.model, job.status.value).observe(job.attempts)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -135,6 +158,20 @@ class LiveFigures(Collector):
             for field, family in families.items():
                 family.add_metric([memory.device], getattr(memory, field))
         yield from families.values()
+
+
+class JobsByStatus(Collector):
+    """Async jobs by status, counted in the jobs database (so across replicas) when scraped."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily("diffuser_jobs", "Async jobs in the database by status", labels=["status"])
+        counts = self._counts()
+        for status in JobStatus:
+            jobs.add_metric([status.value], counts.get(status.value, 0))
+        yield jobs
 
 
 class HttpMetricsMiddleware:

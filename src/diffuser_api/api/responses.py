@@ -268,6 +268,8 @@ ERROR_DESCRIPTIONS = {
     403: "The API key may not do this: loading and unloading models needs role admin",
     404: "Unknown model, image file or path",
     408: "The request body did not arrive in time",
+    409: "The job has already finished, so it cannot be cancelled",
+    410: "The job has expired: finished jobs and their images are kept job_ttl_s",
     413: "The body or an image part is larger than the server takes",
     429: "Rate limit reached, or the model's queue is full (see Retry-After)",
     500: "The model failed on this request, or a bug of ours (the message carries the request id)",

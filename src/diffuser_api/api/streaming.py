@@ -27,7 +27,9 @@ logger = logging.getLogger(__name__)
 
 # What a client is told of a bug of ours; the log has the exception, with the request id.
 UNEXPECTED_FAILURE = "The server had an error while processing your request."
-EVENT_PREFIX = {Endpoint.GENERATIONS: "image_generation", Endpoint.EDITS: "image_edit"}
+# Variations never stream synchronously; their async jobs' events use the third prefix.
+EVENT_PREFIX = {Endpoint.GENERATIONS: "image_generation", Endpoint.EDITS: "image_edit",
+                Endpoint.VARIATIONS: "image_variation"}
 
 
 def usage(prompt_tokens: int | None) -> dict[str, Any]:

@@ -216,6 +216,29 @@ class Settings(BaseSettings):
         "sixteenth of a full VAE decode or less; 1.0 gives full-resolution previews.",
     )
 
+    # Async jobs (Prefer: respond-async)
+    jobs_url: str | None = Field(
+        None,
+        description="Database of async jobs: sqlite:///path or postgresql://user:pass@host/db (several replicas); "
+        "default: SQLite at cache_dir/jobs.sqlite3.",
+    )
+    job_max_attempts: int = Field(3, ge=1, description="Runs a job may start (crashes, failures) before it is failed.")
+    job_lease_s: float = Field(
+        30.0, gt=0.0, description="A running job's claim lasts this long unless renewed; a dead replica's jobs "
+        "run again once it lapses.",
+    )
+    job_ttl_s: float = Field(
+        24 * 3600.0, gt=0.0, description="Finished jobs and their images are kept this long, then expire (410)."
+    )
+    job_timeout_s: float = Field(3600.0, gt=0.0, description="Longest running time of one attempt of a job.")
+    max_pending_jobs: int = Field(10_000, ge=1, description="Most queued and running jobs; beyond, 429.")
+    max_jobs_per_key: int | None = Field(
+        None, ge=1, description="Most queued and running jobs per API key (per server without keys); None: no cap."
+    )
+    job_poll_s: float = Field(
+        1.0, gt=0.0, description="How often the database is read for new jobs, cancels and other replicas' progress."
+    )
+
     # Storage for response_format=url
     storage_dir: Path = Field(
         Path.home() / ".cache" / "diffuser-api" / "images", description="Where url responses are written."

@@ -410,6 +410,12 @@ class ModelRegistry:
         for model in self:
             model.observers.append(make_observer(model.id))
 
+    @property
+    def draining(self) -> bool:
+        """Shutdown has begun: work that fails now failed for that reason (async jobs go back
+        to their queue rather than failing)."""
+        return self._draining
+
     def drain(self, grace_s: float) -> None:
         """Shutdown begins: no load starts, queued requests fail now, running ones get the grace."""
         self._draining = True

@@ -199,6 +199,16 @@ class ImageStorage:
             except FileNotFoundError:
                 raise self._not_found(name) from None
 
+    def delete(self, names: Iterable[str]) -> None:
+        """Remove images now (a deleted or expired job's), whatever their time to live."""
+        paths = [f"{self.root}/{name}" for name in names if NAME_PATTERN.fullmatch(name)]
+        with self._failures_are_unavailable("deleting images from"):
+            for path in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    self._fs.rm_file(path)
+        if self.quota is not None:
+            self.quota.forget(name_of(path) for path in paths)
+
     def remaining_s(self, name: str) -> float | None:
         """Seconds an image has left to live (None: no time to live); not found if expired."""
         match = NAME_PATTERN.fullmatch(name)

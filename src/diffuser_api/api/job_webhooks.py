@@ -1,0 +1,28 @@
+"""The job webhook: every final status of an async job is POSTed, signed, to the configured URL."""
+
+from __future__ import annotations
+
+from diffuser_api.api.jobs import job_object
+from diffuser_api.config import Settings
+from diffuser_api.jobs.dispatcher import FinalHook
+from diffuser_api.jobs.records import JobRecord
+from diffuser_api.jobs.service import JobState
+from diffuser_api.service.storage import ImageStorage
+from diffuser_api.service.webhooks import WebhookSender
+
+
+def webhook_files_base(settings: Settings) -> str:
+    """A webhook has no request to take a host from: ``url`` results point at the public base
+    URL when one is set, else at the address the server listens on."""
+    base = (settings.public_base_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+    return f"{base}{settings.api_prefix}/images/files"
+
+
+def job_webhook(sender: WebhookSender, storage: ImageStorage, settings: Settings) -> FinalHook:
+    """``image.job.<status>`` with the job object (as ``GET /v1/images/jobs/{id}`` answers it)."""
+    url_base = webhook_files_base(settings)
+
+    async def send_final(record: JobRecord) -> None:
+        sender.send(f"image.job.{record.status.value}", await job_object(JobState(record, None), storage, url_base))
+
+    return send_final

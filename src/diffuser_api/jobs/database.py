@@ -1,0 +1,56 @@
+"""The jobs database: its URL, its engine, and its schema brought up to date at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Engine
+
+from diffuser_api.config import Settings
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+# A writer waits this long for SQLite's lock (another thread of this process) before failing.
+SQLITE_BUSY_TIMEOUT_S = 30
+
+
+def database_url(settings: Settings) -> str:
+    """``postgresql://`` means psycopg 3 (SQLAlchemy alone would pick psycopg2, not installed)."""
+    url = settings.jobs_url or f"sqlite:///{settings.cache_dir / 'jobs.sqlite3'}"
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url.removeprefix(plain)
+    return url
+
+
+def open_database(settings: Settings) -> Engine:
+    url = database_url(settings)
+    if url.startswith("sqlite"):
+        path = sa.engine.make_url(url).database
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(connection: object, _record: object) -> None:
+    """WAL lets readers (polls, GETs) go on while the dispatcher writes; foreign keys make
+    deleting a job delete its inputs, as PostgreSQL does."""
+    cursor = connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def migrate(engine: Engine) -> None:
+    """Run every migration not run yet (Alembic's version table says which), in code: no
+    ``alembic.ini`` to install, and an upgrade never loses the jobs already stored."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")

@@ -1,0 +1,306 @@
+"""Runs stored jobs: claims them from the database, feeds each model's engine a bounded
+number, renews their leases, and records how each ended.
+
+Waiting jobs live in the database, not in the engine's bounded queue: the engine of a model
+gets at most ``max_batch_size x workers x FEED_FACTOR`` jobs at once, enough to fill its
+batches, while interactive requests keep their room in the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from diffuser_api.config import Settings
+from diffuser_api.domain import GeneratedImage, ImageRequest, StepProgress
+from diffuser_api.engine.priority import Priority
+from diffuser_api.errors import DiffuserError
+from diffuser_api.jobs.live import LiveJob, LiveJobs
+from diffuser_api.jobs.outcomes import AfterFailure, after_failure, cancelled_error, error_of
+from diffuser_api.jobs.records import JobRecord, JobStatus
+from diffuser_api.jobs.requests import as_checked, restore_request
+from diffuser_api.jobs.store import JobStore
+from diffuser_api.models.registry import ModelRegistry, ServedModel
+from diffuser_api.service.encoding import encode_image
+from diffuser_api.service.images import ImageService
+from diffuser_api.service.storage import ImageStorage
+from diffuser_api.service.streaming import PartialImage, Step
+from diffuser_api.service.validation import output_format_of
+
+logger = logging.getLogger(__name__)
+
+FEED_FACTOR = 2
+# Finished jobs are checked for expiry this often (seconds); expired ones keep answering 410
+# for one more time to live, then are deleted.
+EXPIRY_INTERVAL_S = 10.0
+
+FinalHook = Callable[[JobRecord], Awaitable[None]]
+FinalObserver = Callable[[JobRecord], None]
+
+
+@dataclass(eq=False)
+class RunningJob:
+    record: JobRecord
+    live: LiveJob
+    task: asyncio.Task[None] | None = None
+    cancel_requested: bool = False
+    # The latest step, written to the database at the next poll (None: already written).
+    unsaved: tuple[int, int, int] | None = None
+    partials: dict[int, int] = field(default_factory=dict)
+
+
+class JobDispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        registry: ModelRegistry,
+        images: ImageService,
+        storage: ImageStorage,
+        live: LiveJobs,
+        *,
+        single_process: bool,
+        on_final: FinalHook | None = None,
+        observers: Sequence[FinalObserver] = (),
+    ) -> None:
+        """``single_process`` (SQLite): no other replica can hold a job, so jobs left
+        ``in_progress`` by a crash are taken back at start at once, not after their lease.
+        ``on_final`` (a webhook) and ``observers`` (metrics) hear of every final status."""
+        self._settings = settings
+        self._store = store
+        self._registry = registry
+        self._images = images
+        self._storage = storage
+        self._live = live
+        self._single_process = single_process
+        self._on_final = on_final
+        self._observers = observers
+        self.replica = secrets.token_hex(8)
+        self._running: dict[str, RunningJob] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._next_expiry = 0.0
+
+    def wake(self) -> None:
+        """A job was just stored: claim it now rather than at the next poll."""
+        self._wake.set()
+
+    def runs_here(self, job_id: str) -> bool:
+        return job_id in self._running
+
+    async def run_forever(self) -> None:
+        if self._single_process:
+            requeued, failed = await asyncio.to_thread(self._reclaim, math.inf)
+            if requeued or failed:
+                logger.info("jobs left running by the last process: %d queued again, %d failed (attempts spent)",
+                            len(requeued), len(failed))
+        while not self._stopping:
+            try:
+                await self._tick()
+            except DiffuserError as error:  # never for long: the next poll tries again
+                logger.warning("the jobs database could not be read: %s", error.message)
+            except Exception:  # a database hiccup must not stop jobs for the rest of the server's life
+                logger.exception("polling the jobs database failed; trying again")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._settings.job_poll_s)
+            self._wake.clear()
+
+    async def stop(self) -> None:
+        """Shutdown: nothing new is claimed, and running jobs go back to the queue (not failed)
+        for the next start or another replica."""
+        self._stopping = True
+        self._wake.set()
+        tasks = [running.task for running in self._running.values() if running.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- one poll --------------------------------------------------------------------------
+
+    async def _tick(self) -> None:
+        now = time.time()
+        await self._renew(now)
+        await self._save_progress()
+        _, failed = await asyncio.to_thread(self._reclaim, now)
+        for record in failed:
+            await self.announce(record)
+        if now >= self._next_expiry:
+            self._next_expiry = now + EXPIRY_INTERVAL_S
+            await self._expire(now)
+        if self._stopping or self._registry.draining:
+            return  # shutdown has begun: what is queued stays queued for the next start
+        for model in list(self._registry):
+            room = self._room(model)
+            if room <= 0:
+                continue
+            claimed = await asyncio.to_thread(
+                self._store.claim, model.id, room, self.replica, time.time(), self._settings.job_lease_s
+            )
+            for record in claimed:
+                self._start(record)
+
+    def _room(self, model: ServedModel) -> int:
+        engine = model.engine_now
+        workers = len(engine.workers) if engine is not None else len(model.devices) or 1
+        cap = model.spec.engine.max_batch_size * workers * FEED_FACTOR
+        return cap - sum(1 for running in self._running.values() if running.record.model == model.id)
+
+    def _reclaim(self, now: float) -> tuple[list[str], list[JobRecord]]:
+        return self._store.reclaim_lapsed(now, self._settings.job_max_attempts, self._settings.job_ttl_s)
+
+    async def _expire(self, now: float) -> None:
+        expired = await asyncio.to_thread(self._store.expire, now)
+        for record in expired:
+            await asyncio.to_thread(self._storage.delete, record.image_names)
+            await self.announce(dataclasses.replace(record, status=JobStatus.EXPIRED, result=None))
+        purged = await asyncio.to_thread(self._store.purge, now - self._settings.job_ttl_s)
+        if expired or purged:
+            logger.info("jobs: %d expired (images deleted), %d expired records deleted", len(expired), purged)
+
+    async def _renew(self, now: float) -> None:
+        if not self._running:
+            return
+        stop = await asyncio.to_thread(
+            self._store.renew, list(self._running), self.replica, now + self._settings.job_lease_s
+        )
+        for job_id in stop:
+            running = self._running.get(job_id)
+            if running is not None and running.task is not None and not running.cancel_requested:
+                running.cancel_requested = True
+                running.task.cancel()
+
+    async def _save_progress(self) -> None:
+        for job_id, running in list(self._running.items()):
+            if running.unsaved is not None:
+                step, total, image_index = running.unsaved
+                running.unsaved = None
+                await asyncio.to_thread(self._store.save_progress, job_id, self.replica, step, total, image_index)
+
+    # -- one job ---------------------------------------------------------------------------
+
+    def _start(self, record: JobRecord) -> None:
+        running = RunningJob(record, self._live.open(record.id))
+        self._running[record.id] = running
+        running.task = asyncio.create_task(self._run(running), name=f"job {record.id}")
+
+    async def _run(self, running: RunningJob) -> None:
+        record = running.record
+        started = time.monotonic()
+        logger.info("job %s (request %s): attempt %d on %s", record.id, record.request_id, record.attempts,
+                    record.model)
+        try:
+            try:
+                result = await self._attempt(running)
+            except asyncio.CancelledError:
+                if not running.cancel_requested:  # shutdown
+                    await self._requeue(running, AfterFailure.REQUEUE, "the server is stopping")
+                    return
+                await self._finish(running, JobStatus.CANCELLED, error=cancelled_error())
+            except Exception as error:
+                if not isinstance(error, DiffuserError):
+                    logger.exception("job %s (request %s) failed unexpectedly", record.id, record.request_id)
+                decision = after_failure(error, record.attempts, self._settings.job_max_attempts,
+                                         self._stopping or self._registry.draining)
+                if decision is AfterFailure.FAIL:
+                    await self._finish(running, JobStatus.FAILED, error=error_of(error))
+                else:
+                    # Not claimed again before the next poll: a full engine queue gets time to drain.
+                    await self._requeue(running, decision, getattr(error, "message", type(error).__name__))
+                    return
+            else:
+                await self._finish(running, JobStatus.COMPLETED, result=result)
+            self._wake.set()  # room for the next job
+        finally:
+            self._running.pop(record.id, None)
+            self._live.close(record.id)
+            logger.info("job %s (request %s): attempt %d took %.2f s", record.id, record.request_id,
+                        record.attempts, time.monotonic() - started)
+
+    async def _attempt(self, running: RunningJob) -> dict[str, Any]:
+        record = running.record
+        inputs = await asyncio.to_thread(self._store.inputs, record.id)
+        request = restore_request(record.endpoint, record.request, inputs)
+        model = self._registry.get(record.model)
+        work = await self._images.prepare(as_checked(request), model)
+        work = dataclasses.replace(work, partial_images=request.partial_images or 0)
+        # One attempt's time: the load, the engine's queue and the steps (not the wait in the
+        # database, and not request_timeout_s).
+        deadline = time.monotonic() + self._settings.job_timeout_s
+        async with self._registry.lease(model, deadline=deadline) as engine:
+            # The one place jobs enter an engine (where their priority class is given).
+            generated = await engine.submit(work, self._progress_sink(running, request), deadline=deadline,
+                                            priority=Priority.JOB)
+        names = await asyncio.gather(*(self._images.codec.run_admitted(self._save, image, request)
+                                       for image in generated))
+        return {
+            "created": int(time.time()),
+            "output_format": output_format_of(request),
+            "size": f"{work.width}x{work.height}",
+            "quality": request.quality,
+            "prompt_tokens": generated[0].prompt_tokens if generated else None,
+            "images": [{"name": name, "seed": image.seed, "revised_prompt": image.revised_prompt}
+                       for name, image in zip(names, generated, strict=True)],
+        }
+
+    def _progress_sink(self, running: RunningJob, request: ImageRequest) -> Callable[[StepProgress], None]:
+        def report(progress: StepProgress) -> None:
+            running.unsaved = (progress.step, progress.total, progress.first_image)
+            running.live.publish(Step(progress.step, progress.total))
+            if progress.previews and running.live.followed:
+                for index, preview in enumerate(progress.previews, start=progress.first_image):
+                    count = running.partials.get(index, 0)
+                    running.partials[index] = count + 1
+                    asyncio.ensure_future(self._publish_preview(running.live, preview, request, index, count))
+
+        return report
+
+    async def _publish_preview(self, live: LiveJob, preview: Any, request: ImageRequest, index: int,
+                               count: int) -> None:
+        encode = functools.partial(encode_image, quick=True)
+        data = await self._images.codec.run_admitted(encode, preview, output_format_of(request),
+                                                     request.output_compression)
+        live.publish(PartialImage(index, count, base64.b64encode(data).decode("ascii")))
+
+    def _save(self, image: GeneratedImage, request: ImageRequest) -> str:
+        output_format = output_format_of(request)
+        return self._storage.save(encode_image(image.image, output_format, request.output_compression),
+                                  output_format)
+
+    async def _requeue(self, running: RunningJob, decision: AfterFailure, reason: str) -> None:
+        record = running.record
+        count = decision is AfterFailure.RETRY
+        await asyncio.shield(asyncio.to_thread(self._store.requeue, record.id, self.replica, count_attempt=count))
+        logger.info("job %s (request %s) queued again (%s)", record.id, record.request_id, reason)
+
+    async def _finish(self, running: RunningJob, status: JobStatus, *, result: dict[str, Any] | None = None,
+                      error: dict[str, Any] | None = None) -> None:
+        record = running.record
+        finished = await asyncio.shield(asyncio.to_thread(
+            self._store.finish, record.id, self.replica, status, time.time(), self._settings.job_ttl_s, result,
+            error,
+        ))
+        if finished is None:  # another replica took it over after our lease lapsed
+            if result is not None:
+                await asyncio.to_thread(self._storage.delete, [image["name"] for image in result["images"]])
+            logger.warning("job %s (request %s) was taken over by another replica; this run's outcome is dropped",
+                           record.id, record.request_id)
+            return
+        logger.info("job %s (request %s) %s after %d attempt(s)", record.id, record.request_id, status.value,
+                    finished.attempts)
+        await self.announce(finished)
+
+    async def announce(self, record: JobRecord) -> None:
+        for observe in self._observers:
+            observe(record)
+        if self._on_final is not None:
+            await self._on_final(record)

@@ -1,0 +1,254 @@
+"""Every read and write of the jobs database, as blocking calls (the service runs them in threads).
+
+Claims are ``SELECT … FOR UPDATE SKIP LOCKED`` on PostgreSQL, so replicas never take the same
+job; every state change after a claim names the lease owner, so a replica whose lease lapsed
+(and whose job another replica took) cannot overwrite the new run's outcome.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from diffuser_api.jobs.records import FINAL, PENDING, JobRecord, JobStatus
+from diffuser_api.jobs.schema import job_inputs, jobs
+
+FIELDS = [field.name for field in dataclasses.fields(JobRecord)]
+
+
+def _record(row: Any) -> JobRecord:
+    values = dict(row._mapping)
+    values["status"] = JobStatus(values["status"])
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    return JobRecord(**values)
+
+
+class JobStore:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # -- submission ------------------------------------------------------------------------
+
+    def insert(self, record: JobRecord, inputs: Sequence[tuple[str, bytes]]) -> None:
+        """The job and its uploads in one transaction: a 202 is sent only once both are stored."""
+        with self._engine.begin() as connection:
+            connection.execute(jobs.insert().values(**dataclasses.asdict(record)))
+            if inputs:
+                connection.execute(job_inputs.insert(), [
+                    {"job_id": record.id, "position": position, "param": param, "data": data}
+                    for position, (param, data) in enumerate(inputs)
+                ])
+
+    def find_idempotent(self, owner: str, key: str, since: float) -> JobRecord | None:
+        query = (sa.select(jobs).where(jobs.c.owner == owner, jobs.c.idempotency_key == key,
+                                       jobs.c.created_at >= since)
+                 .order_by(jobs.c.created_at).limit(1))
+        with self._engine.connect() as connection:
+            row = connection.execute(query).first()
+        return None if row is None else _record(row)
+
+    def count_pending(self, owner: str | None = None) -> int:
+        query = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status.in_([s.value for s in PENDING]))
+        if owner is not None:
+            query = query.where(jobs.c.owner == owner)
+        with self._engine.connect() as connection:
+            return int(connection.execute(query).scalar_one())
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._engine.connect() as connection:
+            row = connection.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return None if row is None else _record(row)
+
+    def list(self, owner: str, *, status: JobStatus | None, after: JobRecord | None, limit: int) -> list[JobRecord]:
+        """Newest first; ``limit + 1`` rows come back so the caller can tell ``has_more``."""
+        query = sa.select(jobs).where(jobs.c.owner == owner)
+        if status is not None:
+            query = query.where(jobs.c.status == status.value)
+        if after is not None:
+            query = query.where(sa.or_(
+                jobs.c.created_at < after.created_at,
+                sa.and_(jobs.c.created_at == after.created_at, jobs.c.id < after.id),
+            ))
+        query = query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
+        with self._engine.connect() as connection:
+            return [_record(row) for row in connection.execute(query)]
+
+    def inputs(self, job_id: str) -> list[tuple[str, bytes]]:
+        query = sa.select(job_inputs.c.param, job_inputs.c.data).where(job_inputs.c.job_id == job_id)
+        with self._engine.connect() as connection:
+            return [(row.param, bytes(row.data)) for row in connection.execute(query.order_by(job_inputs.c.position))]
+
+    def queue_position(self, record: JobRecord) -> int:
+        """Queued jobs of the same model submitted before this one."""
+        query = sa.select(sa.func.count()).select_from(jobs).where(
+            jobs.c.status == JobStatus.QUEUED.value, jobs.c.model == record.model,
+            jobs.c.created_at < record.created_at,
+        )
+        with self._engine.connect() as connection:
+            return int(connection.execute(query).scalar_one())
+
+    def counts_by_status(self) -> dict[str, int]:
+        query = sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)
+        with self._engine.connect() as connection:
+            return {status: int(count) for status, count in connection.execute(query)}
+
+    # -- client actions --------------------------------------------------------------------
+
+    def cancel(self, job_id: str, now: float, ttl_s: float, error: dict[str, Any]) -> JobRecord | None:
+        """A queued job is cancelled at once (it never runs); a running one is asked to stop
+        (its replica sees the flag at its next poll). Returns the job as it is now."""
+        with self._engine.begin() as connection:
+            connection.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.QUEUED.value)
+                .values(status=JobStatus.CANCELLED.value, completed_at=now, expires_at=now + ttl_s, error=error)
+            )
+            connection.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.status == JobStatus.IN_PROGRESS.value)
+                .values(cancel_requested=True)
+            )
+            connection.execute(job_inputs.delete().where(
+                job_inputs.c.job_id == job_id,
+                jobs.select().where(jobs.c.id == job_id, jobs.c.status == JobStatus.CANCELLED.value).exists(),
+            ))
+            row = connection.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return None if row is None else _record(row)
+
+    def delete(self, job_id: str) -> None:
+        with self._engine.begin() as connection:
+            connection.execute(job_inputs.delete().where(job_inputs.c.job_id == job_id))
+            connection.execute(jobs.delete().where(jobs.c.id == job_id))
+
+    # -- the dispatcher --------------------------------------------------------------------
+
+    def claim(self, model: str, limit: int, replica: str, now: float, lease_s: float) -> list[JobRecord]:
+        """Take up to ``limit`` of the oldest queued jobs of ``model`` for ``replica``."""
+        with self._engine.begin() as connection:
+            ids = connection.execute(
+                sa.select(jobs.c.id)
+                .where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.model == model)
+                .order_by(jobs.c.created_at).limit(limit)
+                .with_for_update(skip_locked=True)
+            ).scalars().all()
+            if not ids:
+                return []
+            connection.execute(
+                jobs.update().where(jobs.c.id.in_(ids), jobs.c.status == JobStatus.QUEUED.value).values(
+                    status=JobStatus.IN_PROGRESS.value, attempts=jobs.c.attempts + 1, started_at=now,
+                    lease_owner=replica, lease_expires_at=now + lease_s, step=None, total_steps=None,
+                    image_index=None,
+                )
+            )
+            rows = connection.execute(
+                sa.select(jobs).where(jobs.c.id.in_(ids), jobs.c.lease_owner == replica,
+                                      jobs.c.status == JobStatus.IN_PROGRESS.value)
+                .order_by(jobs.c.created_at)
+            )
+            return [_record(row) for row in rows]
+
+    def renew(self, job_ids: Iterable[str], replica: str, until: float) -> set[str]:
+        """Extend this replica's leases; returns the ids whose cancel was asked for, or that
+        this replica no longer holds (another took them after a lapse): both must stop."""
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        owned = sa.and_(jobs.c.id.in_(ids), jobs.c.lease_owner == replica,
+                        jobs.c.status == JobStatus.IN_PROGRESS.value)
+        with self._engine.begin() as connection:
+            connection.execute(jobs.update().where(owned).values(lease_expires_at=until))
+            held = {row.id: bool(row.cancel_requested)
+                    for row in connection.execute(sa.select(jobs.c.id, jobs.c.cancel_requested).where(owned))}
+        return {job_id for job_id in ids if held.get(job_id, True)}
+
+    def save_progress(self, job_id: str, replica: str, step: int, total: int, image_index: int) -> None:
+        with self._engine.begin() as connection:
+            connection.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.lease_owner == replica)
+                .values(step=step, total_steps=total, image_index=image_index)
+            )
+
+    def finish(
+        self, job_id: str, replica: str, status: JobStatus, now: float, ttl_s: float,
+        result: dict[str, Any] | None = None, error: dict[str, Any] | None = None,
+    ) -> JobRecord | None:
+        """Record the outcome if this replica still holds the job; None if it does not."""
+        assert status in FINAL
+        with self._engine.begin() as connection:
+            changed = connection.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.lease_owner == replica,
+                                    jobs.c.status == JobStatus.IN_PROGRESS.value)
+                .values(status=status.value, completed_at=now, expires_at=now + ttl_s, result=result, error=error,
+                        lease_owner=None, lease_expires_at=None)
+            ).rowcount
+            if not changed:
+                return None
+            connection.execute(job_inputs.delete().where(job_inputs.c.job_id == job_id))
+            row = connection.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return None if row is None else _record(row)
+
+    def requeue(self, job_id: str, replica: str, *, count_attempt: bool) -> None:
+        """Back to the queue, from step 0; an attempt that was not the job's fault (shutdown,
+        a full engine queue) is given back."""
+        values: dict[str, Any] = {"status": JobStatus.QUEUED.value, "lease_owner": None, "lease_expires_at": None,
+                                  "step": None, "total_steps": None, "image_index": None}
+        if not count_attempt:
+            values["attempts"] = jobs.c.attempts - 1
+        with self._engine.begin() as connection:
+            connection.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.lease_owner == replica,
+                                    jobs.c.status == JobStatus.IN_PROGRESS.value).values(**values)
+            )
+
+    def reclaim_lapsed(self, now: float, max_attempts: int, ttl_s: float) -> tuple[list[str], list[JobRecord]]:
+        """Jobs whose replica died (lease lapsed) go back to the queue, or fail once they used
+        up their attempts. Returns (requeued ids, failed jobs)."""
+        lapsed = sa.and_(jobs.c.status == JobStatus.IN_PROGRESS.value, jobs.c.lease_expires_at < now)
+        with self._engine.begin() as connection:
+            rows = connection.execute(
+                sa.select(jobs.c.id, jobs.c.attempts).where(lapsed).with_for_update(skip_locked=True)
+            ).all()
+            spent = [row.id for row in rows if row.attempts >= max_attempts]
+            again = [row.id for row in rows if row.attempts < max_attempts]
+            if again:
+                connection.execute(jobs.update().where(jobs.c.id.in_(again), lapsed).values(
+                    status=JobStatus.QUEUED.value, lease_owner=None, lease_expires_at=None,
+                    step=None, total_steps=None, image_index=None,
+                ))
+            failed: list[JobRecord] = []
+            if spent:
+                error = {"class": "ModelFailure", "code": "job_interrupted", "param": None,
+                         "message": f"the job was interrupted {max_attempts} times (the server running it "
+                                    "stopped or crashed); it is not tried again"}
+                connection.execute(jobs.update().where(jobs.c.id.in_(spent), lapsed).values(
+                    status=JobStatus.FAILED.value, completed_at=now, expires_at=now + ttl_s, error=error,
+                    lease_owner=None, lease_expires_at=None,
+                ))
+                connection.execute(job_inputs.delete().where(job_inputs.c.job_id.in_(spent)))
+                failed = [_record(row) for row in connection.execute(sa.select(jobs).where(jobs.c.id.in_(spent)))]
+        return again, failed
+
+    def expire(self, now: float) -> list[JobRecord]:
+        """Finished jobs past their time to live become ``expired`` (410); returns them as
+        they were, so their images can be deleted."""
+        done = sa.and_(jobs.c.status.in_([status.value for status in FINAL]), jobs.c.expires_at <= now)
+        with self._engine.begin() as connection:
+            records = [_record(row) for row in connection.execute(sa.select(jobs).where(done))]
+            if records:
+                connection.execute(jobs.update().where(jobs.c.id.in_([r.id for r in records]))
+                                   .values(status=JobStatus.EXPIRED.value, result=None))
+        return records
+
+    def purge(self, before: float) -> int:
+        """Expired jobs whose tombstone (the 410) has been kept long enough are deleted (404)."""
+        with self._engine.begin() as connection:
+            return connection.execute(
+                jobs.delete().where(jobs.c.status == JobStatus.EXPIRED.value, jobs.c.expires_at < before)
+            ).rowcount
