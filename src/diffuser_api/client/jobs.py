@@ -127,6 +127,8 @@ def _show(event: dict[str, Any], display: Display) -> None:
         display.event({"type": "queued", "position": event.get("queue_position")})
     elif event.get("step") is not None and event.get("total_steps"):
         display.event({"type": "progress", "step": event["step"], "total_steps": event["total_steps"]})
+    elif event.get("status") == "in_progress":
+        display.event({"type": "running"})
 
 
 def job_refusal(job: dict[str, Any]) -> ServerRefused:
