@@ -49,6 +49,7 @@ def sized(*names: str) -> dict[str, tuple[int, int]]:
 STREAMED = sized("balloon-partial-0.png", "balloon-partial-1.png", "balloon.png")
 EXPECTED = {
     "generate.py": Expected(sized("fox-42.png", "fox-43.png")),
+    "async_job.py": Expected(sized("lighthouse-7.png", "lighthouse-8.png")),
     "generate_async.py": Expected(sized(
         "a-red-lighthouse-at-dusk.png", "a-paper-boat-on-a-pond.png", "a-cat-made-of-clouds.png")),
     "stream_partial_images.py": Expected(STREAMED),

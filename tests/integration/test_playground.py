@@ -362,3 +362,69 @@ def test_generate_and_edit_with_the_real_pipeline(tiny_sd_server, page, tmp_path
     page.click("button[type=submit]")
     page.wait_for_function("document.querySelectorAll('#results img').length === 2", timeout=120_000)
     assert results(page)[0]["image"].size == (64, 64)
+
+
+JOB_STORAGE = "diffuser-api.playground.job"
+
+
+def test_an_async_generation_survives_a_page_reload_and_shows_its_image(tmp_path, page):
+    gate = threading.Event()
+    runner = FakeRunner(step_delay_s=0.05, gate=gate)
+    with ThreadedServer(fake_app(tmp_path, runner, job_poll_s=0.05)) as server:
+        server.wait_ready()
+        open_playground(page, server)
+        page.fill("textarea[name=prompt]", "a slow lighthouse")
+        page.fill("#seed", "31")
+        page.fill("#num_inference_steps", "6")
+        page.check("#async")
+        page.click("button[type=submit]")
+        page.wait_for_selector("#status:has-text('Job imgjob_')")
+        job_id = page.evaluate(f"JSON.parse(localStorage.getItem('{JOB_STORAGE}')).id")
+        assert httpx.get(f"{server.base_url}/v1/images/jobs/{job_id}", timeout=10).json()["status"] in (
+            "queued", "in_progress")  # held by the gate: the reload comes before any image
+        page.reload()
+        page.wait_for_selector(f"#status:has-text('Job {job_id}')")  # re-attached from local storage
+        assert page.locator("#live progress").count() == 1
+        gate.set()
+        page.wait_for_selector("#results img")
+        [result] = results(page)
+        assert result["image"].convert("RGB").getpixel((0, 0)) == colour_of("a slow lighthouse", 31)
+        assert result["seed"] == "seed 31"
+        assert page.evaluate(f"localStorage.getItem('{JOB_STORAGE}')") is None  # ended: nothing to re-attach
+        assert [job.prompt for job in runner.jobs_seen] == ["a slow lighthouse"]  # one job, not a resubmission
+        page.reload()
+        page.wait_for_selector("select[name=model] option", state="attached")
+        assert page.locator("#live progress").count() == 0
+
+
+def test_lora_inputs_show_only_for_a_model_with_adapters_and_are_sent(tmp_path, page):
+    with ThreadedServer(fake_app(tmp_path, FakeRunner())) as server:
+        server.wait_ready()
+        with page.expect_response("**/v1/models/fake-model") as described:
+            open_playground(page, server)
+        assert described.value.ok and "adapters" not in described.value.json()
+        page.wait_for_function("document.querySelector('#model-info').textContent !== ''")
+        assert page.locator("#loras-field").is_hidden()  # the fake model lists no adapters
+
+        # The same server's description, with the adapters a LoRA-enabled server lists.
+        def with_adapters(route):
+            described = route.fetch().json()
+            route.fulfill(json=described | {"adapters": [{"name": "pixel-art", "loaded": True, "scale": 0.8},
+                                                         {"name": "film-grain", "loaded": False, "scale": 1.0}]})
+
+        page.route("**/v1/models/fake-model", with_adapters)
+        page.reload()
+        page.wait_for_selector("#loras-field", state="visible")
+        assert page.locator("#loras input[name=lora]").count() == 2
+        page.check("#loras input[value=pixel-art]")
+        page.fill("[aria-label='Scale of pixel-art']", "0.5")
+        page.fill("textarea[name=prompt]", "a tiny castle")
+        with page.expect_request("**/v1/images/generations") as submitted:
+            page.check("#async")
+            page.click("button[type=submit]")
+        assert submitted.value.post_data_json["loras"] == [{"name": "pixel-art", "scale": 0.5}]
+        # This server has no LoRA support: its refusal shows next to the LoRA field.
+        page.wait_for_selector("#loras-error:has-text('loras')")
+        page.uncheck("#loras input[value=pixel-art]")
+        page.click("button[type=submit]")
+        page.wait_for_selector("#results img")

@@ -11,7 +11,9 @@ from PIL import Image
 
 from diffuser_api.cli import parse_args
 from diffuser_api.client.commands import edit_body, generation_body, image_fields, run_client_command
+from diffuser_api.client.events import sse_events
 from diffuser_api.client.failures import ExitCode, refusal_from
+from diffuser_api.client.http import form_fields
 from diffuser_api.client.progress import LineDisplay, step_words
 from diffuser_api.client.saving import SavedImage, save_image
 from diffuser_api.client.server import resolve_server
@@ -192,6 +194,39 @@ def test_bad_command_lines_exit_2(argv):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(argv)
     assert exit_info.value.code == ExitCode.USAGE
+
+
+def test_loras_are_names_with_optional_scales():
+    args = parse_args(["generate", "a cat", "--loras", "pixel-art:0.6, film-grain"])
+    assert generation_body(args)["loras"] == [{"name": "pixel-art", "scale": 0.6}, {"name": "film-grain"}]
+    # A multipart form carries them as their JSON, as the server reads a form's loras.
+    assert form_fields({"loras": args.loras, "n": 2}) == {
+        "loras": '[{"name": "pixel-art", "scale": 0.6}, {"name": "film-grain"}]', "n": "2"}
+
+
+@pytest.mark.parametrize("loras", ["pixel-art:bright", ":0.5", "a,,b"])
+def test_a_lora_without_a_name_or_with_a_bad_scale_is_a_usage_error(loras, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["generate", "a cat", "--loras", loras])
+    assert exit_info.value.code == ExitCode.USAGE
+    assert "--loras" in capsys.readouterr().err
+
+
+def test_jobs_commands_parse():
+    args = parse_args(["jobs", "wait", "imgjob_1", "-o", "out", "--format", "jpeg", "--json"])
+    assert (args.command, args.action, args.job_id, str(args.output_dir), args.format, args.json) == (
+        "jobs", "wait", "imgjob_1", "out", "jpeg", True)
+    assert parse_args(["jobs", "list", "--status", "queued"]).status == "queued"
+    assert parse_args(["generate", "a cat", "--async"]).run_async
+    with pytest.raises(SystemExit):
+        parse_args(["jobs", "frobnicate", "imgjob_1"])
+
+
+def test_sse_events_are_read_by_name_and_pings_skipped():
+    lines = ["event: image.job.progress", 'data: {"step": 1}', "", ": ping", "",
+             "event: image.job.completed", 'data: {"job":', 'data: {"id": "imgjob_1"}}', ""]
+    assert list(sse_events(iter(lines))) == [("image.job.progress", {"step": 1}),
+                                             ("image.job.completed", {"job": {"id": "imgjob_1"}})]
 
 
 def test_serve_still_parses_its_own_flags():

@@ -1,7 +1,8 @@
-"""The client's subcommands: ``generate``, ``edit``, ``vary`` and ``models``.
+"""The client's subcommands: ``generate``, ``edit``, ``vary``, ``models`` (and ``jobs``, in jobs.py).
 
 Generations and edits go over the WebSocket for live progress; variations have no WebSocket
-route, so they are one HTTP request behind a spinner.
+route, so they are one HTTP request behind a spinner. With ``--async`` each is submitted as a
+job over HTTP (``Prefer: respond-async``) and the command exits with its id.
 """
 
 from __future__ import annotations
@@ -12,54 +13,19 @@ import json
 import mimetypes
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
 
-from diffuser_api.client.failures import ConnectionFailed, ExitCode, ServerRefused
-from diffuser_api.client.http import create_variation, list_models
-from diffuser_api.client.progress import Display, LineDisplay, LiveDisplay, PathsDisplay, SilentDisplay
+from diffuser_api.client.failures import ConnectionFailed, ExitCode, ServerRefused, StoppedWatching
+from diffuser_api.client.http import create_variation, list_models, submit_json_job, submit_variation_job
+from diffuser_api.client.jobs import add_jobs_command, report_submitted
+from diffuser_api.client.output import EXIT_CODES_HELP, Output
 from diffuser_api.client.saving import FORMATS, SavedImage, save_image
 from diffuser_api.client.server import Server, resolve_server
 from diffuser_api.client.socket import run_session
-
-EXIT_CODES_HELP = """exit codes:
-  0  done
-  1  a local file could not be read or written
-  2  usage error (bad command line)
-  3  the server refused the request (HTTP 4xx: bad value, unknown model, key, rate limit)
-  4  the server failed or cannot do it (HTTP 5xx, e.g. 501 for a disabled task)
-  5  no connection to the server (refused, not found, timed out, closed mid-answer)
-  130  cancelled with Ctrl-C (the server stops the work)
-"""
-
-
-@dataclass(frozen=True)
-class Output:
-    """Where and how results go: a live display on a terminal, lines otherwise, or script modes."""
-
-    mode: str  # "live", "lines", "paths" (-q) or "json"
-    stdout: TextIO
-
-    @classmethod
-    def for_args(cls, args: argparse.Namespace, stdout: TextIO) -> Output:
-        if args.json:
-            return cls("json", stdout)
-        if args.quiet:
-            return cls("paths", stdout)
-        return cls("live" if stdout.isatty() else "lines", stdout)
-
-    def display(self, what: str) -> Display:
-        displays: dict[str, Callable[[], Display]] = {
-            "live": lambda: LiveDisplay(Console(file=self.stdout), what),
-            "lines": lambda: LineDisplay(self.stdout),
-            "paths": lambda: PathsDisplay(self.stdout),
-            "json": SilentDisplay,
-        }
-        return displays[self.mode]()
 
 
 def add_client_commands(commands: Any) -> None:
@@ -83,6 +49,10 @@ def add_client_commands(commands: Any) -> None:
     image.add_argument("--format", choices=FORMATS, default="png", help="image format of the files (default png)")
     image.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="folder for the images (default .)")
     image.add_argument("--prefix", help="file name prefix (default: the command's name): PREFIX-SEED.FORMAT")
+    image.add_argument("--loras", type=lora_list, metavar="NAME[:SCALE],...",
+                       help="LoRA adapters the model has registered, each with an optional scale")
+    image.add_argument("--async", dest="run_async", action="store_true",
+                       help="submit an async job, print its id and exit (then: diffuser-api jobs wait ID)")
 
     def add(name: str, run: Callable[..., Any], parents: list[argparse.ArgumentParser], help: str) -> Any:
         parser = commands.add_parser(name, parents=parents, help=help, description=help, epilog=EXIT_CODES_HELP,
@@ -99,6 +69,7 @@ def add_client_commands(commands: Any) -> None:
     vary = add("vary", run_vary, [connection, image], "make variations of an image")
     vary.add_argument("image", type=readable_file)
     add("models", run_models, [connection], "list the server's models and their status")
+    add_jobs_command(commands, connection)
 
 
 def positive_int(text: str) -> int:
@@ -106,6 +77,20 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def lora_list(text: str) -> list[dict[str, Any]]:
+    """``pixel-art:0.6,film-grain`` -> the API's ``loras``; a scale left out is the adapter's default."""
+    loras = []
+    for entry in text.split(","):
+        name, _, scale = entry.strip().partition(":")
+        if not name:
+            raise argparse.ArgumentTypeError(f"each LoRA needs a name (NAME[:SCALE],...), not {text!r}")
+        try:
+            loras.append({"name": name} | ({"scale": float(scale)} if scale else {}))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"the scale of LoRA {name!r} must be a number, not {scale!r}") from None
+    return loras
 
 
 def readable_file(text: str) -> Path:
@@ -139,6 +124,9 @@ def run_client_command(args: argparse.Namespace, stdout: TextIO | None = None, s
     except OSError as error:  # reading an input image or writing an output image
         print(f"error: {error.strerror or error}: {error.filename}", file=stderr)
         return ExitCode.FILE_ERROR
+    except StoppedWatching as stopped:
+        print(stopped.describe(), file=stderr)
+        return ExitCode.INTERRUPTED
     except KeyboardInterrupt:
         print("cancelled", file=stderr)
         return ExitCode.INTERRUPTED
@@ -150,7 +138,8 @@ def run_client_command(args: argparse.Namespace, stdout: TextIO | None = None, s
 def image_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The options every image command shares, in the API's names; unset ones are left to the server."""
     fields = {"model": args.model, "n": args.n, "size": args.size, "num_inference_steps": args.steps,
-              "seed": args.seed, "guidance_scale": args.guidance, "negative_prompt": args.negative_prompt}
+              "seed": args.seed, "guidance_scale": args.guidance, "negative_prompt": args.negative_prompt,
+              "loras": args.loras}
     return {name: value for name, value in fields.items() if value is not None}
 
 
@@ -159,7 +148,8 @@ def generation_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def edit_body(args: argparse.Namespace) -> dict[str, Any]:
-    """The WebSocket takes edits as JSON, images as data URLs (as OpenAI's JSON edits do)."""
+    """Edits go as JSON, images as data URLs (as OpenAI's JSON edits do), on the WebSocket and
+    to the HTTP route (jobs); the WebSocket also reads ``endpoint``."""
     body = {"endpoint": "edits", "prompt": args.prompt, "output_format": args.format,
             "images": [{"image_url": data_url(path)} for path in args.images]}
     if args.mask is not None:
@@ -173,10 +163,15 @@ def data_url(path: Path) -> str:
 
 
 def run_generate(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
+    if args.run_async:
+        return report_submitted(submit_json_job(server, "generations", generation_body(args)), output)
     return _over_websocket(args, server, output, generation_body(args), _doing("generating", args.n))
 
 
 def run_edit(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
+    if args.run_async:
+        body = {name: value for name, value in edit_body(args).items() if name != "endpoint"}
+        return report_submitted(submit_json_job(server, "edits", body), output)
     return _over_websocket(args, server, output, edit_body(args), _doing("editing", args.n))
 
 
@@ -202,6 +197,8 @@ def _over_websocket(
 
 def run_vary(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
     fields = image_fields(args) | {"response_format": "b64_json"}
+    if args.run_async:
+        return report_submitted(submit_variation_job(server, args.image, fields), output)
     what = _doing("making variations", args.n)
     with output.display(what) as display:
         display.waiting(what)

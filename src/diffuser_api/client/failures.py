@@ -74,3 +74,15 @@ def refusal_from(body: Any, status: int | None) -> ServerRefused:
 
 class ConnectionFailed(Exception):
     """No answer from the server: refused, unreachable, timed out, or closed before it finished."""
+
+
+class StoppedWatching(Exception):
+    """Ctrl-C while following a job: the job keeps running on the server (and can be resumed)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def describe(self) -> str:
+        return (f"stopped watching; job {self.job_id} keeps running on the server: resume with "
+                f"`diffuser-api jobs wait {self.job_id}`, stop it with `diffuser-api jobs cancel {self.job_id}`")

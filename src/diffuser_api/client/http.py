@@ -1,11 +1,13 @@
-"""The HTTP calls: the models list and variations (which have no WebSocket route)."""
+"""The HTTP calls: the models list, variations (which have no WebSocket route) and async jobs."""
 
 from __future__ import annotations
 
+import json
 import mimetypes
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -15,23 +17,71 @@ from diffuser_api.client.server import Server
 # Connecting is quick or the address is wrong; the answer may take as long as the work does
 # (the server bounds that with its own request timeout).
 TIMEOUT = httpx.Timeout(None, connect=10.0)
+ASYNC = {"Prefer": "respond-async"}
 
 
 def list_models(server: Server) -> dict[str, Any]:
     return _call(server, "GET", "models")
 
 
-def create_variation(server: Server, image: Path, fields: Mapping[str, Any]) -> dict[str, Any]:
+def create_variation(
+    server: Server, image: Path, fields: Mapping[str, Any], headers: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """One multipart request. Leaving (Ctrl-C) closes the connection, and the server cancels the work."""
     files = {"image": (image.name, image.read_bytes(), mimetypes.guess_type(image.name)[0] or "image/png")}
-    data = {name: str(value) for name, value in fields.items()}
-    return _call(server, "POST", "images/variations", files=files, data=data)
+    return _call(server, "POST", "images/variations", files=files, data=form_fields(fields), headers=headers)
 
 
-def _call(server: Server, method: str, path: str, **request: Any) -> dict[str, Any]:
+def form_fields(fields: Mapping[str, Any]) -> dict[str, str]:
+    """Multipart carries text only: lists (``loras``) go as their JSON, as the server reads them."""
+    return {name: json.dumps(value) if isinstance(value, list | dict) else str(value)
+            for name, value in fields.items()}
+
+
+def submit_json_job(server: Server, endpoint: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """``Prefer: respond-async``: the server checks the request, stores it and answers 202 with the job."""
+    return _call(server, "POST", f"images/{endpoint}", json=dict(body), headers=ASYNC)
+
+
+def submit_variation_job(server: Server, image: Path, fields: Mapping[str, Any]) -> dict[str, Any]:
+    return create_variation(server, image, fields, headers=ASYNC)
+
+
+def list_jobs(server: Server, params: Mapping[str, Any]) -> dict[str, Any]:
+    return _call(server, "GET", "images/jobs", params={name: value for name, value in params.items()
+                                                        if value is not None})
+
+
+def get_job(server: Server, job_id: str) -> dict[str, Any]:
+    return _call(server, "GET", job_path(job_id))
+
+
+def cancel_job(server: Server, job_id: str) -> dict[str, Any]:
+    return _call(server, "POST", f"{job_path(job_id)}/cancel")
+
+
+def job_path(job_id: str) -> str:
+    """Quoted: an id is the user's text, and a mistyped one must reach the server as one path segment."""
+    return f"images/jobs/{quote(job_id, safe='')}"
+
+
+def download(server: Server, url: str) -> bytes:
+    """An image the server returned as a URL (a job asked for ``response_format=url``)."""
     try:
         with httpx.Client(headers=server.headers, timeout=TIMEOUT) as client:
-            response = client.request(method, server.url(path), **request)
+            response = client.get(url)
+    except httpx.TransportError as error:
+        raise ConnectionFailed(f"could not download {url}: {describe(error)}") from None
+    if response.is_error:
+        raise refusal_from(_json_of(response), response.status_code)
+    return response.content
+
+
+def _call(server: Server, method: str, path: str, headers: Mapping[str, str] | None = None,
+          **request: Any) -> dict[str, Any]:
+    try:
+        with httpx.Client(headers=server.headers, timeout=TIMEOUT) as client:
+            response = client.request(method, server.url(path), headers=headers, **request)
     except httpx.TransportError as error:
         raise ConnectionFailed(f"could not reach the server at {server.api_base}: {describe(error)}") from None
     body = _json_of(response)

@@ -28,6 +28,8 @@ from rich.text import Text
 
 from diffuser_api.client.saving import SavedImage
 
+RATE_WINDOW_S = 0.5  # the shortest time a rate (and an ETA) is measured over
+
 
 class Display(Protocol):
     """Used as a context manager around one request."""
@@ -41,7 +43,8 @@ class Display(Protocol):
         """The request is sent; the server has not said anything yet."""
 
     def event(self, message: dict[str, Any]) -> None:
-        """A WebSocket message other than ``completed`` (which the caller saves, then reports)."""
+        """A WebSocket message other than ``completed`` (which the caller saves, then reports),
+        or ``running`` (a job has started, no step yet)."""
 
     def saved(self, image: SavedImage) -> None: ...
 
@@ -107,6 +110,8 @@ class LineDisplay(_Quiet):
             self._print(f"queued: position {message.get('position')}")
         elif kind == "loading":
             self._print("loading the model")
+        elif kind == "running":
+            self._print("running")
         elif kind == "progress":
             step, total = int(message["step"]), int(message["total_steps"])
             self._print(step_words(step, total, self._rate(step)))
@@ -120,7 +125,9 @@ class LineDisplay(_Quiet):
             self._first_step = (step, now)
             return None
         first, started = self._first_step
-        return (step - first) / (now - started) if now > started and step > first else None
+        # A job's events start with its stored state, then a burst of live steps: too short a
+        # window would report thousands of steps a second.
+        return (step - first) / (now - started) if now - started >= RATE_WINDOW_S and step > first else None
 
     def _print(self, line: str) -> None:
         print(line, file=self._stream, flush=True)
@@ -163,6 +170,8 @@ class LiveDisplay:
             self._progress.update(self._task, description=f"{self._what}: queued, position {message.get('position')}")
         elif kind == "loading":
             self._progress.update(self._task, description=f"{self._what}: loading the model")
+        elif kind == "running":
+            self._progress.update(self._task, description=f"{self._what}: running")
         elif kind == "progress":
             self._progress.update(self._task, description=f"{self._what}: step", total=int(message["total_steps"]),
                                   completed=int(message["step"]))

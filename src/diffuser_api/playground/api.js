@@ -1,4 +1,5 @@
-// Talking to the server: the API key, JSON over HTTP, multipart variations and the progress WebSocket.
+// Talking to the server: the API key, JSON over HTTP, multipart variations, the progress WebSocket
+// and async jobs (submitted with `Prefer: respond-async`, followed through their SSE events).
 // Every failure becomes an ApiError carrying the server's OpenAI error envelope, so the page can
 // show its message next to the field its `param` names.
 
@@ -57,6 +58,54 @@ export class Api {
     return answer(await fetch(this.url("images/variations"), { method: "POST", headers: this.headers(), body: form }));
   }
 
+  /** `GET /v1/models/{id}`: its `adapters` (LoRAs) when the server has any for it. */
+  async model(id) {
+    return this.getJSON(this.url(`models/${encodeURIComponent(id)}`));
+  }
+
+  /** Submit as an async job: `endpoint` is generations, edits or variations; `body` JSON or a FormData. */
+  async submitJob(endpoint, body) {
+    const json = !(body instanceof FormData);
+    const headers = { ...this.headers(), Prefer: "respond-async", ...(json ? { "Content-Type": "application/json" } : {}) };
+    return answer(await fetch(this.url(`images/${endpoint}`), {
+      method: "POST", headers, body: json ? JSON.stringify(body) : body,
+    }));
+  }
+
+  async cancelJob(id) {
+    return answer(await fetch(this.url(`images/jobs/${encodeURIComponent(id)}/cancel`), {
+      method: "POST", headers: this.headers(),
+    }));
+  }
+
+  /**
+   * Follow `GET /v1/images/jobs/{id}/events` until the job ends; resolves with the final job.
+   * Read with fetch rather than EventSource, which cannot send the Authorization header.
+   * `signal` aborting only stops watching: the job runs on.
+   */
+  async followJob(id, onEvent, signal) {
+    const response = await fetch(this.url(`images/jobs/${encodeURIComponent(id)}/events`), {
+      headers: { ...this.headers(), Accept: "text/event-stream" }, signal,
+    });
+    if (!response.ok) await answer(response);
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) throw new ApiError(0, { message: "The job's events stopped before it ended: reload to re-attach." });
+      buffer += value.replace(/\r\n/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const event = parseEvent(buffer.slice(0, end));
+        buffer = buffer.slice(end + 2);
+        if (!event) continue;
+        if (event.name === "error") throw new ApiError(0, event.data.error ?? {});
+        if (FINAL_JOB_EVENTS.has(event.name)) return event.data.job;
+        onEvent(event.data);
+      }
+    }
+  }
+
   /**
    * One generation or edit over `WS /v1/images/ws`; `onMessage` sees every message but `done`
    * and `error`. Resolves when the server says done, rejects with an ApiError otherwise.
@@ -106,6 +155,19 @@ export class Api {
       return new WebSocket(url, [SESSION_SUBPROTOCOL]);
     }
   }
+}
+
+const FINAL_JOB_EVENTS = new Set(["image.job.completed", "image.job.failed", "image.job.cancelled"]);
+
+/** One server-sent event's text: its name and parsed data, or null for a comment (a ping). */
+function parseEvent(text) {
+  let name = "message";
+  const data = [];
+  for (const line of text.split("\n")) {
+    if (line.startsWith("event:")) name = line.slice(6).trim();
+    else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+  }
+  return data.length ? { name, data: JSON.parse(data.join("\n")) } : null;
 }
 
 async function answer(response) {

@@ -1,6 +1,8 @@
 // The playground page: pick a model, fill the form for what it can do, watch the work live.
 // Generations and edits go over the progress WebSocket (queue position, steps, partial images);
-// variations go over HTTP multipart, as OpenAI's API has them.
+// variations go over HTTP multipart, as OpenAI's API has them. In async mode any of the three is
+// submitted as a job and followed through its events; the job's id is kept in local storage, so
+// a reload of the page picks it up again.
 
 import { Api, ApiError, apiKey } from "./api.js";
 import { MaskEditor } from "./mask.js";
@@ -16,8 +18,23 @@ const TEXT_FIELDS = ["prompt", "negative_prompt", "size"];
 const NUMBER_FIELDS = ["num_inference_steps", "guidance_scale", "true_cfg_scale", "strength", "seed", "n"];
 // Where an error whose `param` names something that is not a form field of its own is shown.
 const PARAM_FIELDS = { images: "image", api_key: "api_key" };
+const ENDPOINTS = { generate: "generations", edit: "edits", vary: "variations" };
+const JOB_STORAGE = "diffuser-api.playground.job";
 
-const state = { models: [], mode: "generate", inputs: [], running: null };
+// The async job this page follows: {id, n, prompt}, until it ends.
+const followedJob = {
+  get() {
+    try {
+      return JSON.parse(localStorage.getItem(JOB_STORAGE));
+    } catch {
+      return null;
+    }
+  },
+  set: (job) => localStorage.setItem(JOB_STORAGE, JSON.stringify(job)),
+  clear: () => localStorage.removeItem(JOB_STORAGE),
+};
+
+const state = { models: [], mode: "generate", inputs: [], running: null, job: null, adapters: [] };
 const mask = new MaskEditor({
   canvas: $("mask-canvas"), image: $("mask-image"), cursor: $("mask-cursor"),
   brushSize: $("brush-size"), tools: [...document.querySelectorAll("input[name=mask_tool]")],
@@ -72,6 +89,42 @@ function applyModel() {
   $("guidance_scale").placeholder = defaults.guidance_scale ?? "";
   $("strength").placeholder = defaults.strength ?? "";
   setMode(modes.includes(state.mode) ? state.mode : modes[0] ?? "generate");
+  loadAdapters(model);
+}
+
+/** LoRA inputs only where the model lists adapters (`GET /v1/models/{id}`); hidden otherwise. */
+async function loadAdapters(model) {
+  state.adapters = [];
+  renderLoras();
+  if (!model?.endpoints) return;
+  let described;
+  try {
+    described = await api.model(model.id);
+  } catch {
+    return; // a model the server cannot describe takes no LoRAs from this page
+  }
+  if (currentModel()?.id !== model.id) return; // another model was chosen meanwhile
+  state.adapters = Array.isArray(described.adapters) ? described.adapters : [];
+  renderLoras();
+}
+
+function renderLoras() {
+  $("loras-field").hidden = !state.adapters.length;
+  $("loras").replaceChildren(...state.adapters.flatMap((adapter) => {
+    const label = document.createElement("label");
+    const use = document.createElement("input");
+    use.type = "checkbox";
+    use.name = "lora";
+    use.value = adapter.name;
+    label.append(use, ` ${adapter.name}${adapter.loaded ? " (loaded)" : ""}`);
+    const scale = document.createElement("input");
+    scale.type = "number";
+    scale.step = "0.05";
+    scale.placeholder = adapter.scale ?? "";
+    scale.dataset.lora = adapter.name;
+    scale.setAttribute("aria-label", `Scale of ${adapter.name}`);
+    return [label, scale];
+  }));
 }
 
 function setMode(mode) {
@@ -198,6 +251,11 @@ function collect() {
     if (field.value !== "") body[name] = Number(field.value);
   }
   if (state.mode !== "vary") body.partial_images = Number($("partial_images").value);
+  const loras = [...$("loras").querySelectorAll("input[name=lora]:checked")].map((use) => {
+    const scale = $("loras").querySelector(`input[data-lora="${CSS.escape(use.value)}"]`).value;
+    return scale === "" ? { name: use.value } : { name: use.value, scale: Number(scale) };
+  });
+  if (shown($("loras-field")) && loras.length) body.loras = loras;
   return body;
 }
 
@@ -215,32 +273,91 @@ async function submit(event) {
     showError(error);
     return;
   }
+  const asJob = $("async").checked;
+  await running(body.n ?? 1, (live, signal) => {
+    if (asJob) return submitJob(body, live, signal);
+    return state.mode === "vary" ? vary(body, live) : stream(body, live, signal);
+  });
+}
+
+/** One piece of work at a time: the form is locked, Cancel shown, a bar per image meanwhile. */
+async function running(count, work) {
   const controller = new AbortController();
   state.running = controller;
   $("submit").disabled = true;
   $("cancel").hidden = false;
   const started = performance.now();
-  const live = new LiveImages(body.n ?? 1);
+  const live = new LiveImages(count);
   try {
-    if (state.mode === "vary") await vary(body, live);
-    else await stream(body, live, controller.signal);
+    await work(live, controller.signal);
     $("status").textContent = `Done in ${((performance.now() - started) / 1000).toFixed(1)} s.`;
   } catch (error) {
     showError(error);
   } finally {
     live.remove();
     state.running = null;
+    state.job = null;
     $("submit").disabled = false;
     $("cancel").hidden = true;
   }
 }
 
-async function stream(body, live, signal) {
-  const message = { ...body, endpoint: state.mode === "edit" ? "edits" : "generations" };
-  if (state.mode === "edit") {
-    message.images = state.inputs.map((input) => ({ image_url: input.url }));
-    if (!$("mask-editor").hidden && mask.painted) message.mask = { image_url: mask.toDataURL() };
+async function submitJob(body, live, signal) {
+  let payload;
+  if (state.mode === "vary") payload = await variationForm(body);
+  else {
+    payload = { ...body, response_format: "b64_json" };
+    if (state.mode === "edit") Object.assign(payload, editImages());
   }
+  $("status").textContent = "Submitting the job…";
+  const job = await api.submitJob(ENDPOINTS[state.mode], payload);
+  const followed = { id: job.id, n: body.n ?? 1, prompt: body.prompt };
+  followedJob.set(followed);
+  await watchJob(followed, live, signal);
+}
+
+/** Follow a job to its end and show its images; the stored id goes once the job has ended. */
+async function watchJob(followed, live, signal) {
+  state.job = followed.id;
+  $("status").textContent = `Job ${followed.id}: waiting for the server…`;
+  let job;
+  try {
+    job = await api.followJob(followed.id, (event) => showJobEvent(followed.id, event, live), signal);
+  } catch (error) {
+    // Gone (404) or expired (410): nothing to come back to. Otherwise a reload tries again.
+    if (error instanceof ApiError && [404, 410].includes(error.status)) followedJob.clear();
+    throw error;
+  }
+  followedJob.clear();
+  if (job.status !== "completed") throw new ApiError(0, job.error ?? { message: `The job ended ${job.status}.` });
+  job.result.data.forEach((image, index) => {
+    live.completed(index);
+    addResult({ b64: image.b64_json, seed: image.seed, revisedPrompt: image.revised_prompt, prompt: followed.prompt });
+  });
+}
+
+function showJobEvent(id, event, live) {
+  if (event.type === "image.job.progress") {
+    if (event.status === "queued") {
+      $("status").textContent = event.queue_position
+        ? `Job ${id}: queued, ${event.queue_position} ahead of it.` : `Job ${id}: queued, next.`;
+    } else if (event.step) {
+      $("status").textContent = `Job ${id}: step ${event.step} of ${event.total_steps}`;
+      live.progress(event.step / event.total_steps);
+    } else $("status").textContent = `Job ${id}: running.`;
+  } else if (event.type.endsWith(".partial_image")) live.partial(event);
+  else if (event.type.endsWith(".completed")) live.completed(event.image_index);
+}
+
+function editImages() {
+  const images = { images: state.inputs.map((input) => ({ image_url: input.url })) };
+  if (!$("mask-editor").hidden && mask.painted) images.mask = { image_url: mask.toDataURL() };
+  return images;
+}
+
+async function stream(body, live, signal) {
+  const message = { ...body, endpoint: ENDPOINTS[state.mode] };
+  if (state.mode === "edit") Object.assign(message, editImages());
   $("status").textContent = "Sending…";
   await api.stream(message, (event) => {
     if (event.type === "loading") $("status").textContent = "Loading the model…";
@@ -257,11 +374,19 @@ async function stream(body, live, signal) {
   }, signal);
 }
 
-async function vary(body, live) {
+/** Multipart carries text: numbers as they are, lists (loras) as their JSON. */
+async function variationForm(body) {
   const form = new FormData();
-  for (const [name, value] of Object.entries(body)) if (value !== undefined) form.set(name, String(value));
+  for (const [name, value] of Object.entries(body)) {
+    if (value !== undefined) form.set(name, typeof value === "object" ? JSON.stringify(value) : String(value));
+  }
   form.set("response_format", "b64_json");
   form.set("image", await (await fetch(state.inputs[0].url)).blob(), state.inputs[0].name);
+  return form;
+}
+
+async function vary(body, live) {
+  const form = await variationForm(body);
   $("status").textContent = "Working…";
   const answer = await api.variations(form);
   answer.data.forEach((image, index) => {
@@ -374,7 +499,11 @@ document.querySelector("[role=tablist]").addEventListener("keydown", (event) => 
   next.focus();
 });
 form.addEventListener("submit", submit);
-$("cancel").addEventListener("click", () => state.running?.abort());
+// A job is cancelled on the server (its events then say so); other work by closing its connection.
+$("cancel").addEventListener("click", () => {
+  if (state.job) api.cancelJob(state.job).catch(showError);
+  else state.running?.abort();
+});
 $("image").addEventListener("change", async (event) => {
   await addFiles(event.target.files);
   event.target.value = "";
@@ -403,3 +532,8 @@ document.addEventListener("paste", (event) => {
 $("mask-clear").addEventListener("click", () => mask.clear());
 $("mask-invert").addEventListener("click", () => mask.invert());
 loadModels();
+const followed = followedJob.get();
+if (followed?.id) {
+  $("async").checked = true;
+  running(followed.n ?? 1, (live, signal) => watchJob(followed, live, signal));
+}
