@@ -28,6 +28,7 @@ from PIL import Image
 
 from diffuser_api.domain import Capabilities, ImageJob, Task
 from diffuser_api.engine import Engine, ModelRunner
+from diffuser_api.engine.backend import ModelBackend
 from diffuser_api.engine.device_turns import DeviceTurns
 from diffuser_api.engine.worker import BatchObserver
 from diffuser_api.errors import ModelNotFound, Unavailable
@@ -166,7 +167,7 @@ class ModelRegistry:
     @contextlib.asynccontextmanager
     async def lease(
         self, model: ServedModel, *, deadline: float, on_loading: Callable[[], None] | None = None
-    ) -> AsyncIterator[Engine]:
+    ) -> AsyncIterator[ModelBackend]:
         """The model's engine, loaded if need be, held for the block (see the module docstring).
 
         Waits for a load or for room until ``deadline`` (``time.monotonic``), then raises
@@ -180,6 +181,11 @@ class ModelRegistry:
             model.leases -= 1
             model.last_used = time.time()
             self._changed()
+
+    def check_room(self, model: ServedModel) -> None:
+        """Raise now, for a loaded model, the 429 or 503 its engine would give new work."""
+        if model.engine_now is not None:
+            model.engine_now.check_room()
 
     async def _engine_for(
         self, model: ServedModel, deadline: float, on_loading: Callable[[], None] | None
