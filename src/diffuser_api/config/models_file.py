@@ -129,7 +129,7 @@ class ActorOptionsSection(Section):
 class RaySection(Section):
     """How ``serve --ray`` / ``ray-config`` deploy the model: Ray Serve's deployment options."""
 
-    num_replicas: int | None = Field(None, ge=0)
+    num_replicas: int | None = Field(None, gt=0)  # zero replicas: autoscaling_config.min_replicas 0
     autoscaling_config: AutoscalingSection | None = None
     ray_actor_options: ActorOptionsSection = ActorOptionsSection()
     max_ongoing_requests: int | None = Field(None, gt=0)

@@ -103,7 +103,7 @@ class ModelRegistry:
         self._clock = clock
         self._budgets = Budgets(plan.max_loaded_models, plan.memory_budget_bytes, plan.host_memory_budget_bytes)
         self._models = {
-            spec.id: ServedModel(spec, _probe_in_own_thread(probe, spec), tuple(device_of(d) for d in spec.devices))
+            spec.id: self._new_model(spec, _probe_in_own_thread(probe, spec), tuple(device_of(d) for d in spec.devices))
             for spec in plan.models
         }
         self._aliases = {alias: spec.id for spec in plan.models for alias in spec.aliases}
@@ -113,6 +113,10 @@ class ModelRegistry:
         self._change = asyncio.Event()  # set (and replaced) whenever a model may have made room
         self._tasks: set[asyncio.Future[None]] = set()  # admin loads and unloads under way
         self._draining = False
+
+    def _new_model(self, spec: ModelSpec, probed: ProbedModel | None, devices: tuple[str, ...]) -> ServedModel:
+        """One served model's state; a registry whose models run elsewhere keeps other state."""
+        return ServedModel(spec, probed, devices)
 
     def __iter__(self) -> Iterator[ServedModel]:
         return iter(self._models.values())
