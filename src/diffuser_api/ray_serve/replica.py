@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from diffuser_api.config import Settings
 from diffuser_api.config.models_file import serving_plan
@@ -45,8 +46,15 @@ class ModelReplica:
         # Batches finished since the last reply: each goes back to the ingress's /metrics once,
         # with whichever reply leaves next.
         self._unsent_reports: list[BatchReport] = []
-        self._registry.observe_batches(lambda _: self._unsent_reports.append)
+        self._registry.observe_batches(lambda _: self._heard)
+        self._steps_done = 0
+        self._outcomes: dict[str, int] = {}
         self._started = False
+
+    def _heard(self, report: BatchReport) -> None:
+        self._unsent_reports.append(report)
+        self._steps_done += report.steps
+        self._outcomes[report.outcome] = self._outcomes.get(report.outcome, 0) + 1
 
     async def _start(self) -> None:
         if not self._started:
@@ -64,6 +72,19 @@ class ModelReplica:
         """Answers once the model is loaded: the ingress's way to wait for a replica."""
         await self._start()
         return self._model.status.value
+
+    async def figures(self) -> dict[str, Any]:
+        """This replica's own figures, for an operator (or a test) calling the deployment:
+        which replica answered, its requests in flight, the steps it ran, its batches' outcomes."""
+        from ray import serve
+
+        context = serve.get_replica_context()
+        return {
+            "actor_name": context.replica_id.to_full_id_str(),
+            "in_flight": self._model.leases,
+            "steps_done": self._steps_done,
+            "batches": dict(self._outcomes),
+        }
 
     async def run(self, message: wire.Message) -> AsyncIterator[wire.Message]:
         """One request's updates as wire messages; its error, if any, is the last message."""
