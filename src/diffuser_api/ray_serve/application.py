@@ -17,6 +17,8 @@ from ray import serve
 from ray.serve._private.api import _get_global_client
 from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ServeDeploySchema, ServeInstanceDetails
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from diffuser_api.config import Settings
 from diffuser_api.config.models_file import serving_plan
@@ -39,10 +41,30 @@ class DiffuserIngress:
     def __init__(self, models: dict[str, DeploymentHandle]) -> None:
         self._handles = models
 
-    def __serve_build_asgi_app__(self) -> FastAPI:
+    def __serve_build_asgi_app__(self) -> ASGIApp:
         settings = Settings()
         configure_logging(settings.log_level, settings.log_format)
-        return build_ingress_app(settings, self._handles)
+        return RayProxiedApp(build_ingress_app(settings, self._handles))
+
+
+class RayProxiedApp:
+    """Ray's proxy gives every request an ``x-request-id`` (the client's, or its own) and adds
+    that header to the answer; the app, which takes the same id, would add it a second time."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self._app(scope, receive, send)
+            return
+
+        async def send_once(message: Message) -> None:
+            if message["type"] in ("http.response.start", "websocket.accept"):
+                del MutableHeaders(scope=message)["x-request-id"]
+            await send(message)
+
+        await self._app(scope, receive, send_once)
 
 
 def build_ingress_app(settings: Settings, handles: dict[str, DeploymentHandle]) -> FastAPI:

@@ -70,11 +70,19 @@ class RayServer:
         self.base_url = base_url
         self.client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
 
-    def replica_figures(self, model_id: str, calls: int = 12) -> dict[str, dict[str, Any]]:
-        """Actor name -> figures, from as many replicas as ``calls`` calls reach."""
+    def replica_figures(self, model_id: str, replicas: int = 1) -> dict[str, dict[str, Any]]:
+        """Actor name -> figures of ``replicas`` replicas (a new handle learns of them one by one)."""
         handle = serve.get_deployment_handle(f"model-{model_id}", app_name=APP)
-        answers = [handle.figures.remote() for _ in range(calls)]
-        return {figures["actor_name"]: figures for figures in (answer.result() for answer in answers)}
+        figures: dict[str, dict[str, Any]] = {}
+
+        def reached_all() -> bool:
+            for answer in [handle.figures.remote() for _ in range(4 * replicas)]:
+                result = answer.result()
+                figures[result["actor_name"]] = result
+            return len(figures) >= replicas
+
+        wait_until(reached_all, f"{replicas} replicas of {model_id} to answer", timeout_s=30)
+        return figures
 
     def generate_ok(self, model: str = "tiny-a") -> None:
         result = self.client.images.generate(model=model, prompt="after", size="64x64", extra_body=FAST)
@@ -123,14 +131,16 @@ def ray_server() -> Iterator[RayServer]:
             ray.shutdown()
 
 
-def test_both_models_are_listed_ready(ray_server):
-    listed = httpx.get(f"{ray_server.base_url}/v1/models").json()["data"]
-    assert {model["id"]: model["status"] for model in listed} == {"tiny-a": "ready", "tiny-b": "ready"}
+def test_both_models_are_listed_ready_once_their_replicas_run(ray_server):
+    def statuses() -> dict[str, str]:
+        return {model["id"]: model["status"] for model in httpx.get(f"{ray_server.base_url}/v1/models").json()["data"]}
+
+    assert set(statuses().values()) <= {"ready", "loading"}  # /health needs only the default model
+    wait_until(lambda: statuses() == {"tiny-a": "ready", "tiny-b": "ready"}, "both models ready", timeout_s=60)
 
 
 def test_concurrent_generations_through_the_sdk_reach_both_replicas(ray_server):
-    before = ray_server.replica_figures("tiny-a")
-    assert len(before) == 2
+    before = ray_server.replica_figures("tiny-a", replicas=2)
 
     def generate(seed: int) -> tuple[int, int]:
         result = ray_server.client.images.generate(
@@ -140,7 +150,7 @@ def test_concurrent_generations_through_the_sdk_reach_both_replicas(ray_server):
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         assert list(pool.map(generate, range(16))) == [(64, 64)] * 16
-    after = ray_server.replica_figures("tiny-a")
+    after = ray_server.replica_figures("tiny-a", replicas=2)
     for name, figures in after.items():
         assert figures["steps_done"] > before[name]["steps_done"], f"replica {name} took no work"
 
@@ -198,7 +208,7 @@ def fake_app_client(tmp_path: Path):
 
 def test_an_abandoned_request_stops_on_its_replica(ray_server):
     """tiny-b has one replica: its step counter shows the work stop once the client leaves."""
-    before = ray_server.replica_figures("tiny-b", calls=1).popitem()[1]
+    before = ray_server.replica_figures("tiny-b").popitem()[1]
     body = {"model": "tiny-b", "prompt": "long", "size": "64x64", "num_inference_steps": 100,
             "stream": True, "partial_images": 3}
     with httpx.stream("POST", f"{ray_server.base_url}/v1/images/generations", json=body, timeout=60) as response:
@@ -208,7 +218,7 @@ def test_an_abandoned_request_stops_on_its_replica(ray_server):
                 break  # the first partial image: the replica is running it; leave
     # One partial image comes at step 25 at the latest; the work must stop well before 100.
     def stopped() -> dict[str, Any] | None:
-        figures = ray_server.replica_figures("tiny-b", calls=1).popitem()[1]
+        figures = ray_server.replica_figures("tiny-b").popitem()[1]
         return figures if figures["in_flight"] == 0 and figures["batches"].get("abandoned") else None
 
     figures = wait_until(stopped, "the replica to abandon the batch", timeout_s=30)
@@ -232,7 +242,7 @@ def test_a_replica_killed_mid_request_is_a_retryable_503_and_the_next_request_su
     thread.start()
 
     def busy_replica() -> str | None:
-        return next((name for name, figures in ray_server.replica_figures("tiny-a").items()
+        return next((name for name, figures in ray_server.replica_figures("tiny-a", replicas=2).items()
                      if figures["in_flight"]), None)
 
     victim = wait_until(busy_replica, "a replica to run the request", timeout_s=30)
