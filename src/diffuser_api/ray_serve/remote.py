@@ -106,7 +106,7 @@ class RemoteEngine:
         """Ray's exception in our words; the log keeps Ray's."""
         if isinstance(error, BackPressureError):
             return Overloaded(f"every replica of model '{self._model_id}' has a full queue; retry later",
-                              retry_after=REPLICAS_FULL_RETRY_AFTER_S)
+                              retry_after=getattr(error, "retry_after_s", None) or REPLICAS_FULL_RETRY_AFTER_S)
         if isinstance(error, RequestCancelledError):
             return Cancelled(f"the request to model '{self._model_id}' was cancelled")
         if isinstance(error, RayTaskError):
