@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 
 # How often the application's status is read while it deploys.
 DEPLOY_POLL_S = 0.5
+# A first deployment may download every model's weights before its replicas run.
+DEPLOY_TIMEOUT_S = 3600.0
 
 
 def deploy(settings: Settings, env: Mapping[str, str], timeout_s: float) -> None:
@@ -51,7 +53,7 @@ def serve_on_ray(settings: Settings, env: Mapping[str, str], address: str | None
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        deploy(settings, env, timeout_s=settings.request_timeout_s + 600)
+        deploy(settings, env, timeout_s=DEPLOY_TIMEOUT_S)
         logger.info("serving on Ray Serve at http://%s:%d", settings.host, settings.port)
         stop.wait()
     finally:
