@@ -79,8 +79,21 @@ def served(scratch: Path, *, args: tuple[str, ...] = (), timeout_s: float = 300.
 def on_ray(scratch: Path, address: str, name: str, source: str, replicas: int, num_cpus: float,
            num_gpus: float, **env: str) -> contextlib.AbstractContextManager[LiveServer]:
     models = models_file(scratch / f"{name}.yaml", source, replicas, num_cpus, num_gpus)
-    return served(scratch, args=("--ray-address", address), timeout_s=RAY_START_TIMEOUT_S,
-                  DIFFUSER_MODELS_FILE=str(models), **env)
+    return _then_serve_shutdown(served(scratch, args=("--ray-address", address), timeout_s=RAY_START_TIMEOUT_S,
+                                       DIFFUSER_MODELS_FILE=str(models), **env))
+
+
+@contextlib.contextmanager
+def _then_serve_shutdown(server: contextlib.AbstractContextManager[LiveServer]) -> Iterator[LiveServer]:
+    """A joined cluster keeps Serve (and its HTTP port) after the app leaves; the next stage
+    starts Serve on its own port."""
+    from ray import serve
+
+    try:
+        with server as running:
+            yield running
+    finally:
+        serve.shutdown()
 
 
 def phase(

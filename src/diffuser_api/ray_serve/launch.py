@@ -13,7 +13,7 @@ from typing import Any
 import ray
 from ray import serve
 from ray.serve._private.api import _get_global_client
-from ray.serve.schema import ServeDeploySchema
+from ray.serve.schema import ServeDeploySchema, ServeInstanceDetails
 
 from diffuser_api.config import Settings
 from diffuser_api.ray_serve.serve_config import APP_NAME, serve_config
@@ -31,6 +31,10 @@ def deploy(settings: Settings, env: Mapping[str, str], timeout_s: float) -> None
     port if it is not yet) and wait until it runs; a failed deployment is a RuntimeError
     naming Ray's reason."""
     serve.start(http_options={"host": settings.host, "port": settings.port})
+    running = ServeInstanceDetails(**_get_global_client().get_serve_details()).http_options
+    if running is not None and running.port != settings.port:
+        raise RuntimeError(f"Ray Serve already runs on this cluster with its HTTP port {running.port}; "
+                           f"set DIFFUSER_PORT={running.port}, or shut Serve down first (serve shutdown)")
     config = serve_config(settings, env)
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
     deadline = time.monotonic() + timeout_s
