@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -27,7 +27,8 @@ def free_port() -> int:
 class LiveServer:
     """A real ``diffuser-api serve`` process on a free port, as users run it."""
 
-    def __init__(self, tmp: Path, model_id: str = "tiny-sd", **env: str) -> None:
+    def __init__(self, tmp: Path, model_id: str = "tiny-sd", *, args: Sequence[str] = (), **env: str) -> None:
+        """``args``: more ``serve`` flags (``--ray-address ...``)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"server-{self.port}.log"
@@ -44,7 +45,7 @@ class LiveServer:
             **env,
         }
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "diffuser_api", "serve"],
+            [sys.executable, "-m", "diffuser_api", "serve", *args],
             env=environment,
             stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,

@@ -7,6 +7,7 @@ The other subcommands (``generate``, ``edit``, ``vary``, ``models``) are the cli
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--max-batch-size", type=int)
     serve.add_argument("--max-queue-size", type=int)
     serve.add_argument("--log-level")
+    serve.add_argument("--ray", action="store_true", help="serve on Ray Serve: one deployment per model")
+    serve.add_argument("--ray-address", help="join this Ray cluster (with --ray) instead of starting one")
+    commands.add_parser("ray-config", help="write the Ray Serve config of the current settings (YAML) to stdout")
     add_client_commands(commands)
     return parser.parse_args(argv)
 
@@ -70,14 +74,23 @@ def uvicorn_config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicor
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.command == "ray-config":
+        sys.exit(write_ray_config())
     if args.command != "serve":
         sys.exit(run_client_command(args))
-    overrides = {key: value for key, value in vars(args).items() if key != "command" and value is not None}
+    overrides = {key: value for key, value in vars(args).items()
+                 if key not in ("command", "ray", "ray_address") and value is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as error:  # the settings' own words (never their values), not a traceback
         sys.exit(f"diffuser-api: invalid settings: {error}")
     configure_logging(settings.log_level, settings.log_format)
+    if args.ray or args.ray_address:
+        from diffuser_api.ray_serve.launch import serve_on_ray
+        from diffuser_api.ray_serve.serve_config import settings_env
+
+        serve_on_ray(settings, settings_env(os.environ, overrides), args.ray_address)
+        return
     from diffuser_api.main import build_app
     from diffuser_api.serving import DrainingServer
 
@@ -87,6 +100,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)
+
+
+def write_ray_config() -> int:
+    """The Serve config for ``serve run`` / ``serve deploy`` / a RayService, from the settings."""
+    import yaml
+
+    from diffuser_api.ray_serve.serve_config import serve_config, settings_env
+
+    sys.stdout.write(yaml.safe_dump(serve_config(Settings(), settings_env(os.environ)), sort_keys=False))
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ from diffuser_api.config import Settings
 from diffuser_api.config.models_file import serving_plan
 from diffuser_api.log_format import route_transformers_logs
 from diffuser_api.models.registry import LoadedRunners, ModelRegistry, ProbedModel, warm_up
-from diffuser_api.models.spec import ModelSpec
+from diffuser_api.models.spec import ModelSpec, ServingPlan
 
 
-def build_registry(settings: Settings) -> ModelRegistry:
-    """Every model of the plan, probed now (configs only); weights load when the registry says."""
+def build_registry(settings: Settings, plan: ServingPlan | None = None) -> ModelRegistry:
+    """Every model of the plan (by default the settings'), probed now (configs only); weights
+    load when the registry says."""
     route_transformers_logs()
     # Imported here so that building an app with another registry (tests) never loads torch.
     from diffuser_api.models.checkpoint import probe_model
@@ -33,7 +34,9 @@ def build_registry(settings: Settings) -> ModelRegistry:
             warm_up(LoadedRunners(probed[spec.id].capabilities, loaded.runners, loaded.pipeline_class))
         return loaded
 
-    return ModelRegistry(serving_plan(settings), probe=probe, loader=loader, strict_names=settings.strict_model_names)
+    return ModelRegistry(
+        plan or serving_plan(settings), probe=probe, loader=loader, strict_names=settings.strict_model_names
+    )
 
 
 def build_app(settings: Settings) -> FastAPI:

@@ -108,7 +108,6 @@ def test_the_shipped_example_is_a_valid_plan_of_three_tiny_families(tmp_path):
         ("modelz: []\nmodels:\n  - id: a\n", "line 1: unknown key 'modelz'"),
         ("models:\n  - id: a\n\n    adapters: {style: x}\n",
          "line 4: 'models[0].adapters' is reserved for a later release (LoRA adapters); remove it"),
-        ("models:\n  - id: a\n    ray: {}\n", "line 3: 'models[0].ray' is reserved for a later release (Ray Serve)"),
         ("models:\n  - id: a\n    speed: null\n", "line 3: 'models[0].speed' is reserved for a later release"),
         ("models:\n  - id: a\npresets: [fast]\n", "line 3: 'presets': presets are reserved for a later release"),
         ("models:\n  - id: a\n  - id: b\n  - id: a\n",

@@ -23,7 +23,7 @@ from pydantic_core import PydanticCustomError
 from diffuser_api.config.settings import Settings, split_list, task_names
 from diffuser_api.domain import Task
 from diffuser_api.engine import EngineLimits
-from diffuser_api.models.spec import ModelDefaults, ModelSpec, ServingPlan
+from diffuser_api.models.spec import ModelDefaults, ModelSpec, RayPlacement, ServingPlan
 
 Location = tuple[str | int, ...]
 
@@ -34,8 +34,10 @@ RESERVED_MODEL_SECTIONS = {
     "max_loaded_adapters": "LoRA adapters",
     "speed": "speed options",
     "memory": "memory options",
-    "ray": "Ray Serve",
 }
+# Ray's deployment default (5) would cap every batch at 5 requests: a replica lets in at least
+# twice the engine's max batch size, so one batch runs while the next one fills.
+ONGOING_PER_BATCH = 2
 
 _BYTE_UNITS = {
     "": 1, "b": 1,
@@ -105,6 +107,35 @@ class EngineSection(Section):
     request_timeout_s: float | None = Field(None, gt=0)
 
 
+class AutoscalingSection(Section):
+    """Ray Serve's ``autoscaling_config``; ``min_replicas: 0`` lets an idle model scale to zero."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float | None = Field(None, gt=0)
+    upscale_delay_s: float | None = Field(None, ge=0)
+    downscale_delay_s: float | None = Field(None, ge=0)
+
+
+class ActorOptionsSection(Section):
+    """Ray's ``ray_actor_options`` for each replica; fractional CPUs and GPUs are allowed."""
+
+    num_gpus: float = Field(0, ge=0)
+    num_cpus: float | None = Field(None, ge=0)
+    memory: ByteSize | None = Field(None, gt=0)
+
+
+class RaySection(Section):
+    """How ``serve --ray`` / ``ray-config`` deploy the model: Ray Serve's deployment options."""
+
+    num_replicas: int | None = Field(None, gt=0)  # zero replicas: autoscaling_config.min_replicas 0
+    autoscaling_config: AutoscalingSection | None = None
+    ray_actor_options: ActorOptionsSection = ActorOptionsSection()
+    max_ongoing_requests: int | None = Field(None, gt=0)
+    max_queued_requests: int | None = Field(None, ge=-1)
+
+
 class ModelEntry(Section):
     """One served model. Every setting left out is the global ``DIFFUSER_*`` one."""
 
@@ -126,7 +157,7 @@ class ModelEntry(Section):
     max_loaded_adapters: Reserved = None
     speed: Reserved = None
     memory: Reserved = None
-    ray: Reserved = None
+    ray: RaySection = RaySection()
 
 
 class ModelsFile(Section):
@@ -155,6 +186,7 @@ def serving_plan(settings: Settings) -> ServingPlan:
         variation_strength=settings.variation_strength,
         engine=engine_limits(settings),
         warmup=settings.warmup,
+        ray=ray_placement(settings.model_id, RaySection(), engine_limits(settings)),
     )
     return ServingPlan(models=(spec,), default=spec.id)
 
@@ -209,6 +241,32 @@ def _spec(entry: ModelEntry, settings: Settings) -> ModelSpec:
         variation_strength=pick(entry.variation_strength, settings.variation_strength),
         engine=engine_limits(settings, entry.engine),
         warmup=pick(entry.warmup, settings.warmup),
+        ray=ray_placement(entry.id, entry.ray, engine_limits(settings, entry.engine)),
+    )
+
+
+def ray_placement(model_id: str, section: RaySection, engine: EngineLimits) -> RayPlacement:
+    """The entry's ``ray:`` section with the defaults that fit batching filled in."""
+    least_ongoing = ONGOING_PER_BATCH * engine.max_batch_size
+    if section.max_ongoing_requests is not None and section.max_ongoing_requests < least_ongoing:
+        raise ModelsFileError(
+            f"model '{model_id}': ray.max_ongoing_requests ({section.max_ongoing_requests}) must be at least "
+            f"{least_ongoing}, twice the engine's max_batch_size ({engine.max_batch_size}), or batches stay small"
+        )
+    if section.num_replicas is not None and section.autoscaling_config is not None:
+        raise ModelsFileError(f"model '{model_id}': set ray.num_replicas or ray.autoscaling_config, not both")
+    scaling = section.autoscaling_config
+    if scaling is not None and scaling.max_replicas < scaling.min_replicas:
+        raise ModelsFileError(
+            f"model '{model_id}': ray.autoscaling_config.max_replicas ({scaling.max_replicas}) is below "
+            f"min_replicas ({scaling.min_replicas})"
+        )
+    return RayPlacement(
+        num_replicas=None if scaling is not None else (1 if section.num_replicas is None else section.num_replicas),
+        autoscaling_config=None if scaling is None else scaling.model_dump(exclude_none=True),
+        ray_actor_options=section.ray_actor_options.model_dump(exclude_none=True),
+        max_ongoing_requests=section.max_ongoing_requests or least_ongoing,
+        max_queued_requests=-1 if section.max_queued_requests is None else section.max_queued_requests,
     )
 
 

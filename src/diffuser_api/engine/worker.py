@@ -47,6 +47,16 @@ class BatchReport:
         self.steps = steps
         self.outcome = outcome
 
+    @classmethod
+    def of_figures(
+        cls, worker: str, size: int, queue_wait_s: list[float], compute_s: float, steps: int, outcome: str
+    ) -> BatchReport:
+        """A report rebuilt from its figures, as a remote replica sends them (no jobs here)."""
+        report = cls(worker, [], compute_s, steps, outcome)
+        report.size = size
+        report.queue_wait_s = list(queue_wait_s)
+        return report
+
 
 WorkerExit = Callable[["Worker"], None]
 # The device's turn for a batch, held around its pipeline call (see device_turns).

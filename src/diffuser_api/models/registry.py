@@ -28,6 +28,7 @@ from PIL import Image
 
 from diffuser_api.domain import Capabilities, ImageJob, Task
 from diffuser_api.engine import Engine, ModelRunner
+from diffuser_api.engine.backend import ModelBackend
 from diffuser_api.engine.device_turns import DeviceTurns
 from diffuser_api.engine.worker import BatchObserver
 from diffuser_api.errors import ModelNotFound, Unavailable
@@ -102,7 +103,7 @@ class ModelRegistry:
         self._clock = clock
         self._budgets = Budgets(plan.max_loaded_models, plan.memory_budget_bytes, plan.host_memory_budget_bytes)
         self._models = {
-            spec.id: ServedModel(spec, _probe_in_own_thread(probe, spec), tuple(device_of(d) for d in spec.devices))
+            spec.id: self._new_model(spec, _probe_in_own_thread(probe, spec), tuple(device_of(d) for d in spec.devices))
             for spec in plan.models
         }
         self._aliases = {alias: spec.id for spec in plan.models for alias in spec.aliases}
@@ -112,6 +113,10 @@ class ModelRegistry:
         self._change = asyncio.Event()  # set (and replaced) whenever a model may have made room
         self._tasks: set[asyncio.Future[None]] = set()  # admin loads and unloads under way
         self._draining = False
+
+    def _new_model(self, spec: ModelSpec, probed: ProbedModel | None, devices: tuple[str, ...]) -> ServedModel:
+        """One served model's state; a registry whose models run elsewhere keeps other state."""
+        return ServedModel(spec, probed, devices)
 
     def __iter__(self) -> Iterator[ServedModel]:
         return iter(self._models.values())
@@ -166,7 +171,7 @@ class ModelRegistry:
     @contextlib.asynccontextmanager
     async def lease(
         self, model: ServedModel, *, deadline: float, on_loading: Callable[[], None] | None = None
-    ) -> AsyncIterator[Engine]:
+    ) -> AsyncIterator[ModelBackend]:
         """The model's engine, loaded if need be, held for the block (see the module docstring).
 
         Waits for a load or for room until ``deadline`` (``time.monotonic``), then raises
@@ -180,6 +185,11 @@ class ModelRegistry:
             model.leases -= 1
             model.last_used = time.time()
             self._changed()
+
+    def check_room(self, model: ServedModel) -> None:
+        """Raise now, for a loaded model, the 429 or 503 its engine would give new work."""
+        if model.engine_now is not None:
+            model.engine_now.check_room()
 
     async def _engine_for(
         self, model: ServedModel, deadline: float, on_loading: Callable[[], None] | None

@@ -8,6 +8,7 @@ model (pipelines, runners, engine) comes and goes; its spec stays. Imports no to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from diffuser_api.domain import Task
 from diffuser_api.engine import EngineLimits
@@ -20,6 +21,31 @@ class ModelDefaults:
     steps: int | None = None
     guidance_scale: float | None = None
     size: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class RayPlacement:
+    """How Ray Serve runs the model's deployment (the models file's ``ray:`` section), as
+    Ray's own deployment options. Read only by ``diffuser-api serve --ray`` and ``ray-config``."""
+
+    num_replicas: int | None = 1  # None with an autoscaling config
+    autoscaling_config: dict[str, Any] | None = None
+    ray_actor_options: dict[str, Any] = field(default_factory=dict)
+    max_ongoing_requests: int = 16  # at least twice the engine's max batch size: a full batch gets in
+    max_queued_requests: int = -1  # Ray's "no limit": the engine's own queue answers 429
+
+    def deployment_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``serve.deployment(...)`` / a Serve config's deployment entry."""
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": dict(self.ray_actor_options),
+        }
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = dict(self.autoscaling_config)
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
 
 
 @dataclass(frozen=True)
@@ -37,6 +63,7 @@ class ModelSpec:
     variation_strength: float = 0.7
     engine: EngineLimits = field(default_factory=EngineLimits)
     warmup: bool = True
+    ray: RayPlacement = field(default_factory=RayPlacement)
 
 
 @dataclass(frozen=True)

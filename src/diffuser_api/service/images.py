@@ -114,8 +114,7 @@ class ImageService:
         the model is leased (and loaded if need be) inside the events, after the 200."""
         model = self._registry.resolve(request.model, allowed)
         job = await self.prepare(request, model, admit)
-        if model.engine_now is not None:  # a loaded model's full queue is a plain 429 still
-            model.engine_now.check_room()
+        self._registry.check_room(model)  # a loaded model's full queue is a plain 429 still
         timeline = timeline or Timeline()
 
         async def encode_preview(image: Image.Image) -> str:

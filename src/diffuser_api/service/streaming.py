@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from PIL.Image import Image
 
 from diffuser_api.domain import GeneratedImage, ImageJob, StepProgress, StoredImage
-from diffuser_api.engine import Engine
+from diffuser_api.engine.backend import ModelBackend
 from diffuser_api.engine.job import JobTiming
+from diffuser_api.engine.updates import QueuePosition, job_updates
 from diffuser_api.models.registry import ModelRegistry, ServedModel
-
-# How often a waiting stream re-reads its queue position (and lets pings flow).
-QUEUE_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,7 @@ async def leased_job_events(
 
 
 async def job_events(
-    engine: Engine,
+    engine: ModelBackend,
     job: ImageJob,
     encode_preview: Callable[[Image], Awaitable[str]],
     store: Callable[[GeneratedImage], Awaitable[StoredImage]],
@@ -107,39 +105,20 @@ async def job_events(
     deadline: float | None = None,
 ) -> AsyncIterator[StreamEvent]:
     """Run the job, yielding its progress; closing the iterator early cancels the job."""
-    progress: asyncio.Queue[StepProgress] = asyncio.Queue()
-    task = asyncio.ensure_future(engine.submit(job, progress.put_nowait, timing, deadline))
     partial_counts = [0] * job.n
-    last_position: int | None = None
-    getter: asyncio.Future[StepProgress] | None = None
+    updates = job_updates(engine, job, timing, deadline)
     try:
-        while not task.done():
-            getter = getter or asyncio.ensure_future(progress.get())
-            done, _ = await asyncio.wait({getter, task}, timeout=QUEUE_POLL_S, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                async for event in _step_events(getter.result(), partial_counts, encode_preview):
+        async for update in updates:
+            if isinstance(update, QueuePosition):
+                yield Queued(update.position)
+            elif isinstance(update, StepProgress):
+                async for event in _step_events(update, partial_counts, encode_preview):
                     yield event
-                getter = None
-            elif not done and (position := engine.queue_position(job)) not in (None, last_position):
-                last_position = position
-                yield Queued(position)
-        if getter is not None:
-            getter.cancel()
-            getter = None
-        # Progress posted just before the result may still be waiting in the queue.
-        while not progress.empty():
-            async for event in _step_events(progress.get_nowait(), partial_counts, encode_preview):
-                yield event
-        images = task.result()
-        for index, image in enumerate(images):
-            yield Completed(index, await store(image), image.prompt_tokens)
+            else:
+                for index, image in enumerate(update.images):
+                    yield Completed(index, await store(image), image.prompt_tokens)
     finally:
-        if getter is not None:
-            getter.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await updates.aclose()
 
 
 async def _step_events(
