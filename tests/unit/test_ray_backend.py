@@ -20,6 +20,7 @@ from PIL import Image
 from diffuser_api.api.app import create_app
 from diffuser_api.domain import GeneratedImage, StepProgress, Task
 from diffuser_api.engine.job import JobTiming
+from diffuser_api.engine.priority import Priority
 from diffuser_api.errors import Overloaded
 from diffuser_api.models.spec import ServingPlan
 from diffuser_api.ray_serve import wire
@@ -180,7 +181,8 @@ def test_jobs_and_images_cross_as_arrays_not_pil_objects():
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 24, 3), dtype=np.uint8))
     mask = Image.fromarray(np.random.default_rng(1).integers(0, 2, (16, 24), dtype=np.uint8) * 255, mode="L")
     job = dataclasses.replace(image_job("edit", size=(24, 16)), task=Task.EDIT, images=(rgb,), mask=mask)
-    message = wire.job_to_wire(job, 12.0)
+    message = wire.job_to_wire(job, 12.0, Priority.JOB)
+    assert message["priority"] == Priority.JOB  # the replica's engine schedules it as an async job
     assert all(isinstance(value, np.ndarray) for value in message["images"]) and isinstance(message["mask"], np.ndarray)
     back = wire.job_from_wire(message)
     assert back == job and back.mask.mode == "L"

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from diffuser_api.domain import GeneratedImage, ImageJob
 from diffuser_api.engine.job import JobTiming, ProgressSink
+from diffuser_api.engine.priority import Priority
 
 
 class ModelBackend(Protocol):
@@ -20,9 +21,11 @@ class ModelBackend(Protocol):
         progress: ProgressSink | None = None,
         timing: JobTiming | None = None,
         deadline: float | None = None,
+        priority: Priority = Priority.INTERACTIVE,
     ) -> list[GeneratedImage]:
         """Run the work and return its images in seed order, reporting steps and previews to
-        ``progress``; cancelling the awaiting task stops the work at its next step."""
+        ``progress``; cancelling the awaiting task stops the work at its next step. ``priority``
+        is the work's scheduling class (interactive, async job, batch line)."""
         ...
 
     def queue_position(self, work: ImageJob) -> int | None:

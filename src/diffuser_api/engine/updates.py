@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from diffuser_api.domain import GeneratedImage, ImageJob, StepProgress
 from diffuser_api.engine.backend import ModelBackend
 from diffuser_api.engine.job import JobTiming
+from diffuser_api.engine.priority import Priority
 
 # How often a waiting job's queue position is read again (and a stream may send a ping).
 QUEUE_POLL_S = 0.25
@@ -31,11 +32,15 @@ JobUpdate = QueuePosition | StepProgress | Finished
 
 
 async def job_updates(
-    backend: ModelBackend, job: ImageJob, timing: JobTiming | None = None, deadline: float | None = None
+    backend: ModelBackend,
+    job: ImageJob,
+    timing: JobTiming | None = None,
+    deadline: float | None = None,
+    priority: Priority = Priority.INTERACTIVE,
 ) -> AsyncIterator[JobUpdate]:
     """Submit the job and follow it; the job's own error is raised; closing early cancels it."""
     progress: asyncio.Queue[StepProgress] = asyncio.Queue()
-    task = asyncio.ensure_future(backend.submit(job, progress.put_nowait, timing, deadline))
+    task = asyncio.ensure_future(backend.submit(job, progress.put_nowait, timing, deadline, priority))
     last_position: int | None = None
     getter: asyncio.Future[StepProgress] | None = None
     try:

@@ -19,6 +19,7 @@ from ray.serve.exceptions import BackPressureError, RayServeException, RequestCa
 
 from diffuser_api.domain import GeneratedImage, ImageJob
 from diffuser_api.engine.job import JobTiming, ProgressSink
+from diffuser_api.engine.priority import Priority
 from diffuser_api.engine.worker import BatchObserver
 from diffuser_api.errors import Cancelled, DiffuserError, ModelFailure, Overloaded, Unavailable
 from diffuser_api.ray_serve import wire
@@ -55,9 +56,10 @@ class RemoteEngine:
         progress: ProgressSink | None = None,
         timing: JobTiming | None = None,
         deadline: float | None = None,
+        priority: Priority = Priority.INTERACTIVE,
     ) -> list[GeneratedImage]:
         deadline = deadline or time.monotonic() + self._request_timeout_s
-        replies = self._calls.remote(wire.job_to_wire(work, max(0.0, deadline - time.monotonic())))
+        replies = self._calls.remote(wire.job_to_wire(work, max(0.0, deadline - time.monotonic()), priority))
         self._positions[id(work)] = None
         answered = False
         try:

@@ -19,6 +19,7 @@ from diffuser_api.config import Settings
 from diffuser_api.config.models_file import serving_plan
 from diffuser_api.domain import StepProgress
 from diffuser_api.engine.job import JobTiming
+from diffuser_api.engine.priority import Priority
 from diffuser_api.engine.updates import QueuePosition, job_updates
 from diffuser_api.engine.worker import BatchReport
 from diffuser_api.errors import DiffuserError
@@ -94,7 +95,7 @@ class ModelReplica:
         timing = JobTiming()
         try:
             async with self._registry.lease(self._model, deadline=deadline) as engine:
-                async for update in job_updates(engine, job, timing, deadline):
+                async for update in job_updates(engine, job, timing, deadline, Priority(message["priority"])):
                     if isinstance(update, QueuePosition):
                         yield {"queued": update.position}
                     elif isinstance(update, StepProgress):

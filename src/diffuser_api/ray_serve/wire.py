@@ -19,6 +19,7 @@ from diffuser_api import errors
 from diffuser_api.domain import GeneratedImage, ImageJob, StepProgress, Task
 from diffuser_api.domain.timeline import Phase
 from diffuser_api.engine.job import JobTiming
+from diffuser_api.engine.priority import Priority
 from diffuser_api.engine.worker import BatchReport
 
 Message = dict[str, Any]
@@ -42,14 +43,16 @@ def array_to_image(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array)
 
 
-def job_to_wire(job: ImageJob, remaining_s: float) -> Message:
-    """``remaining_s`` replaces the ingress's monotonic deadline, which means nothing elsewhere."""
+def job_to_wire(job: ImageJob, remaining_s: float, priority: Priority = Priority.INTERACTIVE) -> Message:
+    """``remaining_s`` replaces the ingress's monotonic deadline, which means nothing elsewhere;
+    ``priority`` travels so that the replica's engine schedules the work in its class."""
     return {
         "task": job.task.value,
         **{name: getattr(job, name) for name in _PLAIN_JOB_FIELDS},
         "images": [image_to_array(image) for image in job.images],
         "mask": None if job.mask is None else image_to_array(job.mask),
         "remaining_s": remaining_s,
+        "priority": int(priority),
     }
 
 
