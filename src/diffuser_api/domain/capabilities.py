@@ -70,6 +70,8 @@ class Capabilities:
     default_true_cfg_scale: float | None = None
     default_negative_prompt: str | None = None
     negative_prompt_scale: str | None = "guidance_scale"
+    # Whether the pipeline can load LoRA adapters (diffusers' ``load_lora_weights``).
+    lora: bool = False
 
     def extras_for(self, task: Task) -> frozenset[str]:
         return self.task_extras.get(task, self.extras)
