@@ -145,6 +145,7 @@ def derive_capabilities(
         variation_method=variation,
         max_input_images=family.max_input_images,
         notes=((TINY_MODEL_NOTE,) if is_tiny_model(spec.source) else ()) + family.notes,
+        lora=hasattr(pipeline_class, "load_lora_weights"),
     )
     return capabilities.without(spec.disabled_tasks)
 
