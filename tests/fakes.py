@@ -94,7 +94,7 @@ class FakeRunner:
         self.batches: list[RecordedBatch] = []
 
     def batch_key(self, job: ImageJob) -> Hashable:
-        return (job.task, job.width, job.height, job.steps)
+        return (job.task, job.width, job.height, job.steps, job.loras)
 
     def run(self, jobs: Sequence[ImageJob], on_step: StepCallback) -> list[list[GeneratedImage]]:
         record = RecordedBatch(tuple(jobs))
@@ -159,6 +159,7 @@ class FakeLoadedModel:
     working: dict[str, int]
     can_offload: bool = True
     pipeline_class: str = "FakePipeline"
+    adapters: dict[str, int] = field(default_factory=dict)  # device -> bytes of LoRA adapters held now
     offloads: int = 0
     restores: int = 0
     released: bool = False
@@ -169,6 +170,12 @@ class FakeLoadedModel:
 
     def working_bytes(self) -> dict[str, int]:
         return dict(self.working)
+
+    def adapter_bytes(self) -> dict[str, int]:
+        return {} if self.on_host or self.released else dict(self.adapters)
+
+    def loaded_adapters(self) -> tuple[str, ...]:
+        return ()
 
     def offload(self) -> None:
         assert self.can_offload and not self.on_host and not self.released

@@ -41,9 +41,9 @@ _BYTE_UNITS = {
 }
 _BYTE_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)", re.IGNORECASE)
 _IMAGE_SIZE = re.compile(r"(\d+)x(\d+)")
-# An adapter's name: what requests send. No slash, colon or leading dot, so a name can never
-# be read as a path or URL (requests name adapters, never files).
-ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
+# An adapter's name: what requests send. No slash, colon or dot, so a name can never be read as
+# a path or URL (requests name adapters, never files); torch module names take no dot either.
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_+-]*$"
 _ADAPTER_NAME = re.compile(ADAPTER_NAME)
 # Sources starting so are files or folders, relative to the models file's folder; any other
 # source is a hub repo id.
@@ -223,7 +223,7 @@ def _adapters(entry: ModelEntry, folder: Path) -> tuple[AdapterSpec, ...]:
             if not _ADAPTER_NAME.match(file.stem):
                 raise ModelsFileError(
                     f"model '{entry.id}': '{file.name}' in adapters_dir is not a usable adapter name "
-                    "(letters, digits, and . _ + - after the first)"
+                    "(letters, digits, and _ + - after the first)"
                 )
             found[file.stem] = AdapterSpec(name=file.stem, source=str(file))
     for name, adapter in entry.adapters.items():
