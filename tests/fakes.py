@@ -24,7 +24,7 @@ from diffuser_api.domain import Capabilities, GeneratedImage, ImageJob, SizeRule
 from diffuser_api.engine import EngineLimits, StepCallback
 from diffuser_api.errors import OutOfMemory
 from diffuser_api.models.registry import ModelRegistry, ProbedModel
-from diffuser_api.models.spec import ModelDefaults, ModelSpec, ServingPlan
+from diffuser_api.models.spec import AdapterSpec, ModelDefaults, ModelSpec, PresetSpec, ServingPlan
 
 ALL_BUT_MULTI = frozenset(Task) - {Task.MULTI_IMAGE_EDIT}
 
@@ -223,6 +223,8 @@ class FakeModel:
     probe_error: Exception | None = None
     loaded: list[FakeLoadedModel] = field(default_factory=list)  # one per successful cold load
     load_attempts: int = 0
+    adapters: tuple[AdapterSpec, ...] = ()  # registered LoRA adapters (the fake pipeline "supports" LoRA)
+    lora: bool = True  # whether its pipeline can load LoRA adapters
 
     def __post_init__(self) -> None:
         if self.runner is None:
@@ -234,6 +236,7 @@ class FakeModel:
             id=self.id, source=self.id, aliases=self.aliases, pinned=self.pinned, devices=(self.device,),
             disabled_tasks=self.disabled_tasks, variation_prompt=self.variation_prompt,
             variation_strength=self.variation_strength, defaults=self.defaults, engine=self.limits,
+            adapters=self.adapters,
         )
 
     def probe(self) -> ProbedModel:
@@ -243,6 +246,7 @@ class FakeModel:
         # As the real probe does: the model's own defaults are folded into its capabilities.
         caps = dataclasses.replace(
             caps,
+            lora=self.lora,
             default_steps=self.defaults.steps or caps.default_steps,
             default_guidance_scale=(
                 caps.default_guidance_scale if self.defaults.guidance_scale is None else self.defaults.guidance_scale
@@ -287,6 +291,7 @@ def fake_registry(
     host_memory_budget_bytes: int | None = None,
     strict_names: bool = False,
     clock: Callable[[], float] = time.monotonic,
+    presets: Sequence[PresetSpec] = (),
 ) -> ModelRegistry:
     """A registry of fake models; the first is the default unless ``default`` names another;
     ``clock`` times the back-off of failed loads."""
@@ -297,6 +302,7 @@ def fake_registry(
         max_loaded_models=max_loaded_models,
         memory_budget_bytes=memory_budget_bytes,
         host_memory_budget_bytes=host_memory_budget_bytes,
+        presets=tuple(presets),
     )
     return ModelRegistry(
         plan,
@@ -324,6 +330,7 @@ def fake_models_app(
     host_memory_budget_bytes: int | None = None,
     clock: Callable[[], float] = time.monotonic,
     tracer_provider: Any = None,
+    presets: Sequence[PresetSpec] = (),
     **settings: Any,
 ) -> FastAPI:
     """An app serving several fake models (see ``fake_registry``)."""
@@ -331,6 +338,7 @@ def fake_models_app(
     registry = fake_registry(
         models, default=default, max_loaded_models=max_loaded_models, memory_budget_bytes=memory_budget_bytes,
         host_memory_budget_bytes=host_memory_budget_bytes, strict_names=config.strict_model_names, clock=clock,
+        presets=presets,
     )
     return create_app(config, registry, tracer_provider=tracer_provider)
 
