@@ -104,6 +104,7 @@ class DiffusersModel:
     def release(self) -> None:
         devices = list(self._bases)
         self._bases = {}
+        self._adapters = {}  # they hold the pipelines too
         self.runners = []
         gc.collect()
         _free_cuda(devices)
