@@ -8,8 +8,9 @@ the calls running with the active set end, then switches (``set_adapters``, a fe
 writes) and runs. Calls with the active set run side by side as before. A per-worker copy of
 the denoiser would let two sets run at once, but at the price of a second copy of the largest
 module on the device, which is what sharing exists to avoid; and the engine batches equal sets
-together, so switches are rare. New arrivals with the active set do not jump a call waiting
-for another set: a popular set cannot starve a rare one.
+together, so switches are rare. Calls that cannot join wait in arrival order, and new arrivals
+with the active set do not jump a call waiting for another set: a popular set cannot starve a
+rare one.
 
 Adapters stay unfused: diffusers' fuse/unfuse cycles drift, and an unfused switch costs only
 ``set_adapters``. Loading one (``load_lora_weights``) and dropping one (``delete_adapters``)
@@ -19,9 +20,10 @@ change the modules, so they happen only while no call runs on the device.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -48,7 +50,8 @@ class DeviceAdapters:
         self._loaded: OrderedDict[str, int] = OrderedDict()  # name -> bytes, least recently used first
         self._active: AdapterSet | None = ()  # None: unknown (a switch failed half-way)
         self._running = 0
-        self._waiting = 0
+        self._queue: deque[int] = deque()  # tickets of the calls waiting, first come first served
+        self._tickets = itertools.count()
         self._turn = threading.Condition()
         # Read from the event loop (model details, memory budget) without taking the lock,
         # which a load holds: replaced whole, never changed in place.
@@ -59,12 +62,16 @@ class DeviceAdapters:
     def applied(self, wanted: AdapterSet) -> Iterator[None]:
         """Hold ``wanted`` active on the device for one pipeline call."""
         with self._turn:
-            if self._waiting or self._active != wanted:
-                self._waiting += 1
+            if self._queue or self._active != wanted:
+                ticket = next(self._tickets)
+                self._queue.append(ticket)
                 try:
-                    self._turn.wait_for(lambda: self._running == 0 or self._active == wanted)
+                    self._turn.wait_for(
+                        lambda: self._queue[0] == ticket and (self._running == 0 or self._active == wanted)
+                    )
                 finally:
-                    self._waiting -= 1
+                    self._queue.remove(ticket)
+                    self._turn.notify_all()
             if self._active != wanted:
                 try:
                     self._switch(wanted)
