@@ -10,7 +10,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from diffuser_api.config import Settings
-from diffuser_api.config.models_file import serving_plan
+from diffuser_api.config.models_file import ModelsFileError, serving_plan
 from diffuser_api.domain import LoraChoice
 from diffuser_api.models.spec import AdapterSpec, ModelDefaults, PresetSpec
 from tests.fakes import FakeModel, FakeRunner, fake_models_app, png_bytes
@@ -170,3 +170,9 @@ def test_the_models_file_registers_adapters_from_entries_and_a_folder_and_resolv
     assert (xl.max_loaded_adapters, sd.max_loaded_adapters, sd.adapters) == (3, 5, ())
     assert plan.presets == (PresetSpec("tiny-sdxl-fast", "tiny-sdxl", (LoraChoice("lightning", 1.0),),
                                        ModelDefaults(steps=4, guidance_scale=1.0)),)
+
+
+def test_a_preset_whose_default_size_its_model_refuses_stops_the_start(tmp_path):
+    bad = PresetSpec("studio-odd", "studio", defaults=ModelDefaults(size=(30, 30)))
+    with pytest.raises(ModelsFileError, match=r"preset 'studio-odd': defaults.size '30x30' is not WxH"):
+        fake_models_app(tmp_path, [FakeModel("studio", adapters=ADAPTERS)], presets=[bad])

@@ -26,11 +26,12 @@ from typing import TypeVar
 
 from PIL import Image
 
+from diffuser_api.config.models_file import ModelsFileError
 from diffuser_api.domain import Capabilities, ImageJob, Task
 from diffuser_api.engine import Engine, ModelRunner
 from diffuser_api.engine.device_turns import DeviceTurns
 from diffuser_api.engine.worker import BatchObserver
-from diffuser_api.errors import ModelNotFound, Unavailable
+from diffuser_api.errors import InvalidRequest, ModelNotFound, Unavailable
 from diffuser_api.models.residency import Budgets, Eviction, plan_room
 from diffuser_api.models.served import LoadedModel, ModelStatus, Placement, ProbedModel, ServedModel
 from diffuser_api.models.spec import ModelSpec, PresetSpec, ServingPlan
@@ -115,6 +116,8 @@ class ModelRegistry:
         }
         self._aliases = {alias: spec.id for spec in plan.models for alias in spec.aliases}
         self._presets = {preset.id: preset for preset in plan.presets}
+        for preset in plan.presets:
+            _check_preset_size(preset, self._models[preset.model])
         self.default = self._models[plan.default]
         self._turns = DeviceTurns()
         self._residency = asyncio.Lock()  # one eviction plan at a time
@@ -460,6 +463,17 @@ class ModelRegistry:
         transitions = [model.transition for model in self if model.transition is not None]
         await asyncio.gather(*transitions, return_exceptions=True)
         await asyncio.gather(*(model.engine_now.stop(grace_s) for model in self if model.engine_now is not None))
+
+
+def _check_preset_size(preset: PresetSpec, model: ServedModel) -> None:
+    """A preset's default size must be one its model takes: a bad file stops the start."""
+    if preset.defaults.size is None or not model.probed:
+        return
+    width, height = preset.defaults.size
+    try:
+        model.capabilities.size.check(width, height, requested=f"{width}x{height}", owner=f"model '{model.id}'")
+    except InvalidRequest as error:
+        raise ModelsFileError(f"preset '{preset.id}': defaults.{error.message}") from None
 
 
 async def _in_own_thread(work: Callable[[], T], name: str) -> T:
