@@ -52,6 +52,7 @@ bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/previews.py
 	$(BIN)/python bench/models.py
+	$(BIN)/python bench/loras.py
 
 soak: install
 	$(BIN)/python bench/soak.py

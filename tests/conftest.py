@@ -89,3 +89,12 @@ def client(tiny_sd_server: LiveServer):
     import openai
 
     return openai.OpenAI(base_url=f"{tiny_sd_server.base_url}/v1", api_key="sk-test", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora():
+    """``tiny_lora(model_id, seed)``: the file of a random LoRA for a tiny model, built with
+    peft once per machine and cached next to the tiny models (deterministic per seed)."""
+    from diffuser_api.models.tiny.loras import ensure_tiny_lora
+
+    return lambda model_id, seed: ensure_tiny_lora(model_id, seed, TINY_CACHE)

@@ -24,7 +24,7 @@ from diffuser_api.domain import Capabilities, GeneratedImage, ImageJob, SizeRule
 from diffuser_api.engine import EngineLimits, StepCallback
 from diffuser_api.errors import OutOfMemory
 from diffuser_api.models.registry import ModelRegistry, ProbedModel
-from diffuser_api.models.spec import ModelDefaults, ModelSpec, ServingPlan
+from diffuser_api.models.spec import AdapterSpec, ModelDefaults, ModelSpec, PresetSpec, ServingPlan
 
 ALL_BUT_MULTI = frozenset(Task) - {Task.MULTI_IMAGE_EDIT}
 
@@ -94,7 +94,7 @@ class FakeRunner:
         self.batches: list[RecordedBatch] = []
 
     def batch_key(self, job: ImageJob) -> Hashable:
-        return (job.task, job.width, job.height, job.steps)
+        return (job.task, job.width, job.height, job.steps, job.loras)
 
     def run(self, jobs: Sequence[ImageJob], on_step: StepCallback) -> list[list[GeneratedImage]]:
         record = RecordedBatch(tuple(jobs))
@@ -159,6 +159,7 @@ class FakeLoadedModel:
     working: dict[str, int]
     can_offload: bool = True
     pipeline_class: str = "FakePipeline"
+    adapters: dict[str, int] = field(default_factory=dict)  # device -> bytes of LoRA adapters held now
     offloads: int = 0
     restores: int = 0
     released: bool = False
@@ -169,6 +170,12 @@ class FakeLoadedModel:
 
     def working_bytes(self) -> dict[str, int]:
         return dict(self.working)
+
+    def adapter_bytes(self) -> dict[str, int]:
+        return {} if self.on_host or self.released else dict(self.adapters)
+
+    def loaded_adapters(self) -> tuple[str, ...]:
+        return ()
 
     def offload(self) -> None:
         assert self.can_offload and not self.on_host and not self.released
@@ -216,6 +223,8 @@ class FakeModel:
     probe_error: Exception | None = None
     loaded: list[FakeLoadedModel] = field(default_factory=list)  # one per successful cold load
     load_attempts: int = 0
+    adapters: tuple[AdapterSpec, ...] = ()  # registered LoRA adapters (the fake pipeline "supports" LoRA)
+    lora: bool = True  # whether its pipeline can load LoRA adapters
 
     def __post_init__(self) -> None:
         if self.runner is None:
@@ -227,6 +236,7 @@ class FakeModel:
             id=self.id, source=self.id, aliases=self.aliases, pinned=self.pinned, devices=(self.device,),
             disabled_tasks=self.disabled_tasks, variation_prompt=self.variation_prompt,
             variation_strength=self.variation_strength, defaults=self.defaults, engine=self.limits,
+            adapters=self.adapters,
         )
 
     def probe(self) -> ProbedModel:
@@ -236,6 +246,7 @@ class FakeModel:
         # As the real probe does: the model's own defaults are folded into its capabilities.
         caps = dataclasses.replace(
             caps,
+            lora=self.lora,
             default_steps=self.defaults.steps or caps.default_steps,
             default_guidance_scale=(
                 caps.default_guidance_scale if self.defaults.guidance_scale is None else self.defaults.guidance_scale
@@ -280,6 +291,7 @@ def fake_registry(
     host_memory_budget_bytes: int | None = None,
     strict_names: bool = False,
     clock: Callable[[], float] = time.monotonic,
+    presets: Sequence[PresetSpec] = (),
 ) -> ModelRegistry:
     """A registry of fake models; the first is the default unless ``default`` names another;
     ``clock`` times the back-off of failed loads."""
@@ -290,6 +302,7 @@ def fake_registry(
         max_loaded_models=max_loaded_models,
         memory_budget_bytes=memory_budget_bytes,
         host_memory_budget_bytes=host_memory_budget_bytes,
+        presets=tuple(presets),
     )
     return ModelRegistry(
         plan,
@@ -319,6 +332,7 @@ def fake_models_app(
     host_memory_budget_bytes: int | None = None,
     clock: Callable[[], float] = time.monotonic,
     tracer_provider: Any = None,
+    presets: Sequence[PresetSpec] = (),
     **settings: Any,
 ) -> FastAPI:
     """An app serving several fake models (see ``fake_registry``)."""
@@ -326,6 +340,7 @@ def fake_models_app(
     registry = fake_registry(
         models, default=default, max_loaded_models=max_loaded_models, memory_budget_bytes=memory_budget_bytes,
         host_memory_budget_bytes=host_memory_budget_bytes, strict_names=config.strict_model_names, clock=clock,
+        presets=presets,
     )
     return create_app(config, registry, tracer_provider=tracer_provider)
 

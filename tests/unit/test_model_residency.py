@@ -313,3 +313,23 @@ def test_a_loaded_model_whose_workers_keep_dying_turns_health_503_even_if_not_pi
         assert generate(client, "model-a").status_code == 200
         assert generate(client, "model-b").status_code == 200  # a replacement worker still serves
         assert client.get("/health").status_code == 200
+
+
+
+def test_loaded_lora_adapters_count_in_the_memory_budget(tmp_path):
+    """Adapters come after the load's measurement: their bytes count from when they are held.
+    Without them a and b fit (800 of 1000); with a's 300 bytes of adapters b's return evicts a."""
+    a = FakeModel("model-a", device="gpu0", weight_bytes=400)
+    b = FakeModel("model-b", device="gpu0", weight_bytes=400)
+    app = fake_models_app(tmp_path, [a, b], memory_budget_bytes=1000, host_memory_budget_bytes=0, admin_open=True)
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert generate(client, "model-b").status_code == 200
+        assert statuses(app) == {"model-a": "ready", "model-b": "ready"}
+        assert client.post("/v1/models/model-b/unload").status_code == 202
+        wait_until(lambda: statuses(app)["model-b"] == "unloaded", "b unloaded")
+        a.loaded[0].adapters = {"gpu0": 300}
+        assert served(app, "model-a").resident_bytes() == {"gpu0": 700}
+        assert served(app, "model-a").footprint() == {"gpu0": 700}
+        assert generate(client, "model-b").status_code == 200
+        assert statuses(app) == {"model-a": "unloaded", "model-b": "ready"}

@@ -29,7 +29,7 @@ from diffuser_api.api.schemas import (
 )
 from diffuser_api.api.streaming import sse_response, usage
 from diffuser_api.config import Settings
-from diffuser_api.domain import Endpoint, ImageRequest, ImagesResult, Upload
+from diffuser_api.domain import Endpoint, ImageRequest, ImagesResult, LoraChoice, Upload
 from diffuser_api.engine.job import JobTiming
 from diffuser_api.errors import InvalidRequest
 from diffuser_api.service.images import ImageService, response_quality, response_size
@@ -132,6 +132,8 @@ def build_image_request(
     if endpoint is not Endpoint.GENERATIONS and not images:
         raise InvalidRequest("Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
     values = {name: getattr(body, name) for name in REQUEST_FIELDS if hasattr(body, name)}
+    if body.loras is not None:
+        values["loras"] = tuple(LoraChoice(lora.name, lora.scale) for lora in body.loras)
     return ImageRequest(endpoint=endpoint, images=images, mask=mask, **values)
 
 

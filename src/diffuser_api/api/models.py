@@ -10,9 +10,9 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from diffuser_api.api.dependencies import AdminDep, AllowedModelsDep, RegistryDep
-from diffuser_api.api.responses import ModelCard, ModelDetails, ModelList, error_responses
+from diffuser_api.api.responses import ModelCard, ModelDetails, ModelList, PresetDetails, error_responses
 from diffuser_api.domain import Capabilities, Task
-from diffuser_api.models.registry import ModelStatus, ServedModel
+from diffuser_api.models.registry import ModelStatus, Route, ServedModel
 
 router = APIRouter(tags=["models"])
 
@@ -23,6 +23,31 @@ EXPLAINED = (ModelStatus.LOADING, ModelStatus.FAILED)
 def model_card(model: ServedModel) -> dict[str, Any]:
     return {"id": model.id, "object": "model", "created": model.created, "owned_by": "diffuser-api",
             "status": model.status.value}
+
+
+def preset_card(route: Route) -> dict[str, Any]:
+    """A preset is listed like a model; ``parent`` names the model it runs on (as vLLM lists
+    LoRA models), and its status is that model's."""
+    assert route.preset is not None
+    return model_card(route.model) | {"id": route.preset.id, "parent": route.model.id}
+
+
+def preset_details(route: Route) -> dict[str, Any]:
+    preset = route.preset
+    assert preset is not None
+    defaults = {"steps": preset.defaults.steps, "guidance_scale": preset.defaults.guidance_scale,
+                "size": f"{preset.defaults.size[0]}x{preset.defaults.size[1]}" if preset.defaults.size else None}
+    return preset_card(route) | {
+        "loras": [{"name": lora.name, "scale": lora.scale} for lora in preset.loras],
+        "defaults": {key: value for key, value in defaults.items() if value is not None},
+    }
+
+
+def adapters_of(model: ServedModel) -> list[dict[str, Any]]:
+    """The model's registered LoRA adapters, their default scales, and which are loaded now."""
+    loaded = set(model.loaded_adapters())
+    return [{"name": adapter.name, "scale": adapter.scale, "loaded": adapter.name in loaded}
+            for adapter in model.spec.adapters]
 
 
 def describe_model(model: ServedModel) -> dict[str, Any]:
@@ -41,6 +66,7 @@ def describe_model(model: ServedModel) -> dict[str, Any]:
         notes=list(caps.notes),
         endpoints=_endpoints(caps),
         extras=sorted(caps.extras),
+        lora=caps.lora,
         sizes={"rule": caps.size.describe(), "default": f"{caps.size.default_width}x{caps.size.default_height}"},
         defaults={"steps": caps.default_steps, "guidance_scale": caps.default_guidance_scale,
                   "strength": caps.default_strength},
@@ -58,6 +84,8 @@ def model_details(model: ServedModel) -> dict[str, Any]:
         "loads": model.loads,
         "evictions": {kind: model.evictions.get(kind, 0) for kind in ("host", "released")},
         "queue_depth": model.queue_depth(),
+        "adapters": adapters_of(model),
+        "max_loaded_adapters": model.spec.max_loaded_adapters,
     }
     if model.load_seconds is not None:
         details["load_seconds"] = round(model.load_seconds, 3)
@@ -87,16 +115,20 @@ def _endpoints(caps: Capabilities) -> dict[str, Any]:
     responses={200: {"model": ModelList, "description": "The served models"}} | error_responses(),
 )
 async def list_models(registry: RegistryDep, allowed: AllowedModelsDep) -> dict[str, Any]:
-    return {"object": "list",
-            "data": [model_card(model) for model in registry if allowed is None or model.id in allowed]}
+    models = [model_card(model) for model in registry if allowed is None or model.id in allowed]
+    return {"object": "list", "data": models + [preset_card(route) for route in registry.presets(allowed)]}
 
 
 @router.get(
-    "/models/{model_id:path}", summary="Describe one served model: status, devices, memory, capabilities",
+    "/models/{model_id:path}",
+    summary="Describe one served model (status, devices, memory, capabilities, adapters) or preset",
     response_model=None,
-    responses={200: {"model": ModelDetails, "description": "The model"}} | error_responses(404),
+    responses={200: {"model": ModelDetails | PresetDetails, "description": "The model, or the preset"}}
+    | error_responses(404),
 )
 async def get_model(model_id: str, registry: RegistryDep, allowed: AllowedModelsDep) -> dict[str, Any]:
+    if (preset := registry.preset(model_id, allowed)) is not None:
+        return preset_details(preset)
     return model_details(registry.get(model_id, allowed))
 
 

@@ -117,6 +117,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     status: ModelStatusName = Field(description=STATUS_MEANING)
+    parent: str | SkipJsonSchema[None] = omitted("A preset's model (the preset's status is that model's).")
 
 
 class ModelList(BaseModel):
@@ -185,6 +186,31 @@ class ModelDescription(BaseModel):
     sizes: SizeDescription | SkipJsonSchema[None] = omitted()
     defaults: ModelDefaults | SkipJsonSchema[None] = omitted()
     previews: PreviewDescription | SkipJsonSchema[None] = omitted()
+    lora: bool | SkipJsonSchema[None] = omitted("Whether its pipeline can load LoRA adapters.")
+
+
+class AdapterDescription(BaseModel):
+    name: str
+    scale: float = Field(description="The scale a request that names no scale gets.")
+    loaded: bool = Field(description="In memory now (else the first request naming it loads it).")
+
+
+class LoraChoiceDescription(BaseModel):
+    name: str
+    scale: float | None = Field(description="null: the adapter's configured scale.")
+
+
+class PresetDefaults(BaseModel):
+    steps: int | SkipJsonSchema[None] = omitted()
+    guidance_scale: float | SkipJsonSchema[None] = omitted()
+    size: str | SkipJsonSchema[None] = omitted()
+
+
+class PresetDetails(ModelCard):
+    """``GET /v1/models/{id}`` of a preset: its model, LoRAs and defaults (a request overrides them)."""
+
+    loras: list[LoraChoiceDescription]
+    defaults: PresetDefaults
 
 
 class Evictions(BaseModel):
@@ -206,6 +232,8 @@ class ModelDetails(ModelDescription):
     queue_depth: int = Field(description="Requests waiting for it now.")
     load_seconds: float | SkipJsonSchema[None] = omitted("Time of its last load; absent before the first.")
     last_used_at: int | SkipJsonSchema[None] = omitted("Unix time of its last request; absent before the first.")
+    adapters: list[AdapterDescription] = Field(description="Its registered LoRA adapters (requests name them).")
+    max_loaded_adapters: int = Field(description="Adapters held in memory at once; the least recently used leaves.")
 
 
 class CallerDescription(BaseModel):

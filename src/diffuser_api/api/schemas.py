@@ -6,16 +6,36 @@ OpenAI does (400 naming the field) instead of pydantic silently dropping them.
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from diffuser_api.domain.requests import MAX_SEED
 from diffuser_api.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
+
+
+class LoraBody(BaseModel):
+    """One entry of ``loras``: a registered adapter's name (never a path) and an optional scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    scale: float | None = None  # the service bounds it (DIFFUSER_MAX_LORA_SCALE)
+
+
+def _json_text(value: Any) -> Any:
+    """Multipart forms carry every field as text: ``loras`` arrives as its JSON."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError('loras must be a JSON list such as [{"name": "pixel-art", "scale": 0.6}]') from None
+    return value
 
 
 class ImageOptions(BaseModel):
@@ -36,6 +56,7 @@ class ImageOptions(BaseModel):
     negative_prompt: str | None = Field(None, max_length=32000)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     strength: float | None = Field(None, gt=0.0, le=1.0)
+    loras: Annotated[list[LoraBody] | None, BeforeValidator(_json_text)] = Field(None, max_length=64)
 
 
 class PromptedOptions(ImageOptions):

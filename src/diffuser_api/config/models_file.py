@@ -21,17 +21,14 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 
 from diffuser_api.config.settings import Settings, split_list, task_names
-from diffuser_api.domain import Task
+from diffuser_api.domain import LoraChoice, Task
 from diffuser_api.engine import EngineLimits
-from diffuser_api.models.spec import ModelDefaults, ModelSpec, RayPlacement, ServingPlan
+from diffuser_api.models.spec import AdapterSpec, ModelDefaults, ModelSpec, PresetSpec, RayPlacement, ServingPlan
 
 Location = tuple[str | int, ...]
 
 # Section -> the later release that fills it; written now, they are refused rather than ignored.
 RESERVED_MODEL_SECTIONS = {
-    "adapters": "LoRA adapters",
-    "adapters_dir": "LoRA adapters",
-    "max_loaded_adapters": "LoRA adapters",
     "speed": "speed options",
     "memory": "memory options",
 }
@@ -46,6 +43,13 @@ _BYTE_UNITS = {
 }
 _BYTE_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)", re.IGNORECASE)
 _IMAGE_SIZE = re.compile(r"(\d+)x(\d+)")
+# An adapter's name: what requests send. No slash, colon or dot, so a name can never be read as
+# a path or URL (requests name adapters, never files); torch module names take no dot either.
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9_+-]*$"
+_ADAPTER_NAME = re.compile(ADAPTER_NAME)
+# Sources starting so are files or folders, relative to the models file's folder; any other
+# source is a hub repo id.
+_LOCAL_PREFIXES = (".", "/", "~")
 
 
 class ModelsFileError(ValueError):
@@ -74,12 +78,6 @@ def image_size(value: object) -> tuple[int, int]:
 
 def _reserved(value: object) -> object:
     raise PydanticCustomError("reserved", "this section is reserved for a later release; remove it")
-
-
-def _empty(value: object) -> object:
-    if value:
-        raise PydanticCustomError("reserved", "presets are reserved for a later release; leave the list empty")
-    return value
 
 
 ByteSize = Annotated[int, BeforeValidator(byte_size)]
@@ -136,6 +134,26 @@ class RaySection(Section):
     max_queued_requests: int | None = Field(None, ge=-1)
 
 
+class AdapterSection(Section):
+    source: str = Field(min_length=1)  # a local file or folder (./, /, ~) or a hub repo id
+    weight_name: str | None = None  # the file inside a folder or repo
+    scale: float = 1.0
+
+
+class LoraSection(Section):
+    name: str
+    scale: float | None = None  # None: the adapter's configured scale
+
+
+class PresetEntry(Section):
+    """An extra model name: a model with LoRAs and defaults, routed like a model."""
+
+    id: str = Field(pattern=r"^\S+$")
+    model: str
+    loras: list[LoraSection] = []
+    defaults: DefaultsSection = DefaultsSection()
+
+
 class ModelEntry(Section):
     """One served model. Every setting left out is the global ``DIFFUSER_*`` one."""
 
@@ -152,9 +170,9 @@ class ModelEntry(Section):
     variation_strength: float | None = Field(None, gt=0, le=1)
     engine: EngineSection = EngineSection()
     warmup: bool | None = None
-    adapters: Reserved = None
-    adapters_dir: Reserved = None
-    max_loaded_adapters: Reserved = None
+    adapters: dict[Annotated[str, Field(pattern=ADAPTER_NAME)], AdapterSection] = {}
+    adapters_dir: str | None = None  # every *.safetensors in it, named by its file name
+    max_loaded_adapters: int | None = Field(None, gt=0)
     speed: Reserved = None
     memory: Reserved = None
     ray: RaySection = RaySection()
@@ -166,13 +184,17 @@ class ModelsFile(Section):
     memory_budget: ByteSize | None = Field(None, gt=0)
     host_memory_budget: ByteSize | None = None  # 0 turns the warm tier off
     models: list[ModelEntry] = Field(min_length=1)
-    presets: Annotated[list[Any], BeforeValidator(_empty)] = []
+    presets: list[PresetEntry] = []
 
 
 def serving_plan(settings: Settings) -> ServingPlan:
     """What this server serves: the models file if one is set, else ``DIFFUSER_MODEL_ID`` alone (pinned)."""
     if settings.models_file is not None:
-        return plan_from_file(read_models_file(settings.models_file), settings)
+        file = read_models_file(settings.models_file)
+        try:
+            return plan_from_file(file, settings, settings.models_file.parent)
+        except ModelsFileError as error:
+            raise ModelsFileError(f"{settings.models_file}: {error}") from None
     spec = ModelSpec(
         id=settings.model_id,
         source=settings.model_id,
@@ -209,17 +231,76 @@ def engine_limits(settings: Settings, section: EngineSection | None = None) -> E
     )
 
 
-def plan_from_file(file: ModelsFile, settings: Settings) -> ServingPlan:
+def plan_from_file(file: ModelsFile, settings: Settings, folder: Path | None = None) -> ServingPlan:
+    """``folder`` (the models file's) is where relative adapter paths start; default: here."""
+    folder = folder or Path.cwd()
+    models = tuple(_spec(entry, settings, folder) for entry in file.models)
     return ServingPlan(
-        models=tuple(_spec(entry, settings) for entry in file.models),
+        models=models,
         default=file.default or file.models[0].id,
         max_loaded_models=file.max_loaded_models,
         memory_budget_bytes=file.memory_budget,
         host_memory_budget_bytes=file.host_memory_budget,
+        presets=tuple(_preset(preset, file, models, settings) for preset in file.presets),
     )
 
 
-def _spec(entry: ModelEntry, settings: Settings) -> ModelSpec:
+def _adapters(entry: ModelEntry, folder: Path) -> tuple[AdapterSpec, ...]:
+    """The entry's ``adapters``, plus every ``*.safetensors`` of ``adapters_dir`` named by its
+    file name (an explicit entry of the same name wins: it may set the scale)."""
+    found: dict[str, AdapterSpec] = {}
+    if entry.adapters_dir is not None:
+        directory = _local_path(entry.adapters_dir, folder)
+        if not directory.is_dir():
+            raise ModelsFileError(f"model '{entry.id}': adapters_dir '{entry.adapters_dir}' is not a folder")
+        for file in sorted(directory.glob("*.safetensors")):
+            if not _ADAPTER_NAME.match(file.stem):
+                raise ModelsFileError(
+                    f"model '{entry.id}': '{file.name}' in adapters_dir is not a usable adapter name "
+                    "(letters, digits, and _ + - after the first)"
+                )
+            found[file.stem] = AdapterSpec(name=file.stem, source=str(file))
+    for name, adapter in entry.adapters.items():
+        source = adapter.source
+        if source.startswith(_LOCAL_PREFIXES):
+            source = str(_local_path(source, folder))
+        found[name] = AdapterSpec(name=name, source=source, weight_name=adapter.weight_name, scale=adapter.scale)
+    return tuple(found.values())
+
+
+def _local_path(path: str, folder: Path) -> Path:
+    return (folder / Path(path).expanduser()).resolve()
+
+
+def _preset(preset: PresetEntry, file: ModelsFile, models: Sequence[ModelSpec], settings: Settings) -> PresetSpec:
+    """A preset names a model (id or alias) and only adapters that model registers."""
+    model = next(spec for spec in models if preset.model in (spec.id, *spec.aliases))
+    registered = {adapter.name for adapter in model.adapters}
+    for lora in preset.loras:
+        if lora.name not in registered:
+            raise ModelsFileError(
+                f"preset '{preset.id}': '{lora.name}' is not an adapter of model '{model.id}'; "
+                f"its adapters: {', '.join(sorted(registered)) or 'none'}"
+            )
+        if lora.scale is not None and abs(lora.scale) > settings.max_lora_scale:
+            raise ModelsFileError(
+                f"preset '{preset.id}': scale {lora.scale:g} of '{lora.name}' is beyond "
+                f"DIFFUSER_MAX_LORA_SCALE ({settings.max_lora_scale:g})"
+            )
+    if len(preset.loras) > settings.max_loras_per_request:
+        raise ModelsFileError(
+            f"preset '{preset.id}' names {len(preset.loras)} adapters, more than DIFFUSER_MAX_LORAS_PER_REQUEST "
+            f"({settings.max_loras_per_request})"
+        )
+    return PresetSpec(
+        id=preset.id,
+        model=model.id,
+        loras=tuple(LoraChoice(lora.name, lora.scale) for lora in preset.loras),
+        defaults=ModelDefaults(preset.defaults.steps, preset.defaults.guidance_scale, preset.defaults.size),
+    )
+
+
+def _spec(entry: ModelEntry, settings: Settings, folder: Path) -> ModelSpec:
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
 
@@ -242,6 +323,8 @@ def _spec(entry: ModelEntry, settings: Settings) -> ModelSpec:
         engine=engine_limits(settings, entry.engine),
         warmup=pick(entry.warmup, settings.warmup),
         ray=ray_placement(entry.id, entry.ray, engine_limits(settings, entry.engine)),
+        adapters=_adapters(entry, folder),
+        max_loaded_adapters=pick(entry.max_loaded_adapters, settings.max_loaded_adapters),
     )
 
 
@@ -353,10 +436,14 @@ def _is_validator_tag(part: str | int) -> bool:
 def _allowed_keys(at: Location) -> Iterator[str]:
     """The keys of the section at ``at``, found by walking the schema along the same path."""
     section: Any = ModelsFile
+    keyed = False  # the last part was a mapping of names (adapters): the next part is a name
     for part in at:
-        if isinstance(part, int):
+        if isinstance(part, int) or keyed:
+            keyed = False
             continue
-        section = _section_type(section.model_fields[part].annotation)
+        annotation = section.model_fields[part].annotation
+        keyed = typing.get_origin(annotation) is dict
+        section = _section_type(annotation)
     return iter(name for name in section.model_fields if name not in RESERVED_MODEL_SECTIONS)
 
 
@@ -364,7 +451,7 @@ def _section_type(annotation: Any) -> Any:
     """``list[ModelEntry]`` or ``EngineSection | None`` -> the section class inside."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    if typing.get_origin(annotation) in (list, typing.Union, types.UnionType):
+    if typing.get_origin(annotation) in (list, dict, typing.Union, types.UnionType):
         for argument in typing.get_args(annotation):
             if (found := _section_type(argument)) is not None:
                 return found
@@ -384,6 +471,19 @@ def _check_names(file: ModelsFile, lines: dict[Location, int], name: str) -> Non
                     "every id and alias must name one model"
                 )
             owners[model_name] = f"model '{entry.id}' (line {_line(('models', index), lines)})"
+    for index, preset in enumerate(file.presets):
+        at = ("presets", index, "id")
+        if preset.id in owners:
+            raise ModelsFileError(
+                f"{name}, line {_line(at, lines)}: preset '{preset.id}' already names {owners[preset.id]}; "
+                "every id, alias and preset must name one thing"
+            )
+        owners[preset.id] = f"preset '{preset.id}' (line {_line(('presets', index), lines)})"
+        if not any(preset.model in (entry.id, *entry.aliases) for entry in file.models):
+            raise ModelsFileError(
+                f"{name}, line {_line(('presets', index, 'model'), lines)}: preset '{preset.id}' names model "
+                f"'{preset.model}', which is no id or alias here; ids: {', '.join(entry.id for entry in file.models)}"
+            )
     ids = [entry.id for entry in file.models]
     if file.default is not None and file.default not in ids:
         raise ModelsFileError(

@@ -185,6 +185,13 @@ class Settings(BaseSettings):
     )
     variation_prompt: str = Field("", description="Prompt used when variations run as image-to-image.")
     variation_strength: float = Field(0.7, description="Strength used when variations run as image-to-image.")
+    max_loras_per_request: int = Field(4, ge=0, description="Most LoRA adapters one request may name (400 above).")
+    max_lora_scale: float = Field(
+        2.0, gt=0, description="Largest LoRA scale a request may send, either sign (400 beyond +-this)."
+    )
+    max_loaded_adapters: int = Field(
+        8, gt=0, description="LoRA adapters held in memory per model (LRU), unless its models-file entry says."
+    )
 
     # Engine
     max_queue_size: int = Field(

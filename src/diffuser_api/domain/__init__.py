@@ -1,10 +1,12 @@
 """Plain request, capability and result types shared by every layer (no HTTP, no torch)."""
 
 from diffuser_api.domain.capabilities import Capabilities, SizeRules
-from diffuser_api.domain.requests import Endpoint, ImageJob, ImageRequest, Task, Upload
+from diffuser_api.domain.requests import AdapterSet, Endpoint, ImageJob, ImageRequest, LoraChoice, Task, Upload
 from diffuser_api.domain.results import GeneratedImage, ImagesResult, StepProgress, StoredImage
 
 __all__ = [
+    "AdapterSet",
+    "LoraChoice",
     "Capabilities",
     "Endpoint",
     "ImageRequest",

@@ -83,6 +83,8 @@ class Capabilities:
     default_negative_prompt: str | None = None
     negative_prompt_scale: str | None = "guidance_scale"
     previews: PreviewPlan = PreviewPlan("vae", "decoded with the model's VAE")
+    # Whether the pipeline can load LoRA adapters (diffusers' ``load_lora_weights``).
+    lora: bool = False
 
     def extras_for(self, task: Task) -> frozenset[str]:
         return self.task_extras.get(task, self.extras)

@@ -11,6 +11,19 @@ from PIL.Image import Image
 MAX_SEED = 2**32 - 1
 
 
+@dataclass(frozen=True)
+class LoraChoice:
+    """One entry of a request's ``loras``: a registered adapter's name, never a path; ``scale``
+    None keeps the adapter's configured scale."""
+
+    name: str
+    scale: float | None = None
+
+
+# (adapter name, scale) pairs sorted by name: one canonical form, so equal sets batch together.
+AdapterSet = tuple[tuple[str, float], ...]
+
+
 class Task(StrEnum):
     """The things a model may or may not be able to do; a missing one is a 501."""
 
@@ -40,6 +53,8 @@ class ImageJob:
     strength: float | None = None
     # Previews wanted per image while it denoises (OpenAI's partial_images, 0-3).
     partial_images: int = 0
+    # The LoRA adapters applied to this job (part of the batch key); () is the base model.
+    loras: AdapterSet = ()
     images: tuple[Image, ...] = field(default=(), compare=False)
     mask: Image | None = field(default=None, compare=False)
 
@@ -93,5 +108,6 @@ class ImageRequest:
     negative_prompt: str | None = None
     seed: int | None = None
     strength: float | None = None
+    loras: tuple[LoraChoice, ...] | None = None  # None: not sent (a preset's apply)
     images: tuple[Upload, ...] = ()
     mask: Upload | None = None

@@ -115,11 +115,16 @@ class JobDispatcher:
                 await asyncio.wait_for(self._wake.wait(), self._settings.job_poll_s)
             self._wake.clear()
 
-    async def stop(self) -> None:
-        """Shutdown: nothing new is claimed, and running jobs go back to the queue (not failed)
-        for the next start or another replica."""
+    def stop_claiming(self) -> None:
+        """Shutdown begins: the poll loop ends after its current poll (``run_forever`` returns)."""
         self._stopping = True
         self._wake.set()
+
+    async def stop(self) -> None:
+        """Shutdown: nothing new is claimed, and running jobs go back to the queue (not failed)
+        for the next start or another replica. Call once ``run_forever`` has returned, so no
+        claim is still on its way."""
+        self.stop_claiming()
         tasks = [running.task for running in self._running.values() if running.task is not None]
         for task in tasks:
             task.cancel()
@@ -147,7 +152,10 @@ class JobDispatcher:
                 self._store.claim, model.id, room, self.replica, time.time(), self._settings.job_lease_s
             )
             for record in claimed:
-                self._start(record)
+                if self._stopping:  # shutdown began during the claim: give the job back untouched
+                    await asyncio.to_thread(self._store.requeue, record.id, self.replica, count_attempt=False)
+                else:
+                    self._start(record)
 
     def _room(self, model: ServedModel) -> int:
         engine = model.engine_now
@@ -231,7 +239,9 @@ class JobDispatcher:
         inputs = await asyncio.to_thread(self._store.inputs, record.id)
         request = restore_request(record.endpoint, record.request, inputs)
         model = self._registry.get(record.model)
-        work = await self._images.prepare(as_checked(request), model)
+        # A preset's name stays in the stored request: its LoRAs and defaults apply on every attempt.
+        preset = self._registry.route(request.model).preset
+        work = await self._images.prepare(as_checked(request), model, preset=preset)
         work = dataclasses.replace(work, partial_images=request.partial_images or 0)
         # One attempt's time: the load, the engine's queue and the steps (not the wait in the
         # database, and not request_timeout_s).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -90,11 +89,12 @@ class JobService:
         self._running = asyncio.create_task(self._dispatcher.run_forever(), name="jobs dispatcher")
 
     async def stop(self) -> None:
-        await self._dispatcher.stop()
+        """The poll loop is let finish its poll rather than cancelled: a claim cancelled while
+        its database call runs would leave jobs claimed by nobody until the next start."""
+        self._dispatcher.stop_claiming()
         if self._running is not None:
-            self._running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._running
+            await self._running
+        await self._dispatcher.stop()
         self._store.close()
 
     def counts_by_status(self) -> dict[str, int]:
@@ -125,8 +125,9 @@ class JobService:
             raise InvalidRequest("stream cannot be combined with 'Prefer: respond-async': follow the job at "
                                  "/images/jobs/{id}/events instead", param="stream", code="invalid_value")
         await self._check_room(owner)
-        model = self._registry.resolve(request.model, allowed)
-        await self._images.prepare(as_checked(request), model, admit)
+        route = self._registry.route(request.model, allowed)
+        model = route.model
+        await self._images.prepare(as_checked(request), model, admit, preset=route.preset)
         record = JobRecord(
             id=new_job_id(), owner=owner, endpoint=request.endpoint.value, model=model.id,
             request=request_fields(request), status=JobStatus.QUEUED, created_at=now, request_id=request_id,

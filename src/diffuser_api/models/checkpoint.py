@@ -149,6 +149,7 @@ def derive_capabilities(
         max_input_images=family.max_input_images,
         notes=((TINY_MODEL_NOTE,) if is_tiny_model(spec.source) else ()) + family.notes,
         previews=plan_previews(family, shape.latent_channels, settings.preview_mode, settings.preview_scale),
+        lora=hasattr(pipeline_class, "load_lora_weights"),
     )
     return capabilities.without(spec.disabled_tasks)
 

@@ -29,6 +29,12 @@ class RunnersModel:
     def working_bytes(self) -> dict[str, int]:
         return {}
 
+    def adapter_bytes(self) -> dict[str, int]:
+        return {}
+
+    def loaded_adapters(self) -> tuple[str, ...]:
+        return ()
+
     def offload(self) -> None:
         raise NotImplementedError("an in-memory model has no warm tier")
 

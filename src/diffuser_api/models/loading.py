@@ -21,6 +21,7 @@ from diffusers import DiffusionPipeline
 
 from diffuser_api.config import Settings
 from diffuser_api.domain import Task
+from diffuser_api.models.adapters import DeviceAdapters
 from diffuser_api.models.checkpoint import checkpoint_source, pipeline_configs
 from diffuser_api.models.families import family_for
 from diffuser_api.models.family import Family
@@ -59,8 +60,12 @@ class DiffusersModel:
     so read ``working_bytes`` after the warm-up.
     """
 
-    def __init__(self, bases: dict[str, Any], runners: Sequence[DiffusersRunner], pipeline_class: str) -> None:
+    def __init__(
+        self, bases: dict[str, Any], runners: Sequence[DiffusersRunner], pipeline_class: str,
+        adapters: dict[str, DeviceAdapters] | None = None,
+    ) -> None:
         self.runners = runners
+        self._adapters = adapters or {}
         self.pipeline_class = pipeline_class
         self._bases = bases
         self.can_offload = any(not device.startswith("cpu") for device in bases)
@@ -80,6 +85,14 @@ class DiffusersModel:
             for device, baseline in self._baseline.items()
         }
 
+    def adapter_bytes(self) -> dict[str, int]:
+        """Device -> bytes of the LoRA adapters loaded there now (they come and go after loading)."""
+        return {device: adapters.loaded_bytes for device, adapters in self._adapters.items() if adapters.loaded_bytes}
+
+    def loaded_adapters(self) -> tuple[str, ...]:
+        """Names of the adapters loaded now (on any device)."""
+        return tuple(dict.fromkeys(name for adapters in self._adapters.values() for name in adapters.loaded_names))
+
     def offload(self) -> None:
         for base in self._bases.values():
             base.to("cpu")
@@ -92,6 +105,7 @@ class DiffusersModel:
     def release(self) -> None:
         devices = list(self._bases)
         self._bases = {}
+        self._adapters = {}  # they hold the pipelines too
         self.runners = []
         gc.collect()
         _free_cuda(devices)
@@ -110,23 +124,32 @@ def _load_model(spec: ModelSpec, settings: Settings) -> DiffusersModel:
     family = family_for(pipeline_class, spec.family)
     devices = resolve_devices(spec.devices)
     bases: dict[str, Any] = {}
+    adapters: dict[str, DeviceAdapters] = {}
     runners: list[DiffusersRunner] = []
     for device in dict.fromkeys(devices):
         dtype = resolve_dtype(spec.torch_dtype, device)
         logger.info("loading %s (%s, family %s) on %s as %s", spec.id, pipeline_class, family.name, device, dtype)
         base = DiffusionPipeline.from_pretrained(source, dtype=dtype, **family.load_kwargs(source)).to(device)
         bases[device] = base
+        adapters[device] = DeviceAdapters(base, spec.adapters, spec.max_loaded_adapters, spec.id)
         workers = [name for name in devices if name == device]
-        runners += runners_for_pipeline(base, family, workers, settings.preview_mode, settings.preview_scale)
-    return DiffusersModel(bases, runners, pipeline_class)
+        runners += runners_for_pipeline(
+            base, family, workers, settings.preview_mode, settings.preview_scale, adapters[device]
+        )
+    return DiffusersModel(bases, runners, pipeline_class, adapters)
 
 
 def runners_for_pipeline(
-    base: Any, family: Family, devices: Sequence[str], preview_mode: PreviewMode = "latent", preview_scale: float = 0.25
+    base: Any,
+    family: Family,
+    devices: Sequence[str],
+    preview_mode: PreviewMode = "latent",
+    preview_scale: float = 0.25,
+    adapters: DeviceAdapters | None = None,
 ) -> list[DiffusersRunner]:
     """Serve a pipeline that already sits on its device: one runner per entry of ``devices``
-    (all naming that device), sharing its weights. Previews as the probe planned them (the
-    defaults are the settings' defaults)."""
+    (all naming that device), sharing its weights and its LoRA ``adapters``. Previews as the
+    probe planned them (the defaults are the settings' defaults)."""
     channels = latent_channels(pipeline_configs(base).get("vae", {}))
     preview = preview_decoder(family, plan_previews(family, channels, preview_mode, preview_scale), preview_scale)
     runners: list[DiffusersRunner] = []
@@ -138,7 +161,7 @@ def runners_for_pipeline(
             if index == 0
             else type(base).from_pipe(base, scheduler=copy.deepcopy(base.scheduler), dtype=base.dtype)
         )
-        runners.append(DiffusersRunner(f"{device}#{index}", family, task_pipelines(pipe, family), preview))
+        runners.append(DiffusersRunner(f"{device}#{index}", family, task_pipelines(pipe, family), preview, adapters))
     return runners
 
 

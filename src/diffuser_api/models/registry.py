@@ -26,18 +26,19 @@ from typing import TypeVar
 
 from PIL import Image
 
+from diffuser_api.config.models_file import ModelsFileError
 from diffuser_api.domain import Capabilities, ImageJob, Task
 from diffuser_api.engine import Engine, ModelRunner
 from diffuser_api.engine.backend import ModelBackend
 from diffuser_api.engine.device_turns import DeviceTurns
 from diffuser_api.engine.worker import BatchObserver
-from diffuser_api.errors import ModelNotFound, Unavailable
+from diffuser_api.errors import InvalidRequest, ModelNotFound, Unavailable
 from diffuser_api.models.residency import Budgets, Eviction, plan_room
 from diffuser_api.models.served import LoadedModel, ModelStatus, Placement, ProbedModel, ServedModel
-from diffuser_api.models.spec import ModelSpec, ServingPlan
+from diffuser_api.models.spec import ModelSpec, PresetSpec, ServingPlan
 
 __all__ = [
-    "LoadedModel", "LoadedRunners", "ModelRegistry", "ModelStatus", "ProbedModel", "ServedModel", "warm_up",
+    "LoadedModel", "LoadedRunners", "ModelRegistry", "ModelStatus", "ProbedModel", "Route", "ServedModel", "warm_up",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,14 @@ class LoadedRunners:
     capabilities: Capabilities
     runners: Sequence[ModelRunner]
     pipeline_class: str
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request's ``model`` name leads: a model, and the preset it named if it named one."""
+
+    model: ServedModel
+    preset: PresetSpec | None = None
 
 
 def warm_up(loaded: LoadedRunners) -> None:
@@ -107,6 +116,9 @@ class ModelRegistry:
             for spec in plan.models
         }
         self._aliases = {alias: spec.id for spec in plan.models for alias in spec.aliases}
+        self._presets = {preset.id: preset for preset in plan.presets}
+        for preset in plan.presets:
+            _check_preset_size(preset, self._models[preset.model])
         self.default = self._models[plan.default]
         self._turns = DeviceTurns()
         self._residency = asyncio.Lock()  # one eviction plan at a time
@@ -124,13 +136,34 @@ class ModelRegistry:
     # -- names ---------------------------------------------------------------------------
 
     def resolve(self, name: str | None, allowed: frozenset[str] | None = None) -> ServedModel:
-        """A request's ``model`` (id or alias; none: the default). ``allowed`` (a key's model ids)
-        hides every other model: it answers as if it did not exist."""
+        """A request's ``model`` (id, alias or preset; none: the default). ``allowed`` (a key's
+        model and preset ids) hides every other model: it answers as if it did not exist."""
+        return self.route(name, allowed).model
+
+    def route(self, name: str | None, allowed: frozenset[str] | None = None) -> Route:
+        """As ``resolve``, keeping the preset a name chose. A key that may use a model may use its
+        presets; a key that lists a preset may use that preset, not its model bare."""
+        if name in self._presets:
+            preset = self._presets[name]
+            if allowed is None or preset.id in allowed or preset.model in allowed:
+                return Route(self._models[preset.model], preset)
+            raise self._not_found(f"The model '{name}' does not exist", allowed)
         model = self._lookup(name)
         if model is None or (allowed is not None and model.id not in allowed):
             named = f"The model '{name}' does not exist" if name else "The default model is not available to you"
             raise self._not_found(named, allowed)
-        return model
+        return Route(model)
+
+    def presets(self, allowed: frozenset[str] | None = None) -> list[Route]:
+        """The presets a caller may use (see ``route``), in models-file order."""
+        return [
+            Route(self._models[preset.model], preset) for preset in self._presets.values()
+            if allowed is None or preset.id in allowed or preset.model in allowed
+        ]
+
+    def preset(self, preset_id: str, allowed: frozenset[str] | None = None) -> Route | None:
+        """Exact lookup of a preset, for /v1/models/{id}; None if there is none the caller may use."""
+        return next((route for route in self.presets(allowed) if route.preset and route.preset.id == preset_id), None)
 
     def get(self, model_id: str, allowed: frozenset[str] | None = None) -> ServedModel:
         """Exact lookup, for /v1/models/{id}: aliases are not models."""
@@ -142,13 +175,18 @@ class ModelRegistry:
     def _not_found(self, named: str, allowed: frozenset[str] | None) -> ModelNotFound:
         """Names the served ids the caller may use, and no others."""
         served = [model_id for model_id in self._models if allowed is None or model_id in allowed]
+        served += [route.preset.id for route in self.presets(allowed) if route.preset is not None]
         return ModelNotFound(f"{named}. Served models: {', '.join(served) or 'none'}", param="model",
                              code="model_not_found")
 
     def ids_for(self, names: Iterable[str]) -> frozenset[str]:
-        """Ids and aliases (a keys file's) as model ids; an unknown name is a ValueError."""
+        """Ids and aliases (a keys file's) as model ids, preset ids as themselves; an unknown name
+        is a ValueError."""
         ids = set()
         for name in names:
+            if name in self._presets:
+                ids.add(name)
+                continue
             model = self._lookup(name)
             if model is None:
                 raise ValueError(f"unknown model '{name}'; served models: {', '.join(self._models)}")
@@ -441,6 +479,17 @@ class ModelRegistry:
         transitions = [model.transition for model in self if model.transition is not None]
         await asyncio.gather(*transitions, return_exceptions=True)
         await asyncio.gather(*(model.engine_now.stop(grace_s) for model in self if model.engine_now is not None))
+
+
+def _check_preset_size(preset: PresetSpec, model: ServedModel) -> None:
+    """A preset's default size must be one its model takes: a bad file stops the start."""
+    if preset.defaults.size is None or not model.probed:
+        return
+    width, height = preset.defaults.size
+    try:
+        model.capabilities.size.check(width, height, requested=f"{width}x{height}", owner=f"model '{model.id}'")
+    except InvalidRequest as error:
+        raise ModelsFileError(f"preset '{preset.id}': defaults.{error.message}") from None
 
 
 async def _in_own_thread(work: Callable[[], T], name: str) -> T:

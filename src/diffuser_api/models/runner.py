@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Hashable, Sequence
 from typing import Any
@@ -12,6 +13,7 @@ from PIL.Image import Image
 from diffuser_api.domain import GeneratedImage, ImageJob, Task
 from diffuser_api.engine import StepCallback
 from diffuser_api.errors import OutOfMemory
+from diffuser_api.models.adapters import DeviceAdapters
 from diffuser_api.models.family import Family
 from diffuser_api.models.preview_modes import PreviewDecoder
 from diffuser_api.models.tasks import takes
@@ -23,19 +25,25 @@ class DiffusersRunner:
     """One device's pipelines for every task, sharing one set of weights (``from_pipe``).
 
     Only its worker thread calls it, so the shared scheduler is never used concurrently.
+    ``adapters`` (the device's, shared by its runners) applies each call's LoRA set.
     """
 
-    def __init__(self, name: str, family: Family, pipelines: dict[Task, Any], preview: PreviewDecoder) -> None:
+    def __init__(
+        self, name: str, family: Family, pipelines: dict[Task, Any], preview: PreviewDecoder,
+        adapters: DeviceAdapters | None = None,
+    ) -> None:
         self.name = name
         self.family = family
         self.pipelines = pipelines
         self.preview = preview
+        self.adapters = adapters
         # Pipelines with height/width get the job's size; the others (SD img2img) take it
         # from the input image, which the service has resized to it.
         self._sized = {task for task, pipe in pipelines.items() if takes(pipe, "height") and takes(pipe, "width")}
 
     def batch_key(self, job: ImageJob) -> Hashable:
-        call_level = (job.task, job.width, job.height, job.steps, job.guidance_scale, job.true_cfg_scale, job.strength)
+        call_level = (job.task, job.width, job.height, job.steps, job.guidance_scale, job.true_cfg_scale, job.strength,
+                      job.loras)
         if self.family.batches_across_requests:
             return call_level
         return (*call_level, id(job))
@@ -55,8 +63,9 @@ class DiffusersRunner:
         if first.task in self._sized:
             kwargs.update(height=first.height, width=first.width)
         out_of_memory = False
+        adapters = self.adapters.applied(first.loras) if self.adapters is not None else contextlib.nullcontext()
         try:
-            with torch.inference_mode(), self.family.call_scope(jobs):
+            with adapters, torch.inference_mode(), self.family.call_scope(jobs):
                 images = pipe(
                     **kwargs,
                     output_type="pil",

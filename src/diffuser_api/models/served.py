@@ -50,6 +50,14 @@ class LoadedModel(Protocol):
         """Device -> peak memory beyond the weights, measured during warm-up (0 where unknown)."""
         ...
 
+    def adapter_bytes(self) -> dict[str, int]:
+        """Device -> bytes of the LoRA adapters loaded now (they come and go while serving)."""
+        ...
+
+    def loaded_adapters(self) -> tuple[str, ...]:
+        """Names of the LoRA adapters loaded now."""
+        ...
+
     def offload(self) -> None:
         """Move the weights to host RAM (blocking)."""
         ...
@@ -165,15 +173,26 @@ class ServedModel:
         return self.engine_now.queue_depth if self.engine_now is not None else 0
 
     def resident_bytes(self) -> dict[str, int]:
-        """Device -> bytes of weights there, as measured at the last load; {} when not loaded."""
+        """Device -> bytes of weights there, as measured at the last load, plus the LoRA adapters
+        loaded now; {} when not loaded."""
         if self.placement is not Placement.DEVICE or self.loaded is None:
             return {}
-        return dict(self.resident_measured)
+        return _plus(self.resident_measured, self.adapter_bytes())
+
+    def adapter_bytes(self) -> dict[str, int]:
+        """Device -> bytes of the LoRA adapters loaded there now; {} when not on a device."""
+        if self.placement is not Placement.DEVICE or self.loaded is None:
+            return {}
+        return self.loaded.adapter_bytes()
+
+    def loaded_adapters(self) -> tuple[str, ...]:
+        return self.loaded.loaded_adapters() if self.loaded is not None else ()
 
     def footprint(self) -> dict[str, int]:
         """Device -> bytes this model takes (or, not yet loaded, is expected to take): weights and
-        working memory as measured at its last load; {} before a first load (see registry)."""
-        return dict(self.measured)
+        working memory as measured at its last load, plus the LoRA adapters it holds now (they
+        count in the memory budget); {} before a first load (see registry)."""
+        return _plus(self.measured, self.adapter_bytes())
 
     def unavailable(self) -> Unavailable:
         """Why the model cannot serve now, in our words (the log has the details)."""
@@ -202,3 +221,7 @@ class ServedModel:
             return max(1.0, round(self.retry_at - now, 1))
         return None
 
+
+
+def _plus(first: dict[str, int], second: dict[str, int]) -> dict[str, int]:
+    return {device: first.get(device, 0) + second.get(device, 0) for device in {*first, *second}}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffuser_api.domain import Task
+from diffuser_api.domain import LoraChoice, Task
 from diffuser_api.engine import EngineLimits
 
 
@@ -49,6 +49,27 @@ class RayPlacement:
 
 
 @dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter registered for a model at start (loaded on first use). Requests name it;
+    ``source`` (a local file or folder, or a hub repo) comes only from the models file."""
+
+    name: str
+    source: str
+    weight_name: str | None = None  # the file inside a folder or hub repo
+    scale: float = 1.0  # what a request that names no scale gets
+
+
+@dataclass(frozen=True)
+class PresetSpec:
+    """An extra model name: a model with LoRAs and defaults applied unless a request overrides."""
+
+    id: str
+    model: str
+    loras: tuple[LoraChoice, ...] = ()
+    defaults: ModelDefaults = field(default_factory=ModelDefaults)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     id: str
     source: str  # hub id, local folder or a built-in tiny model
@@ -64,6 +85,8 @@ class ModelSpec:
     engine: EngineLimits = field(default_factory=EngineLimits)
     warmup: bool = True
     ray: RayPlacement = field(default_factory=RayPlacement)
+    adapters: tuple[AdapterSpec, ...] = ()
+    max_loaded_adapters: int = 8  # LRU of adapters held in memory, per model
 
 
 @dataclass(frozen=True)
@@ -75,3 +98,4 @@ class ServingPlan:
     max_loaded_models: int | None = None
     memory_budget_bytes: int | None = None  # per device: weights and working memory
     host_memory_budget_bytes: int | None = None  # the warm tier in host RAM; 0 turns it off
+    presets: tuple[PresetSpec, ...] = ()

@@ -25,8 +25,10 @@ from diffuser_api.domain.timeline import Timeline
 from diffuser_api.engine.job import JobTiming
 from diffuser_api.errors import NotSupported
 from diffuser_api.models.registry import ModelRegistry, ServedModel
+from diffuser_api.models.spec import PresetSpec
 from diffuser_api.service.codec_pool import CodecPool
 from diffuser_api.service.encoding import encode_image
+from diffuser_api.service.loras import resolve_loras, with_preset_defaults
 from diffuser_api.service.storage import ImageStorage
 from diffuser_api.service.streaming import ImageStream, leased_job_events
 from diffuser_api.service.uploads import UploadLimits, decode_image, decode_mask
@@ -82,8 +84,9 @@ class ImageService:
         ``allowed`` (the caller's key's models) hides every other model. The request is checked
         against the model's capabilities before the model is loaded: a refusal costs no load.
         """
-        model = self._registry.resolve(request.model, allowed)
-        job = await self.prepare(request, model, admit)
+        route = self._registry.route(request.model, allowed)
+        model = route.model
+        job = await self.prepare(request, model, admit, preset=route.preset)
         deadline = time.monotonic() + model.spec.engine.request_timeout_s
         async with self._registry.lease(model, deadline=deadline) as engine:
             images = await engine.submit(job, timing=timing, deadline=deadline)
@@ -112,8 +115,9 @@ class ImageService:
     ) -> ImageStream:
         """Check and prepare now (so a bad request is a plain HTTP error), run when iterated:
         the model is leased (and loaded if need be) inside the events, after the 200."""
-        model = self._registry.resolve(request.model, allowed)
-        job = await self.prepare(request, model, admit)
+        route = self._registry.route(request.model, allowed)
+        model = route.model
+        job = await self.prepare(request, model, admit, preset=route.preset)
         self._registry.check_room(model)  # a loaded model's full queue is a plain 429 still
         timeline = timeline or Timeline()
 
@@ -126,13 +130,19 @@ class ImageService:
         events = leased_job_events(self._registry, model, job, encode_preview, store, timing)
         return ImageStream(job, model.id, events)
 
-    async def prepare(self, request: ImageRequest, model: ServedModel, admit: Admission | None = None) -> ImageJob:
+    async def prepare(
+        self, request: ImageRequest, model: ServedModel, admit: Admission | None = None,
+        preset: PresetSpec | None = None,
+    ) -> ImageJob:
         """Check the request, charge it to ``admit``, then decode its uploads.
 
         Every check that needs no pixels comes first, so an invalid request is not charged; the
-        charge comes before decoding, so a caller over budget costs no decode work.
+        charge comes before decoding, so a caller over budget costs no decode work. A ``preset``
+        (the request named one) brings its defaults and LoRAs, each unless the request sends its own.
         """
         caps = model.capabilities
+        if preset is not None:
+            caps = with_preset_defaults(caps, preset.defaults, f"preset '{preset.id}'")
         task = task_of(request)
         if task not in caps.tasks:
             offered = ", ".join(sorted(caps.tasks)) or "nothing"
@@ -156,6 +166,7 @@ class ImageService:
             check_cost(request.n, *size, steps, self._settings)
         strength = resolve_strength(request, task, caps, steps, model.spec.variation_strength)
         guidance, true_cfg, negative = resolve_guidance(request, task, caps, owner)
+        loras = resolve_loras(request, preset, caps, model.spec.adapters, owner, self._settings)
         if admit is not None:
             await admit(request.n)
         if request.images:
@@ -180,6 +191,7 @@ class ImageService:
             images=images,
             mask=mask,
             partial_images=(request.partial_images or 0) if request.stream else 0,
+            loras=loras,
         )
 
     def _decode_uploads(
