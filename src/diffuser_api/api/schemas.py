@@ -36,6 +36,7 @@ class ImageOptions(BaseModel):
     negative_prompt: str | None = Field(None, max_length=32000)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     strength: float | None = Field(None, gt=0.0, le=1.0)
+    step_cache: Literal["off", "first_block_cache", "taylorseer", "magcache"] | None = None
 
 
 class PromptedOptions(ImageOptions):

@@ -17,11 +17,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from diffuser_api.config.settings import Settings, split_list, task_names
-from diffuser_api.domain import Task
+from diffuser_api.domain import (
+    CpuOffload,
+    MemoryOptions,
+    Quantization,
+    SpeedOptions,
+    StepCache,
+    StepCacheMethod,
+    Task,
+)
 from diffuser_api.engine import EngineLimits
 from diffuser_api.models.spec import ModelDefaults, ModelSpec, ServingPlan
 
@@ -32,8 +40,6 @@ RESERVED_MODEL_SECTIONS = {
     "adapters": "LoRA adapters",
     "adapters_dir": "LoRA adapters",
     "max_loaded_adapters": "LoRA adapters",
-    "speed": "speed options",
-    "memory": "memory options",
     "ray": "Ray Serve",
 }
 
@@ -105,6 +111,35 @@ class EngineSection(Section):
     request_timeout_s: float | None = Field(None, gt=0)
 
 
+class StepCacheSection(Section):
+    """``threshold`` tunes First-Block-Cache and MagCache, ``cache_interval`` TaylorSeer; a knob
+    the method does not read is refused rather than ignored."""
+
+    method: StepCacheMethod
+    threshold: float | None = Field(None, gt=0, le=1)
+    cache_interval: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _knob_of_method(self) -> StepCacheSection:
+        thresholded = (StepCacheMethod.FIRST_BLOCK_CACHE, StepCacheMethod.MAGCACHE)
+        if self.threshold is not None and self.method not in thresholded:
+            raise PydanticCustomError("knob", "threshold applies to first_block_cache and magcache only")
+        if self.cache_interval is not None and self.method is not StepCacheMethod.TAYLORSEER:
+            raise PydanticCustomError("knob", "cache_interval applies to taylorseer only")
+        return self
+
+
+class SpeedSection(Section):
+    step_cache: StepCacheSection | None = None
+    compile: bool = False
+
+
+class MemorySection(Section):
+    quantization: Quantization = Quantization.NONE
+    cpu_offload: CpuOffload = CpuOffload.NONE
+    vae_tiling: bool = False
+
+
 class ModelEntry(Section):
     """One served model. Every setting left out is the global ``DIFFUSER_*`` one."""
 
@@ -124,8 +159,8 @@ class ModelEntry(Section):
     adapters: Reserved = None
     adapters_dir: Reserved = None
     max_loaded_adapters: Reserved = None
-    speed: Reserved = None
-    memory: Reserved = None
+    speed: SpeedSection = SpeedSection()
+    memory: MemorySection = MemorySection()
     ray: Reserved = None
 
 
@@ -189,6 +224,17 @@ def _spec(entry: ModelEntry, settings: Settings) -> ModelSpec:
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
 
+    if entry.speed.compile and not pick(entry.warmup, settings.warmup):
+        raise ModelsFileError(
+            f"model '{entry.id}': speed.compile needs the warm-up (compilation happens there, so no client "
+            "waits for it); remove warmup: false or the compile option"
+        )
+    if entry.speed.compile and entry.speed.step_cache is not None:
+        raise ModelsFileError(
+            f"model '{entry.id}': speed.compile and speed.step_cache do not go together (the cache hooks "
+            "change the compiled blocks' code, so every call would recompile); choose one"
+        )
+
     return ModelSpec(
         id=entry.id,
         source=entry.source or entry.id,
@@ -207,7 +253,16 @@ def _spec(entry: ModelEntry, settings: Settings) -> ModelSpec:
         variation_strength=pick(entry.variation_strength, settings.variation_strength),
         engine=engine_limits(settings, entry.engine),
         warmup=pick(entry.warmup, settings.warmup),
+        speed=_speed(entry.speed),
+        memory=MemoryOptions(entry.memory.quantization, entry.memory.cpu_offload, entry.memory.vae_tiling),
     )
+
+
+def _speed(section: SpeedSection) -> SpeedOptions:
+    cache = section.step_cache
+    if cache is None:
+        return SpeedOptions(compile=section.compile)
+    return SpeedOptions(StepCache(cache.method, cache.threshold, cache.cache_interval), section.compile)
 
 
 def read_models_file(path: Path) -> ModelsFile:

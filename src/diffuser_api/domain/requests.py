@@ -7,6 +7,8 @@ from enum import StrEnum
 
 from PIL.Image import Image
 
+from diffuser_api.domain.speed import STEP_CACHE_OFF, StepCache
+
 # Seeds are unsigned 32-bit, as most image tools show them; image k of a request uses seed + k.
 MAX_SEED = 2**32 - 1
 
@@ -40,6 +42,8 @@ class ImageJob:
     strength: float | None = None
     # Previews wanted per image while it denoises (OpenAI's partial_images, 0-3).
     partial_images: int = 0
+    # Part of the batch key: a cache decides per pipeline call which steps it skips.
+    step_cache: StepCache = STEP_CACHE_OFF
     images: tuple[Image, ...] = field(default=(), compare=False)
     mask: Image | None = field(default=None, compare=False)
 
@@ -93,5 +97,6 @@ class ImageRequest:
     negative_prompt: str | None = None
     seed: int | None = None
     strength: float | None = None
+    step_cache: str | None = None
     images: tuple[Upload, ...] = ()
     mask: Upload | None = None

@@ -26,6 +26,7 @@ from diffuser_api.models.families import family_for
 from diffuser_api.models.family import Family
 from diffuser_api.models.runner import DiffusersRunner
 from diffuser_api.models.spec import ModelSpec
+from diffuser_api.models.step_cache import StepCacheGate
 from diffuser_api.models.tasks import task_classes
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ def runners_for_pipeline(
     """Serve a pipeline that already sits on its device: one runner per entry of ``devices``
     (all naming that device), sharing its weights."""
     runners: list[DiffusersRunner] = []
+    denoiser = getattr(base, "transformer", None)
+    gate = StepCacheGate(denoiser) if family.step_caches and denoiser is not None else None
     for index, device in enumerate(devices):
         # A second worker on a device shares its weights but needs its own scheduler:
         # schedulers keep per-call state and break when two threads step one.
@@ -134,7 +137,9 @@ def runners_for_pipeline(
             if index == 0
             else type(base).from_pipe(base, scheduler=copy.deepcopy(base.scheduler), dtype=base.dtype)
         )
-        runners.append(DiffusersRunner(f"{device}#{index}", family, task_pipelines(pipe, family), preview_scale))
+        runners.append(
+            DiffusersRunner(f"{device}#{index}", family, task_pipelines(pipe, family), preview_scale, gate)
+        )
     return runners
 
 

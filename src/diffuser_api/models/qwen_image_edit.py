@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from diffuser_api.domain import ImageJob
-from diffuser_api.models.family import Family, prompt_per_call_kwargs
+from diffuser_api.models.family import BLOCK_CACHES, Family, prompt_per_call_kwargs
 from diffuser_api.models.previews import qwen_preview
 from diffuser_api.models.qwen_image import TRUE_CFG
 from diffuser_api.models.qwen_processor import load_qwen_processor
@@ -53,4 +53,5 @@ FAMILY = Family(
     examples=("Qwen/Qwen-Image-Edit",),
     **TRUE_CFG,
     **EDIT_CALL,
+    step_caches=BLOCK_CACHES,
 )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Hashable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -13,6 +15,7 @@ from diffuser_api.domain import GeneratedImage, ImageJob, Task
 from diffuser_api.engine import StepCallback
 from diffuser_api.errors import OutOfMemory
 from diffuser_api.models.family import Family
+from diffuser_api.models.step_cache import StepCacheGate
 from diffuser_api.models.tasks import takes
 
 logger = logging.getLogger(__name__)
@@ -24,8 +27,18 @@ class DiffusersRunner:
     Only its worker thread calls it, so the shared scheduler is never used concurrently.
     """
 
-    def __init__(self, name: str, family: Family, pipelines: dict[Task, Any], preview_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        family: Family,
+        pipelines: dict[Task, Any],
+        preview_scale: float = 1.0,
+        step_cache_gate: StepCacheGate | None = None,
+    ) -> None:
+        """``step_cache_gate`` is shared by every runner on the same denoiser; None where the
+        family has no cache hooks (validation never sends those a cached job)."""
         self.name = name
+        self._step_cache_gate = step_cache_gate
         self.family = family
         self.pipelines = pipelines
         self.preview_scale = preview_scale
@@ -34,7 +47,8 @@ class DiffusersRunner:
         self._sized = {task for task, pipe in pipelines.items() if takes(pipe, "height") and takes(pipe, "width")}
 
     def batch_key(self, job: ImageJob) -> Hashable:
-        call_level = (job.task, job.width, job.height, job.steps, job.guidance_scale, job.true_cfg_scale, job.strength)
+        call_level = (job.task, job.width, job.height, job.steps, job.guidance_scale, job.true_cfg_scale, job.strength,
+                      job.step_cache)
         if self.family.batches_across_requests:
             return call_level
         return (*call_level, id(job))
@@ -58,7 +72,7 @@ class DiffusersRunner:
             kwargs.update(height=first.height, width=first.width)
         out_of_memory = False
         try:
-            with torch.inference_mode(), self.family.call_scope(jobs):
+            with torch.inference_mode(), self.family.call_scope(jobs), self._step_cache(first):
                 images = pipe(
                     **kwargs,
                     output_type="pil",
@@ -86,6 +100,13 @@ class DiffusersRunner:
                 ]
             )
         return results
+
+    def _step_cache(self, job: ImageJob) -> AbstractContextManager[None]:
+        if self._step_cache_gate is None:
+            if job.step_cache.on:
+                raise ValueError(f"{self.family.name} has no step cache hooks; validation should have refused this")
+            return contextlib.nullcontext()
+        return self._step_cache_gate.applied(job.step_cache, job.steps)
 
     def used_prompt(self, prompt: str) -> tuple[str | None, int | None]:
         """The prompt as the text encoder sees it (truncated where diffusers truncates it),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from diffuser_api.domain import Task
+from diffuser_api.domain import MemoryOptions, SpeedOptions, Task
 from diffuser_api.engine import EngineLimits
 
 
@@ -37,6 +37,8 @@ class ModelSpec:
     variation_strength: float = 0.7
     engine: EngineLimits = field(default_factory=EngineLimits)
     warmup: bool = True
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
 
 
 @dataclass(frozen=True)
