@@ -22,8 +22,10 @@ from diffusers import DiffusionPipeline
 from diffuser_api.config import Settings
 from diffuser_api.domain import Task
 from diffuser_api.models.checkpoint import checkpoint_source
+from diffuser_api.models.compilation import compile_denoiser
 from diffuser_api.models.families import family_for
 from diffuser_api.models.family import Family
+from diffuser_api.models.memory import check_memory_options, place, quantization_kwargs, stays_on_host, tensor_bytes
 from diffuser_api.models.runner import DiffusersRunner
 from diffuser_api.models.spec import ModelSpec
 from diffuser_api.models.step_cache import StepCacheGate
@@ -59,11 +61,15 @@ class DiffusersModel:
     so read ``working_bytes`` after the warm-up.
     """
 
-    def __init__(self, bases: dict[str, Any], runners: Sequence[DiffusersRunner], pipeline_class: str) -> None:
+    def __init__(
+        self, bases: dict[str, Any], runners: Sequence[DiffusersRunner], pipeline_class: str,
+        on_host: bool = False,
+    ) -> None:
+        """``on_host``: the weights live in host RAM between uses (``memory.cpu_offload``)."""
         self.runners = runners
         self.pipeline_class = pipeline_class
         self._bases = bases
-        self.can_offload = any(not device.startswith("cpu") for device in bases)
+        self.can_offload = not on_host and any(not device.startswith("cpu") for device in bases)
         self._baseline = {device: _start_peak(device) for device in bases}
 
     def resident_bytes(self) -> dict[str, int]:
@@ -71,7 +77,7 @@ class DiffusersModel:
         for device, base in self._bases.items():
             for tensor in _tensors(base):
                 where = "cpu" if tensor.device.type == "cpu" else device
-                totals[where] = totals.get(where, 0) + tensor.numel() * tensor.element_size()
+                totals[where] = totals.get(where, 0) + tensor_bytes(tensor)
         return totals
 
     def working_bytes(self) -> dict[str, int]:
@@ -106,19 +112,25 @@ def load_model(spec: ModelSpec, settings: Settings) -> DiffusersModel:
 
 def _load_model(spec: ModelSpec, settings: Settings) -> DiffusersModel:
     source = checkpoint_source(spec, settings)
-    pipeline_class = DiffusionPipeline.load_config(source)["_class_name"]
+    components = DiffusionPipeline.load_config(source)
+    pipeline_class = components["_class_name"]
     family = family_for(pipeline_class, spec.family)
     devices = resolve_devices(spec.devices)
+    check_memory_options(spec, devices)
     bases: dict[str, Any] = {}
     runners: list[DiffusersRunner] = []
     for device in dict.fromkeys(devices):
         dtype = resolve_dtype(spec.torch_dtype, device)
         logger.info("loading %s (%s, family %s) on %s as %s", spec.id, pipeline_class, family.name, device, dtype)
-        base = DiffusionPipeline.from_pretrained(source, dtype=dtype, **family.load_kwargs(source)).to(device)
+        quantization = quantization_kwargs(spec.memory, components, dtype)
+        base = DiffusionPipeline.from_pretrained(source, dtype=dtype, **family.load_kwargs(source), **quantization)
+        place(base, spec.memory, device)
+        if spec.speed.compile:
+            compile_denoiser(base)
         bases[device] = base
         workers = [name for name in devices if name == device]
         runners += runners_for_pipeline(base, family, workers, settings.preview_scale)
-    return DiffusersModel(bases, runners, pipeline_class)
+    return DiffusersModel(bases, runners, pipeline_class, on_host=stays_on_host(spec.memory))
 
 
 def runners_for_pipeline(
