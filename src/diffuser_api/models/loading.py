@@ -25,7 +25,14 @@ from diffuser_api.models.checkpoint import checkpoint_source
 from diffuser_api.models.compilation import compile_denoiser
 from diffuser_api.models.families import family_for
 from diffuser_api.models.family import Family
-from diffuser_api.models.memory import check_memory_options, place, quantization_kwargs, stays_on_host, tensor_bytes
+from diffuser_api.models.memory import (
+    check_memory_options,
+    place,
+    quantization_kwargs,
+    share_pipeline,
+    stays_on_host,
+    tensor_bytes,
+)
 from diffuser_api.models.runner import DiffusersRunner
 from diffuser_api.models.spec import ModelSpec
 from diffuser_api.models.step_cache import StepCacheGate
@@ -147,7 +154,7 @@ def runners_for_pipeline(
         pipe = (
             base
             if index == 0
-            else type(base).from_pipe(base, scheduler=copy.deepcopy(base.scheduler), dtype=base.dtype)
+            else share_pipeline(type(base), base, scheduler=copy.deepcopy(base.scheduler))
         )
         runners.append(
             DiffusersRunner(f"{device}#{index}", family, task_pipelines(pipe, family), preview_scale, gate)
@@ -161,7 +168,7 @@ def task_pipelines(base: Any, family: Family) -> dict[Task, Any]:
     pipelines: dict[Task, Any] = {}
     for task, task_class in task_classes(type(base), family).items():
         if task_class not in converted:
-            converted[task_class] = task_class.from_pipe(base, dtype=base.dtype)
+            converted[task_class] = share_pipeline(task_class, base)
         pipelines[task] = converted[task_class]
     for pipeline in converted.values():
         pipeline.set_progress_bar_config(disable=True)

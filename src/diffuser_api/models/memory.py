@@ -10,7 +10,7 @@ the option, rather than failing at the first request.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,24 +45,34 @@ def check_memory_options(spec: ModelSpec, devices: Sequence[str]) -> None:
             )
 
 
-def quantization_kwargs(memory: MemoryOptions, components: Iterable[str], dtype: torch.dtype) -> dict[str, Any]:
-    """``from_pretrained`` arguments that quantize the model's large components; {} for none."""
+def quantization_kwargs(memory: MemoryOptions, components: Mapping[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """``from_pretrained`` arguments that quantize the model's large components; {} for none.
+
+    ``components`` is ``model_index.json``: each entry names its library, and diffusers and
+    transformers each need their own config class.
+    """
     if memory.quantization is Quantization.NONE:
         return {}
+    import diffusers
+    import transformers
     from diffusers import PipelineQuantizationConfig
 
-    present = [name for name in QUANTIZED_COMPONENTS if name in set(components)]
-    if memory.quantization is Quantization.NF4:
-        backend, kwargs = "bitsandbytes_4bit", {
-            "load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype,
-        }
-    else:
-        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+    libraries = {"diffusers": diffusers, "transformers": transformers}
+    mapping = {
+        name: _component_config(libraries[components[name][0]], memory.quantization, dtype)
+        for name in QUANTIZED_COMPONENTS
+        if isinstance(components.get(name), list) and components[name][0] in libraries
+    }
+    return {"quantization_config": PipelineQuantizationConfig(quant_mapping=mapping)}
 
-        scheme = Int8WeightOnlyConfig() if memory.quantization is Quantization.INT8 else Float8WeightOnlyConfig()
-        backend, kwargs = "torchao", {"quant_type": scheme}
-    config = PipelineQuantizationConfig(quant_backend=backend, quant_kwargs=kwargs, components_to_quantize=present)
-    return {"quantization_config": config}
+
+def _component_config(library: Any, quantization: Quantization, dtype: torch.dtype) -> Any:
+    if quantization is Quantization.NF4:
+        return library.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+    scheme = Int8WeightOnlyConfig() if quantization is Quantization.INT8 else Float8WeightOnlyConfig()
+    return library.TorchAoConfig(scheme)
 
 
 def place(pipeline: Any, memory: MemoryOptions, device: str) -> Any:
@@ -94,3 +104,28 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
         return tensor.numel() * tensor.element_size()
     names, _ = flatten()
     return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+
+
+def share_pipeline(pipeline_class: Any, base: Any, **components: Any) -> Any:
+    """``pipeline_class.from_pipe(base)`` for a quantized base too.
+
+    ``from_pipe`` casts every module to the pipeline's dtype, which a quantized diffusers model
+    refuses even when nothing would change; its unquantized layers are in that dtype since the
+    load, so for the duration of the call the quantized modules skip the cast (an attribute of
+    those instances only, removed after).
+    """
+    quantized = [module for module in base.components.values() if getattr(module, "is_quantized", False)]
+    for module in quantized:
+        module.to = _unchanged(module)
+    try:
+        return pipeline_class.from_pipe(base, dtype=base.dtype, **components)
+    finally:
+        for module in quantized:
+            del module.to
+
+
+def _unchanged(module: Any) -> Any:
+    def to(*args: Any, **kwargs: Any) -> Any:
+        return module
+
+    return to
