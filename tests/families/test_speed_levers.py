@@ -40,7 +40,7 @@ def spec(source: str, **options) -> ModelSpec:
     return ModelSpec(id=source, source=source, **{"devices": ("cpu",), **options})
 
 
-def job(step_cache: StepCache = STEP_CACHE_OFF, seed: int = 0, steps: int = 12) -> ImageJob:
+def job(step_cache: StepCache = STEP_CACHE_OFF, seed: int = 0, steps: int = 8) -> ImageJob:
     return ImageJob(task=Task.GENERATION, prompt="a red fox", width=SIZE, height=SIZE, steps=steps, seeds=(seed,),
                     guidance_scale=3.5, true_cfg_scale=1.0, step_cache=step_cache)
 
@@ -60,25 +60,28 @@ def flux():
     return load_model(spec("tiny-flux", devices=("cpu", "cpu")), settings())
 
 
+@pytest.fixture(scope="module")
+def uncached(flux) -> np.ndarray:
+    return pixels(flux.runners[0], job())[0]
+
+
 @pytest.mark.parametrize("method", [StepCacheMethod.TAYLORSEER, StepCacheMethod.MAGCACHE,
                                     StepCacheMethod.FIRST_BLOCK_CACHE])
-def test_a_cached_call_is_reproducible_close_to_uncached_and_leaves_no_hooks(flux, method):
+def test_a_cached_call_is_reproducible_close_to_uncached_and_leaves_no_hooks(flux, uncached, method):
     runner = flux.runners[0]
     transformer = runner.pipelines[Task.GENERATION].transformer
-    (plain,) = pixels(runner, job())
     (cached,) = pixels(runner, job(StepCache(method)))
     (again,) = pixels(runner, job(StepCache(method)))
     assert np.array_equal(cached, again), "the cache state must not carry over between calls"
-    assert psnr(cached, plain) > 20, "a cached image stays close to the uncached one"
+    assert psnr(cached, uncached) > 20, "a cached image stays close to the uncached one"
+    if method is StepCacheMethod.TAYLORSEER:  # it predicts whole steps: never exactly the uncached image
+        assert not np.array_equal(cached, uncached)
     assert not transformer.is_cache_enabled, "the hooks are removed after the call"
-    (plain_again,) = pixels(runner, job())
-    assert np.array_equal(plain, plain_again), "an uncached call after a cached one is exact"
 
 
-def test_taylorseer_skips_steps_so_its_image_differs(flux):
-    (plain,) = pixels(flux.runners[0], job())
-    (cached,) = pixels(flux.runners[0], job(StepCache(StepCacheMethod.TAYLORSEER)))
-    assert not np.array_equal(plain, cached)
+def test_an_uncached_call_after_a_cached_one_is_exact(flux, uncached):
+    pixels(flux.runners[0], job(StepCache(StepCacheMethod.TAYLORSEER)))
+    assert np.array_equal(pixels(flux.runners[0], job())[0], uncached)
 
 
 def test_the_cache_setting_is_part_of_the_batch_key(flux):
@@ -98,7 +101,7 @@ def test_two_workers_sharing_weights_keep_cached_and_uncached_calls_apart(flux):
     results: dict[str, list[np.ndarray]] = {"cached": [], "plain": []}
 
     def work(runner, one_job, name):
-        for _ in range(3):
+        for _ in range(2):
             results[name] += pixels(runner, one_job)
 
     threads = [threading.Thread(target=work, args=(flux.runners[0], cached_job, "cached")),
