@@ -46,6 +46,7 @@ bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/previews.py
 	$(BIN)/python bench/models.py
+	$(BIN)/python bench/speed.py
 
 soak: install
 	$(BIN)/python bench/soak.py
