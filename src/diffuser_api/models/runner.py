@@ -106,7 +106,9 @@ class DiffusersRunner:
             if job.step_cache.on:
                 raise ValueError(f"{self.family.name} has no step cache hooks; validation should have refused this")
             return contextlib.nullcontext()
-        return self._step_cache_gate.applied(job.step_cache, job.steps)
+        # An edit with strength s runs int(steps * s) steps; MagCache maps its ratios onto those.
+        denoising_steps = job.steps if job.strength is None else max(1, int(job.steps * job.strength))
+        return self._step_cache_gate.applied(job.step_cache, denoising_steps)
 
     def used_prompt(self, prompt: str) -> tuple[str | None, int | None]:
         """The prompt as the text encoder sees it (truncated where diffusers truncates it),
