@@ -5,7 +5,7 @@ calls it), arms alternate call by call so machine noise hits them alike, and eac
 ratio of medians against the plain arm of the same model. Image quality is the PSNR of the
 arm's image against the plain one of the same seed (inf: identical pixels).
 
-    python bench/speed.py [--runs N] [--side 128] [--steps 20]   (writes bench/results/speed.md)
+    python bench/speed.py [--runs 3] [--side 64] [--steps 12]   (writes bench/results/speed.md)
 
 Tiny random-weight transformers have 1-2 blocks: what a cache skips costs little next to the
 rest of the call, so the speed-ups here are far below the published GPU ones (1.8-2.8x on
@@ -157,9 +157,9 @@ def report(rows: list[Row], side: int, steps: int, runs: int, pressure: str) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--side", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--side", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
     settings = Settings(_env_file=None, cache_dir=TINY_CACHE)
     sections: list[Callable[[], list[Row]]] = [
@@ -168,7 +168,10 @@ def main() -> None:
         lambda: compile_rows(settings, args.side, args.steps, args.runs),
         lambda: quantization_rows(settings, args.side, args.steps, args.runs),
     ]
-    rows = [row for section in sections for row in section()]
+    rows: list[Row] = []
+    for index, section in enumerate(sections, 1):
+        print(f"section {index} of {len(sections)}", flush=True)
+        rows += section()
     text = report(rows, args.side, args.steps, args.runs, cpu_pressure())
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "speed.md").write_text(text)
