@@ -47,6 +47,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.2f} MiB"
+
+
 def _denoiser_bytes(pipe: Any) -> int:
     denoiser = getattr(pipe, "transformer", None) or pipe.unet
     return sum(tensor_bytes(tensor) for tensor in (*denoiser.parameters(), *denoiser.buffers()))
@@ -77,7 +81,7 @@ def measure_levers(
     timed(job)  # warm-up at this size
     base_s, base = median(job)
     rows = [LeverRow("plain (bfloat16)" if device.startswith("cuda") else "plain", base_s, 1.0, None,
-                     f"denoiser weights {_denoiser_bytes(pipe) / 2**30:.2f} GiB")]
+                     f"denoiser weights {_size(_denoiser_bytes(pipe))}")]
     for method in sorted(family.step_caches):
         progress(f"levers: step cache {method}")
         seconds, image = median(replace(job, step_cache=StepCache(method)))
@@ -99,7 +103,7 @@ def measure_levers(
     timed(job)
     seconds, image = median(job)
     rows.append(LeverRow(f"{quantization} weights", seconds, base_s / seconds, _psnr(image, base),
-                         f"denoiser weights {_denoiser_bytes(pipe) / 2**30:.2f} GiB"))
+                         f"denoiser weights {_size(_denoiser_bytes(pipe))}"))
     return rows
 
 
