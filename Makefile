@@ -53,6 +53,7 @@ bench: install
 	$(BIN)/python bench/previews.py
 	$(BIN)/python bench/models.py
 	$(BIN)/python bench/loras.py
+	$(BIN)/python bench/speed.py
 
 soak: install
 	$(BIN)/python bench/soak.py

@@ -46,10 +46,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]  # run as a script, with or withou
 
 from tests.servers import ThreadedServer
 
+from bench.gpu_levers import lever_table, measure_levers
 from bench.random_weights import created_on
 from diffuser_api.api.app import create_app
 from diffuser_api.config import Settings
 from diffuser_api.config.models_file import engine_limits
+from diffuser_api.domain import ImageJob, Task
 from diffuser_api.models import qwen_image_edit
 from diffuser_api.models.checkpoint import probe_pipeline
 from diffuser_api.models.in_memory import in_memory_spec, registry_of_one
@@ -158,6 +160,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU in float32 (a quick check)")
     parser.add_argument("--size", type=int, help="output side (default 1024, tiny 64)")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--levers-size", type=int,
+                        help="side of the levers table's calls (default 512, tiny 64): 1024 would pass 4 minutes")
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -186,6 +190,22 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         request_s, image = edit_over_http(server.base_url, size, args.steps)
     assert image.size == (size, size), f"asked for {size}x{size}, got {image.size}"
+    family_caps = probe_pipeline(pipe, family, spec, settings).capabilities
+
+    def edit_job(side: int) -> ImageJob:
+        source = Image.effect_noise((side, side), 64).convert("RGB")
+        return ImageJob(task=Task.EDIT, prompt="turn the sky into a sunset", width=side, height=side,
+                        steps=args.steps, seeds=(0,), true_cfg_scale=family_caps.default_true_cfg_scale,
+                        negative_prompt=family_caps.default_negative_prompt, images=(source,))
+
+    runner = runners_for_pipeline(pipe, family, [device])[0]
+    direct_started = time.perf_counter()
+    runner.run([edit_job(size)], lambda step, total, previews: None)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    direct_s = time.perf_counter() - direct_started
+    levers_size = args.levers_size or (64 if args.tiny else 512)
+    levers = measure_levers(pipe, family, device, edit_job(levers_size), progress=print)
 
     card = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     peak = gib(torch.cuda.max_memory_allocated()) if device == "cuda" else "n/a (CPU)"
@@ -201,6 +221,11 @@ def main() -> None:
          f"(the family default: two transformer passes a step): **{request_s:.1f} s** wall"),
         f"- peak GPU memory during the request (torch.cuda.max_memory_allocated): **{peak}**",
         f"- returned image: {image.size[0]}x{image.size[1]}",
+        f"- the same edit called directly afterwards (the runner, no HTTP): {direct_s:.1f} s; served / direct "
+        f"**{request_s / direct_s:.2f}** (an upper bound: the served edit was the first call, with its set-up)",
+        "",
+        *lever_table(levers, f"Levers, {levers_size}x{levers_size}, {args.steps} steps, true CFG (bfloat16 first; "
+                             "fp8 last, in place)"),
         "",
     ])
     print(report)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]  # run as a script, with or without the package installed
@@ -33,12 +33,14 @@ from tests.servers import ThreadedServer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from bench import load, tables
-from bench.direct import DirectPipeline
+from bench.direct import PROMPT, DirectPipeline
+from bench.gpu_levers import LeverRow, lever_table, measure_levers
 from bench.measure import Measurement, Target
 from bench.random_weights import created_on
 from diffuser_api.api.app import create_app
 from diffuser_api.config import Settings
 from diffuser_api.config.models_file import engine_limits
+from diffuser_api.domain import ImageJob, Task
 from diffuser_api.errors import NotSupported
 from diffuser_api.models import stable_diffusion
 from diffuser_api.models.checkpoint import probe_pipeline
@@ -51,6 +53,7 @@ from diffuser_api.models.tiny import sdxl as tiny_sdxl
 from diffuser_api.models.tiny import stable_diffusion as tiny_sd
 from diffuser_api.models.tiny.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer
 
+T = TypeVar("T")
 PIPELINE_CLASS = "StableDiffusionXLPipeline"
 MODEL_ID = "sdxl-random"
 
@@ -119,7 +122,7 @@ def build_pipeline(scenario: Scenario) -> StableDiffusionXLPipeline:
     )
 
 
-def on_passing_thread(function: Callable[[], Measurement]) -> Measurement:
+def on_passing_thread(function: Callable[[], T]) -> T:
     """Run direct calls on a thread that ends afterwards: a live thread that ran torch keeps an
     OpenMP team, which slows the server worker's CPU ops (see ``models/registry.py``)."""
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -153,7 +156,10 @@ def device_name(device: str) -> str:
     return f"CPU, {os.cpu_count()} cores (torch {torch.__version__}, {torch.get_num_threads()} threads)"
 
 
-def report(scenario: Scenario, phases: list[Measurement], targets: list[Target], elapsed_s: float) -> str:
+def report(
+    scenario: Scenario, phases: list[Measurement], targets: list[Target], elapsed_s: float,
+    levers: list[LeverRow] | None = None,
+) -> str:
     lines = [
         (f"# SDXL architecture, random weights: direct call vs. served ({'tiny, ' if scenario is TINY else ''}"
          f"{scenario.side}×{scenario.side}, {scenario.steps} steps, {str(scenario.dtype).split('.')[-1]})"),
@@ -166,6 +172,9 @@ def report(scenario: Scenario, phases: list[Measurement], targets: list[Target],
         "",
         *tables.targets(targets),
     ]
+    if levers:
+        lines += ["", *lever_table(levers, f"Levers, {scenario.side}×{scenario.side}, {scenario.steps} steps "
+                                           "(a UNet family: no step cache)")]
     return "\n".join(lines) + "\n"
 
 
@@ -191,6 +200,12 @@ def main() -> None:
         "direct, 1 image per call", batch=1, side=side, steps=steps, calls=scenario.single_calls))
     direct_batched = on_passing_thread(lambda: direct.measure(
         f"direct, batches of {batch}", batch=batch, side=side, steps=steps, calls=scenario.batched_calls))
+    half = side // 2
+    progress(f"direct calls at {half}x{half}: batching gain")
+    half_single = on_passing_thread(lambda: direct.measure(
+        "direct, 1 image per call", batch=1, side=half, steps=steps, calls=scenario.single_calls))
+    half_batched = on_passing_thread(lambda: direct.measure(
+        f"direct, batches of {batch}", batch=batch, side=half, steps=steps, calls=scenario.batched_calls))
 
     settings = Settings(_env_file=None, model_id=MODEL_ID, max_batch_size=batch,
                         max_batch_pixels=batch * side * side, storage_dir=Path(tempfile.mkdtemp()) / "images")
@@ -210,6 +225,10 @@ def main() -> None:
     latency = served_single.p50_ms / direct_single.p50_ms
     throughput = served_many.images_per_s / direct_batched.images_per_s
     gain = served_many.images_per_s / served_single.images_per_s
+    progress("levers")
+    lever_job = ImageJob(task=Task.GENERATION, prompt=PROMPT, width=side, height=side, steps=steps, seeds=(0,),
+                         guidance_scale=family.default_guidance_scale)
+    levers = on_passing_thread(lambda: measure_levers(pipe, family, scenario.device, lever_job, progress=progress))
     targets = [
         Target("served / direct latency, 1 client (p50)", latency, "≤ 1.10", latency <= 1.10),
         Target(f"served {scenario.clients} clients / direct batches of {batch}, throughput", throughput, "≥ 0.6",
@@ -217,8 +236,13 @@ def main() -> None:
         Target(f"served {scenario.clients} clients / served 1 client, throughput", gain, "> 1 (batching pays)",
                gain > 1),
     ]
-    phases = [direct_single, direct_batched, served_single, served_many]
-    text = report(scenario, phases, targets, time.monotonic() - started)
+    for label, single, batched in ((f"{half}×{half}", half_single, half_batched),
+                                   (f"{side}×{side}", direct_single, direct_batched)):
+        ratio = batched.images_per_s / single.images_per_s
+        targets.append(Target(f"batching gain at {label}: direct batches of {batch} / 1 image, throughput", ratio,
+                              "reported", True))
+    phases = [direct_single, direct_batched, half_single, half_batched, served_single, served_many]
+    text = report(scenario, phases, targets, time.monotonic() - started, levers)
     folder = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "results"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "gpu_sdxl.md").write_text(text)

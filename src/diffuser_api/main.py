@@ -19,7 +19,12 @@ def build_registry(settings: Settings, plan: ServingPlan | None = None) -> Model
     route_transformers_logs()
     # Imported here so that building an app with another registry (tests) never loads torch.
     from diffuser_api.models.checkpoint import probe_model
-    from diffuser_api.models.loading import DiffusersModel, load_model
+    from diffuser_api.models.loading import DiffusersModel, load_model, resolve_devices
+    from diffuser_api.models.memory import check_memory_options
+
+    plan = plan or serving_plan(settings)
+    for spec in plan.models:  # an option this machine cannot run stops the start, naming it
+        check_memory_options(spec, resolve_devices(spec.devices))
 
     probed: dict[str, ProbedModel] = {}
 
@@ -34,9 +39,7 @@ def build_registry(settings: Settings, plan: ServingPlan | None = None) -> Model
             warm_up(LoadedRunners(probed[spec.id].capabilities, loaded.runners, loaded.pipeline_class))
         return loaded
 
-    return ModelRegistry(
-        plan or serving_plan(settings), probe=probe, loader=loader, strict_names=settings.strict_model_names
-    )
+    return ModelRegistry(plan, probe=probe, loader=loader, strict_names=settings.strict_model_names)
 
 
 def build_app(settings: Settings) -> FastAPI:

@@ -8,7 +8,15 @@ import pytest
 
 from diffuser_api.config import Settings
 from diffuser_api.config.models_file import ModelsFileError, byte_size, serving_plan
-from diffuser_api.domain import Task
+from diffuser_api.domain import (
+    CpuOffload,
+    MemoryOptions,
+    Quantization,
+    SpeedOptions,
+    StepCache,
+    StepCacheMethod,
+    Task,
+)
 from diffuser_api.engine import EngineLimits
 from diffuser_api.models.spec import ModelDefaults
 
@@ -121,8 +129,19 @@ def test_the_shipped_example_is_a_valid_plan_of_three_tiny_families(tmp_path):
          "preset 'fast': 'x' is not an adapter of model 'a'; its adapters: none"),
         ("models:\n  - id: a\n    adapters: {x: {source: ./x.safetensors}}\npresets:\n  - id: fast\n    model: a\n"
          "    loras: [{name: x, scale: 9}]\n", "preset 'fast': scale 9 of 'x' is beyond DIFFUSER_MAX_LORA_SCALE (2)"),
-        ("models:\n  - id: a\n    speed: null\n", "line 3: 'models[0].speed' is reserved for a later release"),
         ("models:\n  - id: a\npresets: [fast]\n", "line 3: 'presets[0]': Input should be a valid dictionary"),
+        ("models:\n  - id: a\n    speed:\n      step_cache: {method: teacache}\n",
+         "line 4: 'models[0].speed.step_cache.method': Input should be 'off', 'first_block_cache', 'taylorseer'"),
+        ("models:\n  - id: a\n    speed:\n      step_cache: {method: taylorseer, threshold: 0.1}\n",
+         "line 4: 'models[0].speed.step_cache': threshold applies to first_block_cache and magcache only"),
+        ("models:\n  - id: a\n    speed:\n      step_cache: {method: magcache, cache_interval: 3}\n",
+         "line 4: 'models[0].speed.step_cache': cache_interval applies to taylorseer only"),
+        ("models:\n  - id: a\n    speed: {compile: true, turbo: 1}\n",
+         "line 3: unknown key 'models[0].speed.turbo'; allowed here: step_cache, compile"),
+        ("models:\n  - id: a\n    memory:\n      quantization: int4\n",
+         "line 4: 'models[0].memory.quantization': Input should be 'none', 'int8', 'fp8' or 'nf4'"),
+        ("models:\n  - id: a\n    memory: {cpu_offload: yes}\n",
+         "line 3: 'models[0].memory.cpu_offload': Input should be 'none', 'model' or 'sequential'"),
         ("models:\n  - id: a\n  - id: b\n  - id: a\n",
          "line 4: 'a' already names model 'a' (line 2); every id and alias must name one model"),
         ("models:\n  - id: a\n    aliases: [dall-e-3]\n  - id: b\n    aliases: [x, dall-e-3]\n",
@@ -182,3 +201,42 @@ def test_the_readme_example_is_a_valid_file(tmp_path):
     plan = serving_plan(settings(tmp_path, example))
     assert [spec.id for spec in plan.models] == ["tiny-sd", "tiny-qwen-edit"]
     assert plan.models[1].engine.max_batch_size == 4
+
+
+SPEED = """\
+models:
+  - id: flux
+    source: tiny-flux
+    speed:
+      step_cache: {method: first_block_cache, threshold: 0.08}
+    memory: {quantization: int8, vae_tiling: true}
+  - id: sd
+    source: tiny-sd
+    speed: {compile: true}
+  - id: qwen
+    source: tiny-qwen-image
+    speed:
+      step_cache: {method: taylorseer, cache_interval: 4}
+"""
+
+
+def test_speed_and_memory_sections_become_the_specs_options(tmp_path):
+    flux, sd, qwen = serving_plan(settings(tmp_path, SPEED)).models
+    assert flux.speed == SpeedOptions(StepCache(StepCacheMethod.FIRST_BLOCK_CACHE, threshold=0.08), compile=False)
+    assert flux.memory == MemoryOptions(Quantization.INT8, CpuOffload.NONE, vae_tiling=True)
+    assert sd.speed == SpeedOptions(compile=True) and not sd.speed.step_cache.on
+    assert sd.memory == MemoryOptions()
+    assert qwen.speed.step_cache == StepCache(StepCacheMethod.TAYLORSEER, cache_interval=4)
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("    warmup: false\n    speed: {compile: true}\n", "model 'a': speed.compile needs the warm-up"),
+        ("    speed:\n      compile: true\n      step_cache: {method: taylorseer}\n",
+         "model 'a': speed.compile and speed.step_cache do not go together"),
+    ],
+)
+def test_speed_options_that_cannot_work_together_are_refused(tmp_path, entry, expected):
+    with pytest.raises(ModelsFileError, match=expected):
+        serving_plan(settings(tmp_path, f"models:\n  - id: a\n{entry}"))

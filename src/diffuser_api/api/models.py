@@ -4,6 +4,7 @@ answer 404 ``model_not_found``, as if they did not exist."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fastapi import APIRouter
@@ -86,12 +87,27 @@ def model_details(model: ServedModel) -> dict[str, Any]:
         "queue_depth": model.queue_depth(),
         "adapters": adapters_of(model),
         "max_loaded_adapters": model.spec.max_loaded_adapters,
+        "memory": dataclasses.asdict(model.spec.memory),
     }
+    if model.probed:
+        details["speed"] = _speed(model)
     if model.load_seconds is not None:
         details["load_seconds"] = round(model.load_seconds, 3)
     if model.last_used is not None:
         details["last_used_at"] = int(model.last_used)
     return details
+
+
+def _speed(model: ServedModel) -> dict[str, Any]:
+    caps = model.capabilities
+    default = caps.default_step_cache
+    step_cache: dict[str, Any] = {"default": default.method.value,
+                                  "methods": ["off", *sorted(method.value for method in caps.step_caches)]}
+    if default.threshold is not None:
+        step_cache["threshold"] = default.threshold
+    if default.cache_interval is not None:
+        step_cache["cache_interval"] = default.cache_interval
+    return {"step_cache": step_cache, "compile": model.spec.speed.compile}
 
 
 def _endpoints(caps: Capabilities) -> dict[str, Any]:

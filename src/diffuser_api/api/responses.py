@@ -218,6 +218,24 @@ class Evictions(BaseModel):
     released: int = Field(description="Times its weights were dropped from memory to make room.")
 
 
+class StepCacheDescription(BaseModel):
+    default: str = Field(description="The method a request without step_cache gets (off, or the models file's).")
+    threshold: float | SkipJsonSchema[None] = omitted("The default method's threshold, when the models file sets it.")
+    cache_interval: int | SkipJsonSchema[None] = omitted("TaylorSeer's interval, when the models file sets it.")
+    methods: list[str] = Field(description="Values the step_cache request field may take on this model.")
+
+
+class SpeedDescription(BaseModel):
+    step_cache: StepCacheDescription
+    compile: bool = Field(description="Regional torch.compile of the denoiser, done during warm-up.")
+
+
+class MemoryDescription(BaseModel):
+    quantization: Literal["none", "int8", "fp8", "nf4"]
+    cpu_offload: Literal["none", "model", "sequential"]
+    vae_tiling: bool
+
+
 class ModelDetails(ModelDescription):
     """``GET /v1/models/{id}``: the model object, what it can do, and where it is now."""
 
@@ -230,6 +248,8 @@ class ModelDetails(ModelDescription):
     loads: int = Field(description="Times it was loaded or moved back from host memory.")
     evictions: Evictions
     queue_depth: int = Field(description="Requests waiting for it now.")
+    speed: SpeedDescription | SkipJsonSchema[None] = omitted("Speed options; absent when the checkpoint is unreadable.")
+    memory: MemoryDescription
     load_seconds: float | SkipJsonSchema[None] = omitted("Time of its last load; absent before the first.")
     last_used_at: int | SkipJsonSchema[None] = omitted("Unix time of its last request; absent before the first.")
     adapters: list[AdapterDescription] = Field(description="Its registered LoRA adapters (requests name them).")

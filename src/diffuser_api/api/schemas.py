@@ -57,6 +57,7 @@ class ImageOptions(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     strength: float | None = Field(None, gt=0.0, le=1.0)
     loras: Annotated[list[LoraBody] | None, BeforeValidator(_json_text)] = Field(None, max_length=64)
+    step_cache: Literal["off", "first_block_cache", "taylorseer", "magcache"] | None = None
 
 
 class PromptedOptions(ImageOptions):

@@ -1,7 +1,7 @@
 """The models file (``DIFFUSER_MODELS_FILE``): which models one server serves, and how.
 
-It is the one schema for everything per model: later releases add their sections here (their
-names are reserved now), never a second file. Unknown keys are refused, and every error names
+It is the one schema for everything per model (serving, LoRA adapters and presets, speed and
+memory options, Ray Serve placement), never a second file. Unknown keys are refused, and every error names
 the file's line and the key, because a typo in a budget or a model id would otherwise surface
 only as a server that silently behaves differently. Without a file, ``DIFFUSER_MODEL_ID`` and the
 global settings make a one-entry plan, so both roads lead to one ``ServingPlan``.
@@ -17,21 +17,25 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from diffuser_api.config.settings import Settings, split_list, task_names
-from diffuser_api.domain import LoraChoice, Task
+from diffuser_api.domain import (
+    CpuOffload,
+    LoraChoice,
+    MemoryOptions,
+    Quantization,
+    SpeedOptions,
+    StepCache,
+    StepCacheMethod,
+    Task,
+)
 from diffuser_api.engine import EngineLimits
 from diffuser_api.models.spec import AdapterSpec, ModelDefaults, ModelSpec, PresetSpec, RayPlacement, ServingPlan
 
 Location = tuple[str | int, ...]
 
-# Section -> the later release that fills it; written now, they are refused rather than ignored.
-RESERVED_MODEL_SECTIONS = {
-    "speed": "speed options",
-    "memory": "memory options",
-}
 # Ray's deployment default (5) would cap every batch at 5 requests: a replica lets in at least
 # twice the engine's max batch size, so one batch runs while the next one fills.
 ONGOING_PER_BATCH = 2
@@ -76,13 +80,8 @@ def image_size(value: object) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def _reserved(value: object) -> object:
-    raise PydanticCustomError("reserved", "this section is reserved for a later release; remove it")
-
-
 ByteSize = Annotated[int, BeforeValidator(byte_size)]
 ImageSize = Annotated[tuple[int, int], BeforeValidator(image_size)]
-Reserved = Annotated[Any, BeforeValidator(_reserved)]
 TaskList = Annotated[list[Task], BeforeValidator(task_names)]
 DeviceList = Annotated[list[str], BeforeValidator(split_list)]
 
@@ -154,6 +153,35 @@ class PresetEntry(Section):
     defaults: DefaultsSection = DefaultsSection()
 
 
+class StepCacheSection(Section):
+    """``threshold`` tunes First-Block-Cache and MagCache, ``cache_interval`` TaylorSeer; a knob
+    the method does not read is refused rather than ignored."""
+
+    method: StepCacheMethod
+    threshold: float | None = Field(None, gt=0, le=1)
+    cache_interval: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _knob_of_method(self) -> StepCacheSection:
+        thresholded = (StepCacheMethod.FIRST_BLOCK_CACHE, StepCacheMethod.MAGCACHE)
+        if self.threshold is not None and self.method not in thresholded:
+            raise PydanticCustomError("knob", "threshold applies to first_block_cache and magcache only")
+        if self.cache_interval is not None and self.method is not StepCacheMethod.TAYLORSEER:
+            raise PydanticCustomError("knob", "cache_interval applies to taylorseer only")
+        return self
+
+
+class SpeedSection(Section):
+    step_cache: StepCacheSection | None = None
+    compile: bool = False
+
+
+class MemorySection(Section):
+    quantization: Quantization = Quantization.NONE
+    cpu_offload: CpuOffload = CpuOffload.NONE
+    vae_tiling: bool = False
+
+
 class ModelEntry(Section):
     """One served model. Every setting left out is the global ``DIFFUSER_*`` one."""
 
@@ -173,8 +201,8 @@ class ModelEntry(Section):
     adapters: dict[Annotated[str, Field(pattern=ADAPTER_NAME)], AdapterSection] = {}
     adapters_dir: str | None = None  # every *.safetensors in it, named by its file name
     max_loaded_adapters: int | None = Field(None, gt=0)
-    speed: Reserved = None
-    memory: Reserved = None
+    speed: SpeedSection = SpeedSection()
+    memory: MemorySection = MemorySection()
     ray: RaySection = RaySection()
 
 
@@ -304,6 +332,17 @@ def _spec(entry: ModelEntry, settings: Settings, folder: Path) -> ModelSpec:
     def pick(value: Any, default: Any) -> Any:
         return default if value is None else value
 
+    if entry.speed.compile and not pick(entry.warmup, settings.warmup):
+        raise ModelsFileError(
+            f"model '{entry.id}': speed.compile needs the warm-up (compilation happens there, so no client "
+            "waits for it); remove warmup: false or the compile option"
+        )
+    if entry.speed.compile and entry.speed.step_cache is not None:
+        raise ModelsFileError(
+            f"model '{entry.id}': speed.compile and speed.step_cache do not go together (the cache hooks "
+            "change the compiled blocks' code, so every call would recompile); choose one"
+        )
+
     return ModelSpec(
         id=entry.id,
         source=entry.source or entry.id,
@@ -325,6 +364,8 @@ def _spec(entry: ModelEntry, settings: Settings, folder: Path) -> ModelSpec:
         ray=ray_placement(entry.id, entry.ray, engine_limits(settings, entry.engine)),
         adapters=_adapters(entry, folder),
         max_loaded_adapters=pick(entry.max_loaded_adapters, settings.max_loaded_adapters),
+        speed=_speed(entry.speed),
+        memory=MemoryOptions(entry.memory.quantization, entry.memory.cpu_offload, entry.memory.vae_tiling),
     )
 
 
@@ -351,6 +392,13 @@ def ray_placement(model_id: str, section: RaySection, engine: EngineLimits) -> R
         max_ongoing_requests=section.max_ongoing_requests or least_ongoing,
         max_queued_requests=-1 if section.max_queued_requests is None else section.max_queued_requests,
     )
+
+
+def _speed(section: SpeedSection) -> SpeedOptions:
+    cache = section.step_cache
+    if cache is None:
+        return SpeedOptions(compile=section.compile)
+    return SpeedOptions(StepCache(cache.method, cache.threshold, cache.cache_interval), section.compile)
 
 
 def read_models_file(path: Path) -> ModelsFile:
@@ -420,9 +468,6 @@ def _describe(problem: Any, lines: dict[Location, int], name: str) -> str:
     if problem["type"] == "extra_forbidden":
         allowed = ", ".join(_allowed_keys(at[:-1]))
         return f"{name}, line {line}: unknown key '{_dotted(at)}'; allowed here: {allowed}"
-    if problem["type"] == "reserved" and at and at[-1] in RESERVED_MODEL_SECTIONS:
-        purpose = RESERVED_MODEL_SECTIONS[str(at[-1])]
-        return f"{name}, line {line}: '{_dotted(at)}' is reserved for a later release ({purpose}); remove it"
     if problem["type"] == "missing":
         return f"{name}, line {line}: '{_dotted(at)}' is required"
     return f"{name}, line {line}: '{_dotted(at)}': {problem['msg']}"
@@ -444,7 +489,7 @@ def _allowed_keys(at: Location) -> Iterator[str]:
         annotation = section.model_fields[part].annotation
         keyed = typing.get_origin(annotation) is dict
         section = _section_type(annotation)
-    return iter(name for name in section.model_fields if name not in RESERVED_MODEL_SECTIONS)
+    return iter(section.model_fields)
 
 
 def _section_type(annotation: Any) -> Any:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from diffuser_api.domain.requests import Task
+from diffuser_api.domain.speed import STEP_CACHE_OFF, StepCache, StepCacheMethod
 from diffuser_api.errors import InvalidRequest
 
 
@@ -85,6 +86,9 @@ class Capabilities:
     previews: PreviewPlan = PreviewPlan("vae", "decoded with the model's VAE")
     # Whether the pipeline can load LoRA adapters (diffusers' ``load_lora_weights``).
     lora: bool = False
+    # Step-cache methods a request may pick (``off`` always may), and what it gets by default.
+    step_caches: frozenset[StepCacheMethod] = frozenset()
+    default_step_cache: StepCache = STEP_CACHE_OFF
 
     def extras_for(self, task: Task) -> frozenset[str]:
         return self.task_extras.get(task, self.extras)

@@ -7,6 +7,8 @@ from enum import StrEnum
 
 from PIL.Image import Image
 
+from diffuser_api.domain.speed import STEP_CACHE_OFF, StepCache
+
 # Seeds are unsigned 32-bit, as most image tools show them; image k of a request uses seed + k.
 MAX_SEED = 2**32 - 1
 
@@ -55,6 +57,8 @@ class ImageJob:
     partial_images: int = 0
     # The LoRA adapters applied to this job (part of the batch key); () is the base model.
     loras: AdapterSet = ()
+    # Part of the batch key: a cache decides per pipeline call which steps it skips.
+    step_cache: StepCache = STEP_CACHE_OFF
     images: tuple[Image, ...] = field(default=(), compare=False)
     mask: Image | None = field(default=None, compare=False)
 
@@ -109,5 +113,6 @@ class ImageRequest:
     seed: int | None = None
     strength: float | None = None
     loras: tuple[LoraChoice, ...] | None = None  # None: not sent (a preset's apply)
+    step_cache: str | None = None
     images: tuple[Upload, ...] = ()
     mask: Upload | None = None

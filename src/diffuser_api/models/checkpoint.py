@@ -20,7 +20,7 @@ from diffusers import DiffusionPipeline
 
 from diffuser_api.config import Settings
 from diffuser_api.config.models_file import ModelsFileError
-from diffuser_api.domain import Capabilities, SizeRules, Task
+from diffuser_api.domain import Capabilities, SizeRules, StepCacheMethod, Task
 from diffuser_api.errors import InvalidRequest, NotSupported
 from diffuser_api.models.families import family_for
 from diffuser_api.models.family import Family
@@ -131,6 +131,7 @@ def derive_capabilities(
         else None
     )
     defaults = spec.defaults
+    step_caches = _step_caches(family, spec)
     capabilities = Capabilities(
         family=family.name,
         tasks=frozenset(classes),
@@ -150,8 +151,24 @@ def derive_capabilities(
         notes=((TINY_MODEL_NOTE,) if is_tiny_model(spec.source) else ()) + family.notes,
         previews=plan_previews(family, shape.latent_channels, settings.preview_mode, settings.preview_scale),
         lora=hasattr(pipeline_class, "load_lora_weights"),
+        step_caches=step_caches,
+        default_step_cache=spec.speed.step_cache,
     )
     return capabilities.without(spec.disabled_tasks)
+
+
+def _step_caches(family: Family, spec: ModelSpec) -> frozenset[StepCacheMethod]:
+    """The cache methods a request may pick: none on a compiled model (the hooks would make
+    every call recompile); a configured default must be one of the family's."""
+    available = frozenset() if spec.speed.compile else family.step_caches
+    default = spec.speed.step_cache
+    if default.on and default.method not in available:
+        offered = ", ".join(sorted(available)) or "none"
+        raise ModelsFileError(
+            f"model '{spec.id}': speed.step_cache.method '{default.method}' is not available for family "
+            f"{family.name}; available: {offered}"
+        )
+    return available
 
 
 def _with_default_size(

@@ -15,13 +15,17 @@ from typing import Any
 import torch
 from PIL.Image import Image
 
-from diffuser_api.domain import ImageJob, Task
+from diffuser_api.domain import ImageJob, StepCacheMethod, Task
 from diffuser_api.models.previews import LatentRgbMap, unpacked_grid, vae_preview
 
 # Extras every family honours, because the generic runner applies them itself.
 UNIVERSAL_EXTRAS = frozenset({"num_inference_steps", "seed"})
 # Extras a family honours when its pipeline's __call__ takes a parameter of that name.
 SIGNATURE_EXTRAS = ("guidance_scale", "true_cfg_scale", "negative_prompt", "strength")
+
+# The cache hooks that work on any transformer whose blocks diffusers registers; MagCache
+# needs calibration ratios, which diffusers publishes for FLUX.1 only (``FLUX_MAG_RATIOS``).
+BLOCK_CACHES = frozenset({StepCacheMethod.FIRST_BLOCK_CACHE, StepCacheMethod.TAYLORSEER})
 
 CallKwargs = Callable[[Task, Sequence[ImageJob]], dict[str, Any]]
 # (pipeline, latents as the pipeline passes them to its step callback, height, width) ->
@@ -136,6 +140,9 @@ class Family:
     latent_grid: LatentGrid = unpacked_grid
     latent_rgb: LatentRgbMap | None = None
     vae_preview: VaePreview = vae_preview
+    # diffusers cache hooks the family's denoiser supports (its blocks are in diffusers'
+    # TransformerBlockRegistry; MagCache also needs published calibration ratios).
+    step_caches: frozenset[StepCacheMethod] = frozenset()
     # Hub ids of checkpoints of this family, for people reading the family table.
     examples: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())

@@ -6,7 +6,8 @@ with a ``negative_prompt``) doubles the cost; off by default. Latents are packed
 VAE with scale 8, so sides are multiples of 16 (diffusers silently rounds others down).
 """
 
-from diffuser_api.models.family import Family
+from diffuser_api.domain import StepCacheMethod
+from diffuser_api.models.family import BLOCK_CACHES, Family
 from diffuser_api.models.previews import FLUX_LATENT_RGB, flux_grid
 
 # Previews read the 2x2-packed tokens unpacked; shared with Kontext (same VAE).
@@ -23,4 +24,5 @@ FAMILY = Family(
     default_true_cfg_scale=1.0,
     negative_prompt_scale="true_cfg_scale",
     examples=("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell"),
+    step_caches=BLOCK_CACHES | {StepCacheMethod.MAGCACHE},
 )

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from diffuser_api.domain import ImageJob, Task
-from diffuser_api.models.family import Family, prompt_per_call_kwargs
+from diffuser_api.models.family import BLOCK_CACHES, Family, prompt_per_call_kwargs
 from diffuser_api.models.flux import PREVIEWS
 
 
@@ -38,4 +38,5 @@ FAMILY = Family(
     unmapped_task_pipelines=((Task.MASKED_EDIT, "FluxKontextInpaintPipeline"),),
     call_kwargs=kontext_kwargs,
     examples=("black-forest-labs/FLUX.1-Kontext-dev",),
+    step_caches=BLOCK_CACHES,
 )

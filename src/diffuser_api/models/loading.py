@@ -23,11 +23,21 @@ from diffuser_api.config import Settings
 from diffuser_api.domain import Task
 from diffuser_api.models.adapters import DeviceAdapters
 from diffuser_api.models.checkpoint import checkpoint_source, pipeline_configs
+from diffuser_api.models.compilation import compile_denoiser
 from diffuser_api.models.families import family_for
 from diffuser_api.models.family import Family
+from diffuser_api.models.memory import (
+    check_memory_options,
+    place,
+    quantization_kwargs,
+    share_pipeline,
+    stays_on_host,
+    tensor_bytes,
+)
 from diffuser_api.models.preview_modes import PreviewMode, latent_channels, plan_previews, preview_decoder
 from diffuser_api.models.runner import DiffusersRunner
 from diffuser_api.models.spec import ModelSpec
+from diffuser_api.models.step_cache import StepCacheGate
 from diffuser_api.models.tasks import task_classes
 
 logger = logging.getLogger(__name__)
@@ -63,12 +73,14 @@ class DiffusersModel:
     def __init__(
         self, bases: dict[str, Any], runners: Sequence[DiffusersRunner], pipeline_class: str,
         adapters: dict[str, DeviceAdapters] | None = None,
+        on_host: bool = False,
     ) -> None:
+        """``on_host``: the weights live in host RAM between uses (``memory.cpu_offload``)."""
         self.runners = runners
         self._adapters = adapters or {}
         self.pipeline_class = pipeline_class
         self._bases = bases
-        self.can_offload = any(not device.startswith("cpu") for device in bases)
+        self.can_offload = not on_host and any(not device.startswith("cpu") for device in bases)
         self._baseline = {device: _start_peak(device) for device in bases}
 
     def resident_bytes(self) -> dict[str, int]:
@@ -76,7 +88,7 @@ class DiffusersModel:
         for device, base in self._bases.items():
             for tensor in _tensors(base):
                 where = "cpu" if tensor.device.type == "cpu" else device
-                totals[where] = totals.get(where, 0) + tensor.numel() * tensor.element_size()
+                totals[where] = totals.get(where, 0) + tensor_bytes(tensor)
         return totals
 
     def working_bytes(self) -> dict[str, int]:
@@ -120,23 +132,29 @@ def load_model(spec: ModelSpec, settings: Settings) -> DiffusersModel:
 
 def _load_model(spec: ModelSpec, settings: Settings) -> DiffusersModel:
     source = checkpoint_source(spec, settings)
-    pipeline_class = DiffusionPipeline.load_config(source)["_class_name"]
+    components = DiffusionPipeline.load_config(source)
+    pipeline_class = components["_class_name"]
     family = family_for(pipeline_class, spec.family)
     devices = resolve_devices(spec.devices)
+    check_memory_options(spec, devices)
     bases: dict[str, Any] = {}
     adapters: dict[str, DeviceAdapters] = {}
     runners: list[DiffusersRunner] = []
     for device in dict.fromkeys(devices):
         dtype = resolve_dtype(spec.torch_dtype, device)
         logger.info("loading %s (%s, family %s) on %s as %s", spec.id, pipeline_class, family.name, device, dtype)
-        base = DiffusionPipeline.from_pretrained(source, dtype=dtype, **family.load_kwargs(source)).to(device)
+        quantization = quantization_kwargs(spec.memory, components, dtype)
+        base = DiffusionPipeline.from_pretrained(source, dtype=dtype, **family.load_kwargs(source), **quantization)
+        place(base, spec.memory, device)
+        if spec.speed.compile:
+            compile_denoiser(base)
         bases[device] = base
         adapters[device] = DeviceAdapters(base, spec.adapters, spec.max_loaded_adapters, spec.id)
         workers = [name for name in devices if name == device]
         runners += runners_for_pipeline(
             base, family, workers, settings.preview_mode, settings.preview_scale, adapters[device]
         )
-    return DiffusersModel(bases, runners, pipeline_class, adapters)
+    return DiffusersModel(bases, runners, pipeline_class, adapters, on_host=stays_on_host(spec.memory))
 
 
 def runners_for_pipeline(
@@ -153,15 +171,19 @@ def runners_for_pipeline(
     channels = latent_channels(pipeline_configs(base).get("vae", {}))
     preview = preview_decoder(family, plan_previews(family, channels, preview_mode, preview_scale), preview_scale)
     runners: list[DiffusersRunner] = []
+    denoiser = getattr(base, "transformer", None)
+    gate = StepCacheGate(denoiser) if family.step_caches and denoiser is not None else None
     for index, device in enumerate(devices):
         # A second worker on a device shares its weights but needs its own scheduler:
         # schedulers keep per-call state and break when two threads step one.
         pipe = (
             base
             if index == 0
-            else type(base).from_pipe(base, scheduler=copy.deepcopy(base.scheduler), dtype=base.dtype)
+            else share_pipeline(type(base), base, scheduler=copy.deepcopy(base.scheduler))
         )
-        runners.append(DiffusersRunner(f"{device}#{index}", family, task_pipelines(pipe, family), preview, adapters))
+        runners.append(
+            DiffusersRunner(f"{device}#{index}", family, task_pipelines(pipe, family), preview, adapters, gate)
+        )
     return runners
 
 
@@ -171,7 +193,7 @@ def task_pipelines(base: Any, family: Family) -> dict[Task, Any]:
     pipelines: dict[Task, Any] = {}
     for task, task_class in task_classes(type(base), family).items():
         if task_class not in converted:
-            converted[task_class] = task_class.from_pipe(base, dtype=base.dtype)
+            converted[task_class] = share_pipeline(task_class, base)
         pipelines[task] = converted[task_class]
     for pipeline in converted.values():
         pipeline.set_progress_bar_config(disable=True)

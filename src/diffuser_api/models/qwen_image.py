@@ -6,7 +6,7 @@ it. The pipelines take ``guidance_scale`` only for guidance-distilled checkpoint
 released one is. Latents are packed 2x2 after a VAE with scale 8: multiples of 16.
 """
 
-from diffuser_api.models.family import Family
+from diffuser_api.models.family import BLOCK_CACHES, Family
 from diffuser_api.models.previews import QWEN_IMAGE_LATENT_RGB, qwen_grid, qwen_vae_preview
 
 TRUE_CFG = dict(
@@ -29,4 +29,5 @@ FAMILY = Family(
     default_strength=0.6,
     examples=("Qwen/Qwen-Image",),
     **TRUE_CFG,
+    step_caches=BLOCK_CACHES,
 )

@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from diffuser_api.domain import ImageJob
-from diffuser_api.models.family import Family, prompt_per_call_kwargs
+from diffuser_api.models.family import BLOCK_CACHES, Family, prompt_per_call_kwargs
 from diffuser_api.models.qwen_image import PREVIEWS, TRUE_CFG
 from diffuser_api.models.qwen_processor import load_qwen_processor
 from diffuser_api.models.qwen_working_area import working_area
@@ -52,4 +52,5 @@ FAMILY = Family(
     examples=("Qwen/Qwen-Image-Edit",),
     **TRUE_CFG,
     **EDIT_CALL,
+    step_caches=BLOCK_CACHES,
 )

@@ -5,7 +5,7 @@ pipeline for it (masked edits are 501) and it honours ``height``/``width`` (mult
 Several ``image[]`` files are passed as one list; the model cards call 1-3 images optimal.
 """
 
-from diffuser_api.models.family import Family
+from diffuser_api.models.family import BLOCK_CACHES, Family
 from diffuser_api.models.qwen_image import PREVIEWS, TRUE_CFG
 from diffuser_api.models.qwen_image_edit import EDIT_CALL
 
@@ -19,4 +19,5 @@ FAMILY = Family(
     examples=("Qwen/Qwen-Image-Edit-2509", "Qwen/Qwen-Image-Edit-2511"),
     **TRUE_CFG,
     **EDIT_CALL,
+    step_caches=BLOCK_CACHES,
 )

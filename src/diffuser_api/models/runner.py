@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Hashable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from diffuser_api.errors import OutOfMemory
 from diffuser_api.models.adapters import DeviceAdapters
 from diffuser_api.models.family import Family
 from diffuser_api.models.preview_modes import PreviewDecoder
+from diffuser_api.models.step_cache import StepCacheGate
 from diffuser_api.models.tasks import takes
 
 logger = logging.getLogger(__name__)
@@ -29,10 +31,18 @@ class DiffusersRunner:
     """
 
     def __init__(
-        self, name: str, family: Family, pipelines: dict[Task, Any], preview: PreviewDecoder,
+        self,
+        name: str,
+        family: Family,
+        pipelines: dict[Task, Any],
+        preview: PreviewDecoder,
         adapters: DeviceAdapters | None = None,
+        step_cache_gate: StepCacheGate | None = None,
     ) -> None:
+        """``step_cache_gate`` is shared by every runner on the same denoiser; None where the
+        family has no cache hooks (validation never sends those a cached job)."""
         self.name = name
+        self._step_cache_gate = step_cache_gate
         self.family = family
         self.pipelines = pipelines
         self.preview = preview
@@ -43,7 +53,7 @@ class DiffusersRunner:
 
     def batch_key(self, job: ImageJob) -> Hashable:
         call_level = (job.task, job.width, job.height, job.steps, job.guidance_scale, job.true_cfg_scale, job.strength,
-                      job.loras)
+                      job.loras, job.step_cache)
         if self.family.batches_across_requests:
             return call_level
         return (*call_level, id(job))
@@ -65,7 +75,7 @@ class DiffusersRunner:
         out_of_memory = False
         adapters = self.adapters.applied(first.loras) if self.adapters is not None else contextlib.nullcontext()
         try:
-            with adapters, torch.inference_mode(), self.family.call_scope(jobs):
+            with adapters, torch.inference_mode(), self.family.call_scope(jobs), self._step_cache(first):
                 images = pipe(
                     **kwargs,
                     output_type="pil",
@@ -93,6 +103,15 @@ class DiffusersRunner:
                 ]
             )
         return results
+
+    def _step_cache(self, job: ImageJob) -> AbstractContextManager[None]:
+        if self._step_cache_gate is None:
+            if job.step_cache.on:
+                raise ValueError(f"{self.family.name} has no step cache hooks; validation should have refused this")
+            return contextlib.nullcontext()
+        # An edit with strength s runs int(steps * s) steps; MagCache maps its ratios onto those.
+        denoising_steps = job.steps if job.strength is None else max(1, int(job.steps * job.strength))
+        return self._step_cache_gate.applied(job.step_cache, denoising_steps)
 
     def used_prompt(self, prompt: str) -> tuple[str | None, int | None]:
         """The prompt as the text encoder sees it (truncated where diffusers truncates it),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffuser_api.domain import LoraChoice, Task
+from diffuser_api.domain import LoraChoice, MemoryOptions, SpeedOptions, Task
 from diffuser_api.engine import EngineLimits
 
 
@@ -87,6 +87,8 @@ class ModelSpec:
     ray: RayPlacement = field(default_factory=RayPlacement)
     adapters: tuple[AdapterSpec, ...] = ()
     max_loaded_adapters: int = 8  # LRU of adapters held in memory, per model
+    speed: SpeedOptions = field(default_factory=SpeedOptions)
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
 
 
 @dataclass(frozen=True)

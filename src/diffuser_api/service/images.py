@@ -38,6 +38,7 @@ from diffuser_api.service.validation import (
     output_format_of,
     resolve_guidance,
     resolve_size,
+    resolve_step_cache,
     resolve_steps,
     resolve_strength,
     task_of,
@@ -167,6 +168,7 @@ class ImageService:
         strength = resolve_strength(request, task, caps, steps, model.spec.variation_strength)
         guidance, true_cfg, negative = resolve_guidance(request, task, caps, owner)
         loras = resolve_loras(request, preset, caps, model.spec.adapters, owner, self._settings)
+        step_cache = resolve_step_cache(request, caps, owner)
         if admit is not None:
             await admit(request.n)
         if request.images:
@@ -188,6 +190,7 @@ class ImageService:
             true_cfg_scale=true_cfg,
             negative_prompt=negative,
             strength=strength,
+            step_cache=step_cache,
             images=images,
             mask=mask,
             partial_images=(request.partial_images or 0) if request.stream else 0,

@@ -10,7 +10,7 @@ import re
 from PIL import Image
 
 from diffuser_api.config import Settings
-from diffuser_api.domain import Capabilities, Endpoint, ImageRequest, Task
+from diffuser_api.domain import STEP_CACHE_OFF, Capabilities, Endpoint, ImageRequest, StepCache, StepCacheMethod, Task
 from diffuser_api.domain.requests import MAX_SEED
 from diffuser_api.errors import InvalidRequest
 
@@ -125,6 +125,28 @@ def resolve_guidance(
             code="invalid_value",
         )
     return guidance, true_cfg, negative
+
+
+def resolve_step_cache(request: ImageRequest, caps: Capabilities, owner: str) -> StepCache:
+    """The request's cache method, else the model's default. A method the model's denoiser
+    cannot use is refused (a UNet family, SD3, a compiled model). The model's configured
+    knob applies when the request picks the model's own method; another method runs with
+    diffusers' defaults."""
+    if request.step_cache is None:
+        return caps.default_step_cache
+    method = StepCacheMethod(request.step_cache)
+    if method is StepCacheMethod.OFF:
+        return STEP_CACHE_OFF
+    if method not in caps.step_caches:
+        offered = ", ".join(["off", *sorted(caps.step_caches)])
+        raise InvalidRequest(
+            f"step_cache '{method}' is not available on {owner}; choose one of: {offered}",
+            param="step_cache",
+            code="unsupported_parameter",
+        )
+    if method is caps.default_step_cache.method:
+        return caps.default_step_cache
+    return StepCache(method)
 
 
 def resolve_size(request: ImageRequest, caps: Capabilities, images: list[Image.Image], owner: str) -> tuple[int, int]:
