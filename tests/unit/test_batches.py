@@ -371,3 +371,23 @@ def test_a_vision_file_id_in_a_json_edit_and_in_a_batch_edit(client):
     refused = client.post(EDIT_URL, json={**body, "images": [{"file_id": batch_input["id"]}]})
     assert_envelope(refused, 400, "images", "invalid_file_id")
     assert_still_serves(client)
+
+
+def test_an_interactive_request_waits_for_at_most_the_lines_already_fed_to_the_engine(tmp_path):
+    """Lines wait in the database: the engine holds at most two batches' worth of them, so an
+    interactive request sent mid-batch runs after those, not after the whole batch."""
+    runner = FakeRunner(step_delay_s=0.005)
+    with TestClient(fake_app(tmp_path, runner, **FAST)) as client:
+        wait_ready(client)
+        batch = create_batch(client, upload(client, jsonl([gen_line(i) for i in range(120)]))["id"])
+        wait_batch(client, batch["id"], ("in_progress",))
+        while len(runner.jobs_seen) < 8:
+            time.sleep(0.005)
+        seen_before = len(runner.jobs_seen)
+        response = client.post(GEN_URL, json={"prompt": "interactive", "size": "32x32"})
+        assert response.status_code == 200
+        order = [job.prompt for job in runner.jobs_seen]
+        lines_in_between = order.index("interactive") - seen_before
+        assert lines_in_between <= 2 * 8  # max_batch_size x 1 worker x the dispatcher's feed factor
+        assert client.get(f"/v1/batches/{batch['id']}").json()["status"] == "in_progress"
+        assert wait_batch(client, batch["id"])["request_counts"]["completed"] == 120
