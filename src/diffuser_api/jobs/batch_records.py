@@ -187,6 +187,14 @@ class BatchStore:
                 status=JobStatus.CANCELLED.value, completed_at=now, expires_at=now + ttl_s, error=error))
         return True
 
+    def has_pending(self, batch_id: str) -> bool:
+        """A read first, so the write below (which takes SQLite's one write lock from the
+        dispatcher) runs only once per batch rather than after every line."""
+        query = sa.select(jobs.c.id).where(jobs.c.batch_id == batch_id,
+                                           jobs.c.status.in_([status.value for status in PENDING])).limit(1)
+        with self._engine.connect() as connection:
+            return connection.execute(query).first() is not None
+
     def begin_finalizing(self, batch_id: str, now: float) -> bool:
         """Once no line is pending: ``finalizing`` (the outputs are being written)."""
         pending = sa.select(jobs.c.id).where(jobs.c.batch_id == batch_id,

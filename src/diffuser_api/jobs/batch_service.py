@@ -205,7 +205,8 @@ class BatchService:
             if record.status is BatchStatus.IN_PROGRESS and record.expired_at is None and record.expires_at <= now:
                 await asyncio.to_thread(self._store.stop_queued, record.id, BatchStatus.IN_PROGRESS, now,
                                         self._settings.job_ttl_s, self._not_run("expired"), expired_at=now)
-            await asyncio.to_thread(self._store.begin_finalizing, record.id, now)
+            if not await asyncio.to_thread(self._store.has_pending, record.id):
+                await asyncio.to_thread(self._store.begin_finalizing, record.id, now)
         for record in await asyncio.to_thread(self._store.with_status, BatchStatus.FINALIZING):
             await self._finalize(record)
         expired = await self._files.expire(now)

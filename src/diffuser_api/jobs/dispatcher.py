@@ -247,7 +247,8 @@ class JobDispatcher:
 
     def _progress_sink(self, running: RunningJob, request: ImageRequest) -> Callable[[StepProgress], None]:
         def report(progress: StepProgress) -> None:
-            running.unsaved = (progress.step, progress.total, progress.first_image)
+            if running.record.batch_id is None:  # nobody follows a batch line's steps: no write per poll
+                running.unsaved = (progress.step, progress.total, progress.first_image)
             running.live.publish(Step(progress.step, progress.total))
             if progress.previews and running.live.followed:
                 for index, preview in enumerate(progress.previews, start=progress.first_image):
