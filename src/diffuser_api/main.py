@@ -36,7 +36,8 @@ def build_registry(settings: Settings, plan: ServingPlan | None = None) -> Model
         """Load, then warm up before the registry measures the working memory."""
         loaded = load_model(spec, settings)
         if spec.warmup:
-            warm_up(LoadedRunners(probed[spec.id].capabilities, loaded.runners, loaded.pipeline_class))
+            warm_up(LoadedRunners(probed[spec.id].capabilities, loaded.runners, loaded.pipeline_class),
+                    sizes=2 if spec.speed.compile else 1)
         return loaded
 
     return ModelRegistry(plan, probe=probe, loader=loader, strict_names=settings.strict_model_names)

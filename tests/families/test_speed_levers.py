@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
+import torch
 
 from diffuser_api.config import Settings
 from diffuser_api.config.models_file import ModelsFileError
@@ -155,12 +155,13 @@ def test_compiled_unet_compiles_during_warm_up_and_a_new_size_does_not_stall():
     caps = probe_model(model_spec, settings()).capabilities
     assert caps.step_caches == frozenset()
     model = load_model(model_spec, settings())
-    started = time.perf_counter()
-    warm_up(LoadedRunners(caps, model.runners, model.pipeline_class))
-    compile_s = time.perf_counter() - started
+    graphs = torch._dynamo.utils.counters["stats"]
+    before_warm_up = graphs["unique_graphs"]
+    warm_up(LoadedRunners(caps, model.runners, model.pipeline_class), sizes=2)
+    compiled = graphs["unique_graphs"]
+    assert compiled > before_warm_up  # the warm-up paid for the compilation
     runner = model.runners[0]
     sd_job = ImageJob(task=Task.GENERATION, prompt="x", width=96, height=64, steps=2, seeds=(0,), guidance_scale=7.5)
-    started = time.perf_counter()
     pixels(runner, sd_job)
-    new_size_s = time.perf_counter() - started
-    assert new_size_s < compile_s / 3, f"a new size took {new_size_s:.1f}s after a {compile_s:.1f}s compile"
+    # Counted, not timed: a new size compiles no new graph (dynamic shapes), so it cannot stall.
+    assert graphs["unique_graphs"] == compiled

@@ -23,6 +23,7 @@ from diffuser_api.config.settings import webhook_signing_key
 from diffuser_api.service.webhooks import RetryPolicy, WebhookSender
 from tests.fakes import FakeRunner, fake_app
 from tests.unit.test_api import wait_ready
+from tests.unit.test_batches import create_batch, gen_line, jsonl, upload, wait_batch
 from tests.unit.test_engine import run_async
 from tests.unit.test_jobs import JOBS, submit
 from tests.unit.test_jobs import wait_for as wait_for_job
@@ -282,3 +283,20 @@ def test_an_async_jobs_final_status_is_posted_signed_with_the_job_object(tmp_pat
     assert messages[done["id"]]["data"]["result"]["data"][0]["b64_json"]
     assert messages[long["id"]]["type"] == "image.job.cancelled"
     assert messages[long["id"]]["data"]["status"] == "cancelled"
+
+
+def test_a_batch_is_announced_once_by_its_final_status_not_once_per_line(tmp_path, receiver: Receiver) -> None:
+    app = fake_app(tmp_path, FakeRunner(), job_poll_s=0.05, job_webhook_url=receiver.url, job_webhook_secret=SECRET)
+    with TestClient(app) as client:
+        wait_ready(client)
+        file = upload(client, jsonl([gen_line(index) for index in range(3)]))
+        batch = create_batch(client, file["id"])
+        assert wait_batch(client, batch["id"])["status"] == "completed"
+        deadline = time.monotonic() + 10
+        while not receiver.deliveries and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # any per-line message would have come by now
+    messages = [Webhook(SECRET).verify(delivery.body, delivery.headers) for delivery in receiver.deliveries]
+    assert [message["type"] for message in messages] == ["batch.completed"]
+    assert messages[0]["data"]["id"] == batch["id"]
+    assert messages[0]["data"]["request_counts"] == {"total": 3, "completed": 3, "failed": 0}

@@ -11,14 +11,16 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from diffuser_api import __version__
-from diffuser_api.api import files, health, images, jobs, metrics, models, websocket
+from diffuser_api.api import batches, files, health, images, jobs, metrics, models, openai_files, websocket
 from diffuser_api.api.auth import ApiKeyMiddleware, PublicPaths
+from diffuser_api.api.batch_output import BatchOutput
 from diffuser_api.api.body_limits import BodyLimitMiddleware, BodyLimits
 from diffuser_api.api.connection_limits import ConnectionLimitMiddleware
 from diffuser_api.api.docs import install_docs
 from diffuser_api.api.errors import install_error_handlers
 from diffuser_api.api.hosts import BrowserSafetyMiddleware, HostAllowList, WebSocketOrigins
-from diffuser_api.api.job_webhooks import job_webhook
+from diffuser_api.api.job_webhooks import batch_webhook, job_webhook
+from diffuser_api.api.json_requests import batch_body_parser
 from diffuser_api.api.keys import load_key_store
 from diffuser_api.api.metrics import HttpMetricsMiddleware, ServiceMetrics
 from diffuser_api.api.openapi import install_openapi
@@ -29,8 +31,14 @@ from diffuser_api.api.request_id import RequestIdMiddleware
 from diffuser_api.api.tracer_provider import tracer_provider_from
 from diffuser_api.config import Settings
 from diffuser_api.domain.devices import DeviceMemoryProbe
+from diffuser_api.jobs.batch_records import BatchStore
+from diffuser_api.jobs.batch_service import BatchService
+from diffuser_api.jobs.file_records import FileStore
+from diffuser_api.jobs.file_service import FileService
+from diffuser_api.jobs.records import JobRecord
 from diffuser_api.jobs.service import JobService, job_storage
 from diffuser_api.models.registry import ModelRegistry
+from diffuser_api.service.file_contents import FileContents
 from diffuser_api.service.images import ImageService
 from diffuser_api.service.storage import ImageStorage, remove_expired_periodically
 from diffuser_api.service.webhooks import WebhookSender
@@ -66,6 +74,21 @@ def create_app(
                              on_final=job_webhook(webhooks, jobs_storage, settings) if webhooks else None)
     service_metrics = ServiceMetrics(registry, device_memory, job_counts=job_service.counts_by_status)
     job_service.observe(service_metrics.observe_job)
+    file_store = FileStore(job_service.database)
+    file_service = FileService(settings, file_store, FileContents.from_settings(settings))
+    batch_service = BatchService(
+        settings, registry, service, BatchStore(job_service.database, file_store), file_service,
+        parse_body=batch_body_parser(settings, file_service), render_line=BatchOutput(job_service.storage),
+        wake_dispatcher=job_service.wake,
+    )
+
+    def batch_line_ended(record: JobRecord) -> None:
+        if record.batch_id is not None:
+            batch_service.line_finished()
+
+    job_service.observe(batch_line_ended)
+    if webhooks is not None:
+        batch_service.observe(batch_webhook(webhooks, batch_service))
     public = PublicPaths(settings)
     keys = load_key_store(settings, registry.ids_for)
 
@@ -74,11 +97,13 @@ def create_app(
         loading = asyncio.create_task(registry.start())
         cleanup = asyncio.create_task(remove_expired_periodically(storage, settings.storage_cleanup_interval_s))
         await job_service.start()
+        await batch_service.start()
         try:
             yield
         finally:
             cleanup.cancel()
             # Before the models stop: running jobs go back to the queue rather than failing.
+            await batch_service.stop()
             await job_service.stop()
             if webhooks is not None:
                 await webhooks.close()
@@ -103,6 +128,8 @@ def create_app(
     app.state.storage = storage
     app.state.service = service
     app.state.jobs = job_service
+    app.state.files = file_service
+    app.state.batches = batch_service
     app.state.metrics = service_metrics
     app.state.keys = keys
     app.state.proxies = ProxyRule.from_settings(settings)
@@ -139,6 +166,8 @@ def create_app(
     app.include_router(metrics.router)
     app.include_router(jobs.router, prefix=settings.api_prefix)
     app.include_router(files.router, prefix=settings.api_prefix)
+    app.include_router(openai_files.router, prefix=settings.api_prefix)
+    app.include_router(batches.router, prefix=settings.api_prefix)
     app.include_router(models.router, prefix=settings.api_prefix)
     app.include_router(images.router, prefix=settings.api_prefix)
     app.include_router(websocket.router, prefix=settings.api_prefix)

@@ -38,6 +38,8 @@ class BodyLimits:
     json_bytes: int
     large_bytes: int
     large_paths: frozenset[str]
+    file_bytes: int
+    file_path: str
     discard_bytes: int
     timeout_s: float
 
@@ -49,11 +51,16 @@ class BodyLimits:
             large_bytes=settings.max_edit_bytes,
             # Only the routes that take images may have bodies of megabytes.
             large_paths=frozenset({f"{prefix}/images/edits", f"{prefix}/images/variations"}),
+            # Uploads to the Files API have their own cap (a batch file may be 200 MB).
+            file_bytes=settings.max_file_bytes,
+            file_path=f"{prefix}/files",
             discard_bytes=settings.max_discard_bytes,
             timeout_s=settings.body_timeout_s,
         )
 
     def cap_for(self, path: str) -> int:
+        if path == self.file_path:
+            return self.file_bytes
         return self.large_bytes if path in self.large_paths else self.json_bytes
 
 

@@ -13,7 +13,7 @@ from diffuser_api.api.disconnect import cancel_on_disconnect
 from diffuser_api.api.errors import describe_error, request_id_of
 from diffuser_api.api.fast_json import FastJSONResponse
 from diffuser_api.api.forms import read_image_form
-from diffuser_api.api.jobs import job_files_base, prefers_async, submit_job
+from diffuser_api.api.jobs import job_files_base, owner_of, prefers_async, submit_job
 from diffuser_api.api.openapi import EDIT_REQUEST_BODY, GENERATION_REQUEST_BODY, VARIATION_REQUEST_BODY
 from diffuser_api.api.proxies import proxies_of
 from diffuser_api.api.rate_limits import ImagesCharge
@@ -32,6 +32,7 @@ from diffuser_api.config import Settings
 from diffuser_api.domain import Endpoint, ImageRequest, ImagesResult, LoraChoice, Upload
 from diffuser_api.engine.job import JobTiming
 from diffuser_api.errors import InvalidRequest
+from diffuser_api.jobs.file_service import FileService
 from diffuser_api.service.images import ImageService, response_quality, response_size
 from diffuser_api.service.uploads import decode_data_url
 
@@ -61,7 +62,7 @@ async def create_generation(
 async def create_edit(request: Request, service: ServiceDep, settings: SettingsDep) -> Response:
     if request.headers.get("content-type", "").startswith("application/json"):
         body: EditForm = EditJSONBody.model_validate_json(await request.body())
-        images, mask = json_uploads(body)
+        images, mask = await json_uploads(body, request.app.state.files, owner_of(request))
     else:
         form = await read_image_form(request, settings)
         body = EditForm.model_validate(form.fields)
@@ -137,17 +138,17 @@ def build_image_request(
     return ImageRequest(endpoint=endpoint, images=images, mask=mask, **values)
 
 
-def json_uploads(body: EditJSONBody) -> tuple[tuple[Upload, ...], Upload | None]:
-    def read(reference: Any, param: str) -> Upload:
+async def json_uploads(
+    body: EditJSONBody, files: FileService, owner: str
+) -> tuple[tuple[Upload, ...], Upload | None]:
+    """Data URLs, or ``{"file_id": ...}`` naming the caller's own ``vision`` file (as OpenAI allows)."""
+    async def read(reference: Any, param: str) -> Upload:
         if reference.file_id is not None:
-            raise InvalidRequest(
-                "file_id is not supported: this server has no Files API; send image_url as a data URL",
-                param=param, code="unsupported_parameter",
-            )
+            return Upload(param=param, data=await files.image_bytes(reference.file_id, owner, param))
         return Upload(param=param, data=decode_data_url(reference.image_url, param=param))
 
-    images = tuple(read(reference, "images") for reference in body.images)
-    return images, (read(body.mask, "mask") if body.mask is not None else None)
+    images = tuple([await read(reference, "images") for reference in body.images])
+    return images, (await read(body.mask, "mask") if body.mask is not None else None)
 
 
 def images_response(result: ImagesResult) -> dict[str, Any]:

@@ -1,9 +1,13 @@
-"""The job webhook: every final status of an async job is POSTed, signed, to the configured URL."""
+"""The job webhook: every final status of an async job or a batch is POSTed, signed, to the
+configured URL."""
 
 from __future__ import annotations
 
+from diffuser_api.api.batches import batch_object
 from diffuser_api.api.jobs import job_object
 from diffuser_api.config import Settings
+from diffuser_api.jobs.batch_records import BatchRecord
+from diffuser_api.jobs.batch_service import BatchObserver, BatchService
 from diffuser_api.jobs.dispatcher import FinalHook
 from diffuser_api.jobs.records import JobRecord
 from diffuser_api.jobs.service import JobState
@@ -23,6 +27,17 @@ def job_webhook(sender: WebhookSender, storage: ImageStorage, settings: Settings
     url_base = webhook_files_base(settings)
 
     async def send_final(record: JobRecord) -> None:
+        if record.batch_id is not None:  # a batch's lines: the batch itself is announced once
+            return
         sender.send(f"image.job.{record.status.value}", await job_object(JobState(record, None), storage, url_base))
+
+    return send_final
+
+
+def batch_webhook(sender: WebhookSender, batches: BatchService) -> BatchObserver:
+    """``batch.<status>`` (completed, failed, cancelled, expired) with the batch object."""
+
+    async def send_final(record: BatchRecord) -> None:
+        sender.send(f"batch.{record.status.value}", batch_object(await batches.state(record)))
 
     return send_final

@@ -14,20 +14,20 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
-from pydantic import ValidationError
 
 from diffuser_api.api.auth import accepted_subprotocol
 from diffuser_api.api.dependencies import allowed_models
-from diffuser_api.api.errors import describe_error, invalid_request_from
-from diffuser_api.api.images import build_image_request, json_uploads
+from diffuser_api.api.errors import describe_error
+from diffuser_api.api.jobs import owner_of
+from diffuser_api.api.json_requests import json_image_request
 from diffuser_api.api.rate_limits import ImagesCharge
 from diffuser_api.api.request_record import note_stream, recording
-from diffuser_api.api.schemas import EditJSONBody, GenerationBody
 from diffuser_api.api.streaming import UNEXPECTED_FAILURE, websocket_message
 from diffuser_api.config import Settings
-from diffuser_api.domain import Endpoint, ImageRequest
+from diffuser_api.domain import ImageRequest
 from diffuser_api.engine.job import JobTiming
 from diffuser_api.errors import DiffuserError, InvalidRequest
+from diffuser_api.jobs.file_service import FileService
 from diffuser_api.service.images import ImageService
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ async def image_socket(socket: WebSocket) -> None:
     service: ImageService = socket.app.state.service
     request_id = socket.scope.get("state", {}).get("request_id", "")
     try:
-        image_request = parse_message(await socket.receive_json(), settings)
+        image_request = await parse_message(await socket.receive_json(), settings, socket.app.state.files,
+                                            owner_of(socket))
         timing = JobTiming()
         # The session's log line names its work like an HTTP request's does.
         # Images are given back, as on HTTP, if the session's job never ran.
@@ -91,23 +92,12 @@ async def _send_events(socket: WebSocket, events: Any) -> None:
         await socket.send_json(websocket_message(event))
 
 
-def parse_message(message: Any, settings: Settings) -> ImageRequest:
+async def parse_message(message: Any, settings: Settings, files: FileService, owner: str) -> ImageRequest:
     """The first message is a generations or edits JSON body plus ``"endpoint"``."""
     if not isinstance(message, dict):
         raise InvalidRequest("send one JSON object: a generations or edits request", code="invalid_json")
     fields = dict(message)
     endpoint = fields.pop("endpoint", "generations")
-    try:
-        if endpoint == "generations":
-            body = GenerationBody.model_validate(fields)
-            images, mask = (), None
-        elif endpoint == "edits":
-            body = EditJSONBody.model_validate(fields)
-            images, mask = json_uploads(body)
-        else:
-            raise InvalidRequest("endpoint must be 'generations' or 'edits'", param="endpoint", code="invalid_value")
-    except ValidationError as error:
-        raise invalid_request_from(list(error.errors())) from None
-    request = build_image_request(settings, Endpoint(endpoint), body, images, mask)
+    request = await json_image_request(fields, endpoint, settings, files, owner)
     # The socket itself is the stream: progress flows whatever the body's "stream" says.
     return dataclasses.replace(request, stream=True)

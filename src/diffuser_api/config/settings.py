@@ -246,6 +246,30 @@ class Settings(BaseSettings):
         1.0, gt=0.0, description="How often the database is read for new jobs, cancels and other replicas' progress."
     )
 
+    # Batch API and files (/v1/files, /v1/batches)
+    max_file_bytes: int = Field(
+        200 * 1024 * 1024, ge=1, description="Largest upload to POST /v1/files (its own cap, not the edits cap)."
+    )
+    max_batch_lines: int = Field(50_000, ge=1, description="Most lines (requests) in one batch input file.")
+    files_max_bytes_per_key: int | None = Field(
+        None, ge=1, description="Most bytes of uploaded files one API key may keep stored; None: no quota."
+    )
+    file_ttl_s: float | None = Field(
+        30 * 24 * 3600.0, gt=0.0,
+        description="Uploaded batch files expire this long after upload unless expires_after says otherwise; "
+        "None: kept until deleted. Files of other purposes are kept unless expires_after is sent.",
+    )
+    batch_output_ttl_s: float = Field(
+        30 * 24 * 3600.0, gt=0.0,
+        description="Batch output and error files expire this long after they are written, unless the batch's "
+        "output_expires_after says otherwise.",
+    )
+    batch_window_s: float = Field(
+        24 * 3600.0, gt=0.0,
+        description="The completion window ('24h'): a batch still running this long after creation expires; "
+        "lines not yet run are not run, the finished ones are in its output.",
+    )
+
     # Storage for response_format=url
     storage_dir: Path = Field(
         Path.home() / ".cache" / "diffuser-api" / "images", description="Where url responses are written."

@@ -39,9 +39,13 @@ def open_database(settings: Settings) -> Engine:
 
 def _sqlite_pragmas(connection: object, _record: object) -> None:
     """WAL lets readers (polls, GETs) go on while the dispatcher writes; foreign keys make
-    deleting a job delete its inputs, as PostgreSQL does."""
+    deleting a job delete its inputs, as PostgreSQL does. ``synchronous=NORMAL`` in WAL mode
+    syncs at checkpoints rather than at every commit: a killed process (SIGKILL, a crash) loses
+    nothing committed, only a power cut can lose the last commits, and each batch line's
+    several commits stop costing a disk sync each."""
     cursor = connection.cursor()  # type: ignore[attr-defined]
     cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 

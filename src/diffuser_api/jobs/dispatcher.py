@@ -248,8 +248,9 @@ class JobDispatcher:
         deadline = time.monotonic() + self._settings.job_timeout_s
         async with self._registry.lease(model, deadline=deadline) as engine:
             # The one place jobs enter an engine (where their priority class is given).
+            priority = Priority.BATCH if record.batch_id is not None else Priority.JOB
             generated = await engine.submit(work, self._progress_sink(running, request), deadline=deadline,
-                                            priority=Priority.JOB)
+                                            priority=priority)
         names = await asyncio.gather(*(self._images.codec.run_admitted(self._save, image, request)
                                        for image in generated))
         return {
@@ -264,7 +265,8 @@ class JobDispatcher:
 
     def _progress_sink(self, running: RunningJob, request: ImageRequest) -> Callable[[StepProgress], None]:
         def report(progress: StepProgress) -> None:
-            running.unsaved = (progress.step, progress.total, progress.first_image)
+            if running.record.batch_id is None:  # nobody follows a batch line's steps: no write per poll
+                running.unsaved = (progress.step, progress.total, progress.first_image)
             running.live.publish(Step(progress.step, progress.total))
             if progress.previews and running.live.followed:
                 for index, preview in enumerate(progress.previews, start=progress.first_image):

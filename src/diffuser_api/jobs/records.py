@@ -20,6 +20,9 @@ class JobStatus(StrEnum):
 # Statuses a job never leaves (but for expiry): they get completed_at and expires_at.
 FINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
 PENDING = frozenset({JobStatus.QUEUED, JobStatus.IN_PROGRESS})
+# Claimed in this order: async jobs before batch lines (the lowest class).
+ASYNC_JOB_CLASS = 0
+BATCH_LINE_CLASS = 1
 
 
 def new_job_id() -> str:
@@ -52,6 +55,11 @@ class JobRecord:
     cancel_requested: bool = False
     lease_owner: str | None = None
     lease_expires_at: float | None = None
+    # Set on the lines of a batch (see jobs/batches.py); None for an async job.
+    batch_id: str | None = None
+    custom_id: str | None = None
+    line: int | None = None
+    job_class: int = 0
 
     @property
     def finished(self) -> bool:

@@ -45,8 +45,15 @@ jobs = Table(
     # Which replica runs it, until when: a lapsed lease means that replica died.
     Column("lease_owner", String(64), nullable=True),
     Column("lease_expires_at", Float, nullable=True),
+    # A line of a batch (migration 0002): its batch, custom_id and 1-based line number. Claims
+    # take a lower class first (0: async job, 1: batch line).
+    Column("batch_id", String(64), nullable=True),
+    Column("custom_id", String(512), nullable=True),
+    Column("line", Integer, nullable=True),
+    Column("job_class", Integer, nullable=False, default=0),
 )
 Index("jobs_claim", jobs.c.status, jobs.c.model, jobs.c.created_at)
+Index("jobs_batch", jobs.c.batch_id, jobs.c.line)
 Index("jobs_owner", jobs.c.owner, jobs.c.created_at)
 Index("jobs_idempotency", jobs.c.owner, jobs.c.idempotency_key)
 
@@ -59,3 +66,55 @@ job_inputs = Table(
     Column("param", String(32), nullable=False),
     Column("data", LargeBinary, nullable=False),
 )
+
+# Uploaded and produced files (/v1/files): the bytes live in the storage backend under their id.
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("owner", String(200), nullable=False),
+    Column("idempotency_key", String(255), nullable=True),
+    Column("filename", String(512), nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("bytes", Integer, nullable=False),
+    Column("lines", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=True),
+)
+Index("files_owner", files.c.owner, files.c.created_at)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("owner", String(200), nullable=False),
+    Column("idempotency_key", String(255), nullable=True),
+    Column("request_id", String(100), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("input_file_id", String(64), nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("metadata", JSON, nullable=True),
+    # The models the creating key may use (None: all), and the base of url results.
+    Column("allowed_models", JSON, nullable=True),
+    Column("url_base", String(2048), nullable=False),
+    Column("output_ttl_s", Float, nullable=False),
+    Column("total", Integer, nullable=False, default=0),
+    # Written when it finishes (its lines' rows expire sooner than the batch).
+    Column("completed", Integer, nullable=True),
+    Column("failed", Integer, nullable=True),
+    Column("errors", JSON, nullable=True),
+    Column("output_file_id", String(64), nullable=True),
+    Column("error_file_id", String(64), nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("in_progress_at", Float, nullable=True),
+    Column("finalizing_at", Float, nullable=True),
+    Column("completed_at", Float, nullable=True),
+    Column("failed_at", Float, nullable=True),
+    Column("expired_at", Float, nullable=True),
+    Column("cancelling_at", Float, nullable=True),
+    Column("cancelled_at", Float, nullable=True),
+)
+Index("batches_owner", batches.c.owner, batches.c.created_at)
+Index("batches_status", batches.c.status)

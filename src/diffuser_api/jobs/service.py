@@ -7,6 +7,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from sqlalchemy.engine import Engine
+
 from diffuser_api.config import Settings
 from diffuser_api.domain import ImageRequest
 from diffuser_api.errors import Conflict, Gone, InvalidRequest, NotFound, Overloaded
@@ -79,6 +81,15 @@ class JobService:
         )
         self._engine = engine
         self._running: asyncio.Task[None] | None = None
+
+    @property
+    def database(self) -> Engine:
+        """The jobs database, shared with the Batch API's tables (files, batches)."""
+        return self._engine
+
+    def wake(self) -> None:
+        """Work was just stored (a batch's lines): claim it now rather than at the next poll."""
+        self._dispatcher.wake()
 
     def observe(self, observer: FinalObserver) -> None:
         """Subscribe (metrics) to every job's final status."""

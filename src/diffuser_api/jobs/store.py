@@ -55,7 +55,8 @@ class JobStore:
         return None if row is None else _record(row)
 
     def count_pending(self, owner: str | None = None) -> int:
-        query = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status.in_([s.value for s in PENDING]))
+        query = sa.select(sa.func.count()).select_from(jobs).where(jobs.c.status.in_([s.value for s in PENDING]),
+                                                                  jobs.c.batch_id.is_(None))
         if owner is not None:
             query = query.where(jobs.c.owner == owner)
         with self._engine.connect() as connection:
@@ -70,7 +71,7 @@ class JobStore:
 
     def list(self, owner: str, *, status: JobStatus | None, after: JobRecord | None, limit: int) -> list[JobRecord]:
         """Newest first; ``limit + 1`` rows come back so the caller can tell ``has_more``."""
-        query = sa.select(jobs).where(jobs.c.owner == owner)
+        query = sa.select(jobs).where(jobs.c.owner == owner, jobs.c.batch_id.is_(None))
         if status is not None:
             query = query.where(jobs.c.status == status.value)
         if after is not None:
@@ -88,10 +89,10 @@ class JobStore:
             return [(row.param, bytes(row.data)) for row in connection.execute(query.order_by(job_inputs.c.position))]
 
     def queue_position(self, record: JobRecord) -> int:
-        """Queued jobs of the same model submitted before this one."""
+        """Queued jobs of the same model submitted before this one (batch lines come after)."""
         query = sa.select(sa.func.count()).select_from(jobs).where(
             jobs.c.status == JobStatus.QUEUED.value, jobs.c.model == record.model,
-            jobs.c.created_at < record.created_at,
+            jobs.c.created_at < record.created_at, jobs.c.batch_id.is_(None),
         )
         with self._engine.connect() as connection:
             return int(connection.execute(query).scalar_one())
@@ -130,12 +131,13 @@ class JobStore:
     # -- the dispatcher --------------------------------------------------------------------
 
     def claim(self, model: str, limit: int, replica: str, now: float, lease_s: float) -> list[JobRecord]:
-        """Take up to ``limit`` of the oldest queued jobs of ``model`` for ``replica``."""
+        """Take up to ``limit`` of the oldest queued jobs of ``model`` for ``replica``: async
+        jobs first, then batch lines in their order."""
         with self._engine.begin() as connection:
             ids = connection.execute(
                 sa.select(jobs.c.id)
                 .where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.model == model)
-                .order_by(jobs.c.created_at).limit(limit)
+                .order_by(jobs.c.job_class, jobs.c.created_at, jobs.c.line).limit(limit)
                 .with_for_update(skip_locked=True)
             ).scalars().all()
             if not ids:

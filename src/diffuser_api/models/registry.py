@@ -71,17 +71,20 @@ class Route:
     preset: PresetSpec | None = None
 
 
-def warm_up(loaded: LoadedRunners) -> None:
-    """One smallest call per runner, so the first client does not pay for lazy setup."""
+def warm_up(loaded: LoadedRunners, sizes: int = 1) -> None:
+    """Smallest calls per runner, so the first client does not pay for lazy setup. A compiled
+    model warms up at two sizes: torch.compile specialises on the first shape it sees and makes
+    its graph dynamic at the second, so that recompilation happens here and not to a client."""
     caps = loaded.capabilities
-    side = caps.size.min_side
     task = Task.GENERATION if Task.GENERATION in caps.tasks else Task.EDIT
-    images = () if task is Task.GENERATION else (Image.new("RGB", (side, side)),)
-    job = ImageJob(task=task, prompt="warm-up", width=side, height=side, steps=2, seeds=(0,), images=images,
-                   true_cfg_scale=caps.default_true_cfg_scale, negative_prompt=caps.default_negative_prompt,
-                   strength=1.0 if "strength" in caps.extras_for(task) else None)
-    for runner in loaded.runners:
-        runner.run([job], lambda step, total, previews: None)
+    for index in range(sizes):
+        side = caps.size.min_side + index * caps.size.multiple
+        images = () if task is Task.GENERATION else (Image.new("RGB", (side, side)),)
+        job = ImageJob(task=task, prompt="warm-up", width=side, height=side, steps=2, seeds=(0,), images=images,
+                       true_cfg_scale=caps.default_true_cfg_scale, negative_prompt=caps.default_negative_prompt,
+                       strength=1.0 if "strength" in caps.extras_for(task) else None)
+        for runner in loaded.runners:
+            runner.run([job], lambda step, total, previews: None)
 
 
 def resolve_device(device: str) -> str:
