@@ -54,6 +54,9 @@ bench: install
 	$(BIN)/python bench/models.py
 	$(BIN)/python bench/loras.py
 	$(BIN)/python bench/speed.py
+	$(BIN)/python bench/jobs.py
+	$(BIN)/python bench/batches.py
+	$(BIN)/python bench/ray.py
 
 soak: install
 	$(BIN)/python bench/soak.py
