@@ -93,8 +93,8 @@ def client(tiny_sd_server: LiveServer):
 
 @pytest.fixture(scope="session")
 def tiny_lora():
-    """``tiny_lora(model_id, seed)``: the file of a random LoRA for a tiny model, built with
+    """``tiny_lora(model_id, seed, **shape)``: the file of a random LoRA for a tiny model, built with
     peft once per machine and cached next to the tiny models (deterministic per seed)."""
     from diffuser_api.models.tiny.loras import ensure_tiny_lora
 
-    return lambda model_id, seed: ensure_tiny_lora(model_id, seed, TINY_CACHE)
+    return lambda model_id, seed, **shape: ensure_tiny_lora(model_id, seed, TINY_CACHE, **shape)

@@ -235,6 +235,10 @@ def test_speed_and_memory_sections_become_the_specs_options(tmp_path):
         ("    warmup: false\n    speed: {compile: true}\n", "model 'a': speed.compile needs the warm-up"),
         ("    speed:\n      compile: true\n      step_cache: {method: taylorseer}\n",
          "model 'a': speed.compile and speed.step_cache do not go together"),
+        ("    speed: {compile: true}\n    max_loaded_adapters: 1\n"
+         "    adapters: {x: {source: org/x}, y: {source: org/y}}\n",
+         r"model 'a': with speed.compile, LoRA adapters are hot-swapped into one slot per adapter a request may "
+         r"name \(2\), all held at once; max_loaded_adapters \(1\) must be at least that"),
     ],
 )
 def test_speed_options_that_cannot_work_together_are_refused(tmp_path, entry, expected):

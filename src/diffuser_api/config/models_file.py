@@ -342,7 +342,15 @@ def _spec(entry: ModelEntry, settings: Settings, folder: Path) -> ModelSpec:
             f"model '{entry.id}': speed.compile and speed.step_cache do not go together (the cache hooks "
             "change the compiled blocks' code, so every call would recompile); choose one"
         )
-
+    adapters = _adapters(entry, folder)
+    max_loaded_adapters = pick(entry.max_loaded_adapters, settings.max_loaded_adapters)
+    hot_swap_slots = min(len(adapters), settings.max_loras_per_request)
+    if entry.speed.compile and max_loaded_adapters < hot_swap_slots:
+        raise ModelsFileError(
+            f"model '{entry.id}': with speed.compile, LoRA adapters are hot-swapped into one slot per adapter a "
+            f"request may name ({hot_swap_slots}), all held at once; max_loaded_adapters ({max_loaded_adapters}) "
+            "must be at least that (or lower DIFFUSER_MAX_LORAS_PER_REQUEST)"
+        )
     return ModelSpec(
         id=entry.id,
         source=entry.source or entry.id,
@@ -362,8 +370,8 @@ def _spec(entry: ModelEntry, settings: Settings, folder: Path) -> ModelSpec:
         engine=engine_limits(settings, entry.engine),
         warmup=pick(entry.warmup, settings.warmup),
         ray=ray_placement(entry.id, entry.ray, engine_limits(settings, entry.engine)),
-        adapters=_adapters(entry, folder),
-        max_loaded_adapters=pick(entry.max_loaded_adapters, settings.max_loaded_adapters),
+        adapters=adapters,
+        max_loaded_adapters=max_loaded_adapters,
         speed=_speed(entry.speed),
         memory=MemoryOptions(entry.memory.quantization, entry.memory.cpu_offload, entry.memory.vae_tiling),
     )

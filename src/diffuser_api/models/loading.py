@@ -26,6 +26,7 @@ from diffuser_api.models.checkpoint import checkpoint_source, pipeline_configs
 from diffuser_api.models.compilation import compile_denoiser
 from diffuser_api.models.families import family_for
 from diffuser_api.models.family import Family
+from diffuser_api.models.hotswap import HotSwapAdapters, plan_hot_swap
 from diffuser_api.models.memory import (
     check_memory_options,
     place,
@@ -146,15 +147,24 @@ def _load_model(spec: ModelSpec, settings: Settings) -> DiffusersModel:
         quantization = quantization_kwargs(spec.memory, components, dtype)
         base = DiffusionPipeline.from_pretrained(source, dtype=dtype, **family.load_kwargs(source), **quantization)
         place(base, spec.memory, device)
+        adapters[device] = device_adapters(base, spec, settings)
         if spec.speed.compile:
-            compile_denoiser(base)
+            compile_denoiser(base)  # after the hot-swap slots exist: they are part of the graph
         bases[device] = base
-        adapters[device] = DeviceAdapters(base, spec.adapters, spec.max_loaded_adapters, spec.id)
         workers = [name for name in devices if name == device]
         runners += runners_for_pipeline(
             base, family, workers, settings.preview_mode, settings.preview_scale, adapters[device]
         )
     return DiffusersModel(bases, runners, pipeline_class, adapters, on_host=stays_on_host(spec.memory))
+
+
+def device_adapters(base: Any, spec: ModelSpec, settings: Settings) -> DeviceAdapters:
+    """A compiled model's adapters are hot-swapped (see ``hotswap``), so switching them never
+    recompiles; the others are loaded and switched with ``set_adapters``."""
+    slots = min(len(spec.adapters), settings.max_loras_per_request)
+    if spec.speed.compile and slots:
+        return HotSwapAdapters(base, spec.adapters, plan_hot_swap(base, spec.adapters, slots, spec.id), spec.id)
+    return DeviceAdapters(base, spec.adapters, spec.max_loaded_adapters, spec.id)
 
 
 def runners_for_pipeline(
