@@ -21,6 +21,7 @@ from PIL import Image
 from playwright.sync_api import sync_playwright
 
 from diffuser_api.domain import Task
+from tests.conftest import LiveServer
 from tests.fakes import FakeModel, FakeRunner, colour_of, fake_app, fake_models_app, png_bytes
 from tests.servers import ThreadedServer
 
@@ -397,34 +398,52 @@ def test_an_async_generation_survives_a_page_reload_and_shows_its_image(tmp_path
         assert page.locator("#live progress").count() == 0
 
 
-def test_lora_inputs_show_only_for_a_model_with_adapters_and_are_sent(tmp_path, page):
-    with ThreadedServer(fake_app(tmp_path, FakeRunner())) as server:
-        server.wait_ready()
-        with page.expect_response("**/v1/models/fake-model") as described:
-            open_playground(page, server)
-        assert described.value.ok and "adapters" not in described.value.json()
-        page.wait_for_function("document.querySelector('#model-info').textContent !== ''")
-        assert page.locator("#loras-field").is_hidden()  # the fake model lists no adapters
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory: pytest.TempPathFactory, tiny_lora) -> Iterator[LiveServer]:
+    """``diffuser-api serve`` with tiny-sd and two random LoRAs, and the same weights once more
+    as a model without any (described, never loaded, so it costs nothing to serve)."""
+    folder = tmp_path_factory.mktemp("playground-loras")
+    (folder / "models.yaml").write_text(f"""
+models:
+  - id: tiny-sd
+    defaults: {{steps: 2, size: 64x64}}
+    adapters:
+      ink: {{source: {tiny_lora("tiny-sd", 1)}}}
+      neon: {{source: {tiny_lora("tiny-sd", 2)}, scale: 0.8}}
+  - id: plain-sd
+    source: tiny-sd
+""")
+    live = LiveServer(folder, DIFFUSER_MODELS_FILE=str(folder / "models.yaml"), DIFFUSER_JOB_POLL_S="0.1")
+    try:
+        live.wait_ready()
+        yield live
+    finally:
+        live.stop()
 
-        # The same server's description, with the adapters a LoRA-enabled server lists.
-        def with_adapters(route):
-            described = route.fetch().json()
-            route.fulfill(json=described | {"adapters": [{"name": "pixel-art", "loaded": True, "scale": 0.8},
-                                                         {"name": "film-grain", "loaded": False, "scale": 1.0}]})
 
-        page.route("**/v1/models/fake-model", with_adapters)
-        page.reload()
-        page.wait_for_selector("#loras-field", state="visible")
-        assert page.locator("#loras input[name=lora]").count() == 2
-        page.check("#loras input[value=pixel-art]")
-        page.fill("[aria-label='Scale of pixel-art']", "0.5")
-        page.fill("textarea[name=prompt]", "a tiny castle")
-        with page.expect_request("**/v1/images/generations") as submitted:
-            page.check("#async")
-            page.click("button[type=submit]")
-        assert submitted.value.post_data_json["loras"] == [{"name": "pixel-art", "scale": 0.5}]
-        # This server has no LoRA support: its refusal shows next to the LoRA field.
-        page.wait_for_selector("#loras-error:has-text('loras')")
-        page.uncheck("#loras input[value=pixel-art]")
+def test_lora_inputs_show_only_for_a_model_with_adapters_and_are_sent(lora_server, page):
+    with page.expect_response("**/v1/models/tiny-sd") as described:
+        open_playground(page, lora_server)
+    assert [adapter["name"] for adapter in described.value.json()["adapters"]] == ["ink", "neon"]
+    page.wait_for_selector("#loras-field", state="visible")
+    assert page.locator("#loras input[name=lora]").count() == 2
+    assert page.get_attribute("[aria-label='Scale of neon']", "placeholder") == "0.8"  # its default scale
+    page.select_option("select[name=model]", "plain-sd")
+    page.wait_for_selector("#loras-field", state="hidden")  # no adapters: no LoRA inputs
+    page.select_option("select[name=model]", "tiny-sd")
+    page.wait_for_selector("#loras-field", state="visible")
+
+    page.fill("textarea[name=prompt]", "a tiny castle")
+    page.check("#async")
+    page.check("#loras input[value=ink]")
+    # A scale beyond DIFFUSER_MAX_LORA_SCALE: the server's refusal shows next to the LoRA field.
+    page.fill("[aria-label='Scale of ink']", "5")
+    with page.expect_request("**/v1/images/generations") as submitted:
         page.click("button[type=submit]")
-        page.wait_for_selector("#results img")
+    assert submitted.value.post_data_json["loras"] == [{"name": "ink", "scale": 5}]
+    page.wait_for_selector("#loras-error:has-text('outside')")
+    page.fill("[aria-label='Scale of ink']", "0.5")
+    with page.expect_request("**/v1/images/generations") as submitted:
+        page.click("button[type=submit]")
+    assert submitted.value.post_data_json["loras"] == [{"name": "ink", "scale": 0.5}]
+    page.wait_for_selector("#results img", timeout=60_000)  # the job ran with the adapter

@@ -1,4 +1,5 @@
-"""The client's subcommands: ``generate``, ``edit``, ``vary``, ``models`` (and ``jobs``, in jobs.py).
+"""The client's subcommands: ``generate``, ``edit``, ``vary``, ``models`` (``jobs`` in jobs.py,
+``batch`` in batches.py).
 
 Generations and edits go over the WebSocket for live progress; variations have no WebSocket
 route, so they are one HTTP request behind a spinner. With ``--async`` each is submitted as a
@@ -19,7 +20,14 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from diffuser_api.client.failures import ConnectionFailed, ExitCode, ServerRefused, StoppedWatching
+from diffuser_api.client.batches import add_batch_command
+from diffuser_api.client.failures import (
+    ConnectionFailed,
+    ExitCode,
+    ServerRefused,
+    SomeLinesFailed,
+    StoppedWatching,
+)
 from diffuser_api.client.http import create_variation, list_models, submit_json_job, submit_variation_job
 from diffuser_api.client.jobs import add_jobs_command, report_submitted
 from diffuser_api.client.output import EXIT_CODES_HELP, Output
@@ -70,6 +78,7 @@ def add_client_commands(commands: Any) -> None:
     vary.add_argument("image", type=readable_file)
     add("models", run_models, [connection], "list the server's models and their status")
     add_jobs_command(commands, connection)
+    add_batch_command(commands, connection)
 
 
 def positive_int(text: str) -> int:
@@ -127,6 +136,11 @@ def run_client_command(args: argparse.Namespace, stdout: TextIO | None = None, s
     except StoppedWatching as stopped:
         print(stopped.describe(), file=stderr)
         return ExitCode.INTERRUPTED
+    except SomeLinesFailed as failed:
+        if output.mode == "json":
+            print(json.dumps(failed.result), file=stdout)
+        print("\n".join(failed.problems), file=stderr)
+        return ExitCode.CLIENT_ERROR
     except KeyboardInterrupt:
         print("cancelled", file=stderr)
         return ExitCode.INTERRUPTED

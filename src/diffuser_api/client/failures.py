@@ -77,12 +77,25 @@ class ConnectionFailed(Exception):
 
 
 class StoppedWatching(Exception):
-    """Ctrl-C while following a job: the job keeps running on the server (and can be resumed)."""
+    """Ctrl-C while following a job or a batch: it keeps running on the server (and can be resumed)."""
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, noun: str = "job", command: str = "jobs") -> None:
         super().__init__(job_id)
         self.job_id = job_id
+        self.noun = noun  # "job" or "batch", as the user reads it
+        self.command = command  # the client command that resumes or cancels it
 
     def describe(self) -> str:
-        return (f"stopped watching; job {self.job_id} keeps running on the server: resume with "
-                f"`diffuser-api jobs wait {self.job_id}`, stop it with `diffuser-api jobs cancel {self.job_id}`")
+        return (f"stopped watching; {self.noun} {self.job_id} keeps running on the server: resume with "
+                f"`diffuser-api {self.command} wait {self.job_id}`, "
+                f"stop it with `diffuser-api {self.command} cancel {self.job_id}`")
+
+
+class SomeLinesFailed(Exception):
+    """A batch ended with lines that did not complete: what did complete is saved and reported
+    (``result``), and the command exits as a refused request does, so scripts see it."""
+
+    def __init__(self, result: dict[str, Any], problems: list[str]) -> None:
+        super().__init__(problems)
+        self.result = result
+        self.problems = problems

@@ -1,13 +1,15 @@
-"""The HTTP calls: the models list, variations (which have no WebSocket route) and async jobs."""
+"""The HTTP calls: the models list, variations (which have no WebSocket route), async jobs,
+and the Files and Batch APIs."""
 
 from __future__ import annotations
 
+import base64
 import json
 import mimetypes
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urljoin
 
 import httpx
 
@@ -63,6 +65,37 @@ def cancel_job(server: Server, job_id: str) -> dict[str, Any]:
 def job_path(job_id: str) -> str:
     """Quoted: an id is the user's text, and a mistyped one must reach the server as one path segment."""
     return f"images/jobs/{quote(job_id, safe='')}"
+
+
+def upload_batch_file(server: Server, path: Path) -> dict[str, Any]:
+    """Streamed from the open file: a batch file may be larger than is worth holding in memory."""
+    with path.open("rb") as source:
+        return _call(server, "POST", "files", files={"file": (path.name, source, "application/jsonl")},
+                     data={"purpose": "batch"})
+
+
+def create_batch(server: Server, input_file_id: str, endpoint: str) -> dict[str, Any]:
+    return _call(server, "POST", "batches", json={"input_file_id": input_file_id, "endpoint": endpoint,
+                                                  "completion_window": "24h"})
+
+
+def get_batch(server: Server, batch_id: str) -> dict[str, Any]:
+    return _call(server, "GET", f"batches/{quote(batch_id, safe='')}")
+
+
+def cancel_batch(server: Server, batch_id: str) -> dict[str, Any]:
+    return _call(server, "POST", f"batches/{quote(batch_id, safe='')}/cancel")
+
+
+def file_content(server: Server, file_id: str) -> bytes:
+    return download(server, server.url(f"files/{quote(file_id, safe='')}/content"))
+
+
+def image_b64(server: Server, item: Mapping[str, Any]) -> str:
+    """An image of a response as base64, downloaded when the request asked for a URL."""
+    if item.get("b64_json"):
+        return str(item["b64_json"])
+    return base64.b64encode(download(server, urljoin(f"{server.api_base}/", str(item["url"])))).decode()
 
 
 def download(server: Server, url: str) -> bytes:

@@ -8,14 +8,12 @@ job does not depend on a connection, so it keeps running and ``wait`` can resume
 from __future__ import annotations
 
 import argparse
-import base64
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
 
 from diffuser_api.client.events import follow_job
 from diffuser_api.client.failures import ServerRefused, StoppedWatching, refusal_from
-from diffuser_api.client.http import cancel_job, download, get_job, list_jobs
+from diffuser_api.client.http import cancel_job, get_job, image_b64, list_jobs
 from diffuser_api.client.output import EXIT_CODES_HELP, Output
 from diffuser_api.client.progress import Display
 from diffuser_api.client.saving import FORMATS, SavedImage, save_image
@@ -145,8 +143,6 @@ def save_job_images(job: dict[str, Any], server: Server, args: argparse.Namespac
     prefix = args.prefix or COMMAND_OF_ENDPOINT.get(job["endpoint"], "job")
     saved = []
     for item in result.get("data", []):
-        b64 = item.get("b64_json") or base64.b64encode(download(server, urljoin(f"{server.api_base}/",
-                                                                                 item["url"]))).decode()
-        saved.append(save_image(b64, item["seed"], args.output_dir, prefix, output_format, received_format=received,
-                                revised_prompt=item.get("revised_prompt")))
+        saved.append(save_image(image_b64(server, item), item["seed"], args.output_dir, prefix, output_format,
+                                received_format=received, revised_prompt=item.get("revised_prompt")))
     return output_format, saved
