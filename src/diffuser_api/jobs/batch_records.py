@@ -74,6 +74,7 @@ class BatchRecord:
     expired_at: float | None = None
     cancelling_at: float | None = None
     cancelled_at: float | None = None
+    charge_to: str | None = None  # the rate-limit identity its lines are charged to as they run
 
     @property
     def finished(self) -> bool:
