@@ -141,7 +141,9 @@ class BatchService:
             allowed_models=None if allowed is None else sorted(allowed), idempotency_key=idempotency_key,
             charge_to=charge_to,
         )
-        await asyncio.to_thread(self._store.insert, record)
+        stored = await asyncio.to_thread(self._store.insert, record, now - IDEMPOTENCY_WINDOW_S)
+        if stored.id != record.id:  # a simultaneous request with the same key won
+            return stored
         logger.info("batch %s created (request %s) from %s for %s", record.id, request_id, input_file_id, endpoint)
         self._wake.set()
         return record

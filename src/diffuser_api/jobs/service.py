@@ -147,7 +147,10 @@ class JobService:
             request=request_fields(request), status=JobStatus.QUEUED, created_at=now, request_id=request_id,
             idempotency_key=idempotency_key,
         )
-        await asyncio.to_thread(self._store.insert, record, request_inputs(request))
+        stored = await asyncio.to_thread(self._store.insert, record, request_inputs(request),
+                                         now - IDEMPOTENCY_WINDOW_S)
+        if stored.id != record.id:  # a simultaneous submission with the same key won
+            return Submitted(stored, created=False)
         self._dispatcher.wake()
         return Submitted(record, created=True)
 

@@ -12,8 +12,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
+from diffuser_api.jobs.idempotency import insert_once
 from diffuser_api.jobs.records import FINAL, PENDING, JobRecord, JobStatus
 from diffuser_api.jobs.schema import job_inputs, jobs
 
@@ -36,15 +37,20 @@ class JobStore:
 
     # -- submission ------------------------------------------------------------------------
 
-    def insert(self, record: JobRecord, inputs: Sequence[tuple[str, bytes]]) -> None:
-        """The job and its uploads in one transaction: a 202 is sent only once both are stored."""
-        with self._engine.begin() as connection:
+    def insert(self, record: JobRecord, inputs: Sequence[tuple[str, bytes]], idempotent_since: float) -> JobRecord:
+        """The job and its uploads in one transaction: a 202 is sent only once both are stored.
+        Returns the job stored: this one, or the earlier one with the same Idempotency-Key
+        (created since ``idempotent_since``) that a simultaneous submission stored first."""
+        def write(connection: Connection) -> None:
             connection.execute(jobs.insert().values(**dataclasses.asdict(record)))
             if inputs:
                 connection.execute(job_inputs.insert(), [
                     {"job_id": record.id, "position": position, "param": param, "data": data}
                     for position, (param, data) in enumerate(inputs)
                 ])
+
+        earlier = insert_once(self._engine, jobs, record.owner, record.idempotency_key, idempotent_since, write)
+        return record if earlier is None else _record(earlier)
 
     def find_idempotent(self, owner: str, key: str, since: float) -> JobRecord | None:
         query = (sa.select(jobs).where(jobs.c.owner == owner, jobs.c.idempotency_key == key,
