@@ -161,7 +161,9 @@ class LiveFigures(Collector):
 
 
 class JobsByStatus(Collector):
-    """Async jobs by status, counted in the jobs database (so across replicas) when scraped."""
+    """Async jobs by status, counted in the jobs database (so across replicas) at the jobs
+    dispatcher's last poll: a scrape reads the figures it keeps and never queries the database
+    on the event loop."""
 
     def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
         self._counts = counts

@@ -98,6 +98,9 @@ class JobDispatcher:
         self._wake = asyncio.Event()
         self._stopping = False
         self._next_expiry = 0.0
+        self._next_count = 0.0
+        # Jobs by status as of the last poll, for /metrics: a scrape never waits on the database.
+        self.counts: dict[str, int] = {}
 
     def wake(self) -> None:
         """A job was just stored: claim it now rather than at the next poll."""
@@ -150,6 +153,9 @@ class JobDispatcher:
         if now >= self._next_expiry:
             self._next_expiry = now + EXPIRY_INTERVAL_S
             await self._expire(now)
+        if now >= self._next_count:  # at most once per poll interval, however often it is woken
+            self._next_count = now + self._settings.job_poll_s
+            self.counts = await asyncio.to_thread(self._store.counts_by_status)
         if self._stopping or self._registry.draining:
             return  # shutdown has begun: what is queued stays queued for the next start
         for model in list(self._registry):

@@ -112,8 +112,9 @@ class JobService:
         self._store.close()
 
     def counts_by_status(self) -> dict[str, int]:
-        """Empty until started (the tables may not exist before the migrations ran)."""
-        return self._store.counts_by_status() if self._running is not None else {}
+        """Jobs by status (across replicas) as of the dispatcher's last poll: read by /metrics
+        on the event loop, so never a database query of its own. Empty until the first poll."""
+        return self._dispatcher.counts
 
     # -- submission ------------------------------------------------------------------------
 
