@@ -3,6 +3,7 @@ after its lease, and two real servers share the jobs, running each once."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -40,7 +41,7 @@ def test_concurrent_claims_never_take_the_same_job_and_lapsed_leases_come_back(p
     ids = set()
     for _ in range(60):
         record = queued("claims")
-        store.insert(record, [("image", b"\x00\x01")])
+        store.insert(record, [("image", b"\x00\x01")], idempotent_since=0.0)
         ids.add(record.id)
     taken: dict[str, list[str]] = {"a": [], "b": [], "c": []}
 
@@ -61,6 +62,28 @@ def test_concurrent_claims_never_take_the_same_job_and_lapsed_leases_come_back(p
     requeued, failed = store.reclaim_lapsed(time.time() + 60, max_attempts=3, ttl_s=60)
     assert set(requeued) == set(taken["a"]) and failed == []
     assert {record.id for record in store.claim("claims", 100, "d", time.time(), 30)} == set(taken["a"])
+    engine.dispose()
+
+
+def test_simultaneous_submissions_with_one_idempotency_key_store_one_job(postgres_url):
+    engine = open_database(Settings(_env_file=None, jobs_url=postgres_url))
+    migrate(engine)
+    store = JobStore(engine)
+    records = [dataclasses.replace(queued("idempotent"), owner="racer", idempotency_key="k") for _ in range(8)]
+    stored: list[str] = []
+    start = threading.Barrier(len(records))
+
+    def insert(record: JobRecord) -> None:
+        start.wait()
+        stored.append(store.insert(record, [], idempotent_since=time.time() - 3600).id)
+
+    threads = [threading.Thread(target=insert, args=(record,)) for record in records]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(stored) == len(records) and len(set(stored)) == 1
+    assert [job.id for job in store.list("racer", status=None, after=None, limit=100)] == stored[:1]
     engine.dispose()
 
 

@@ -283,8 +283,11 @@ def test_events_attach_mid_run_and_replay_after_the_end(tmp_path):
 
 def test_metrics_count_jobs_by_status_and_their_latency(client):
     wait_for(client, submit(client, {"prompt": "counted"})["id"])
-    text = client.get("/metrics").text
-    assert 'diffuser_jobs{status="completed"} 1.0' in text
+    # Counted at the dispatcher's next poll, not by the scrape itself.
+    deadline = time.monotonic() + 5
+    while 'diffuser_jobs{status="completed"} 1.0' not in (text := client.get("/metrics").text):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.05)
     assert 'diffuser_job_duration_seconds_count{model="fake-model",status="completed"} 1.0' in text
     assert 'diffuser_job_attempts_sum{model="fake-model",status="completed"} 1.0' in text
 

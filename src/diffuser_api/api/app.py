@@ -70,9 +70,14 @@ def create_app(
     service = ImageService(settings, registry, storage)
     jobs_storage = job_storage(settings)
     webhooks = WebhookSender.from_settings(settings)
+    service_metrics = ServiceMetrics(registry, device_memory)
+    keys = load_key_store(settings, registry.ids_for)
+    proxies = ProxyRule.from_settings(settings)
+    rate_limiter = RateLimiter(settings, proxies, on_store_error=service_metrics.rate_limit_store_errors.inc, keys=keys)
     job_service = JobService(settings, registry, service, jobs_storage,
-                             on_final=job_webhook(webhooks, jobs_storage, settings) if webhooks else None)
-    service_metrics = ServiceMetrics(registry, device_memory, job_counts=job_service.counts_by_status)
+                             on_final=job_webhook(webhooks, jobs_storage, settings) if webhooks else None,
+                             charge=rate_limiter.charge_images)
+    service_metrics.count_jobs(job_service.counts_by_status)
     job_service.observe(service_metrics.observe_job)
     file_store = FileStore(job_service.database)
     file_service = FileService(settings, file_store, FileContents.from_settings(settings))
@@ -90,7 +95,6 @@ def create_app(
     if webhooks is not None:
         batch_service.observe(batch_webhook(webhooks, batch_service))
     public = PublicPaths(settings)
-    keys = load_key_store(settings, registry.ids_for)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -132,10 +136,8 @@ def create_app(
     app.state.batches = batch_service
     app.state.metrics = service_metrics
     app.state.keys = keys
-    app.state.proxies = ProxyRule.from_settings(settings)
-    app.state.rate_limiter = RateLimiter(
-        settings, app.state.proxies, on_store_error=service_metrics.rate_limit_store_errors.inc
-    )
+    app.state.proxies = proxies
+    app.state.rate_limiter = rate_limiter
     # Listed innermost first: the request id wraps everything (traces read its record), metrics
     # see every answer, unknown hosts and foreign WebSocket origins are refused before anything
     # else answers them, CORS answers preflights before keys are asked for, and limits count

@@ -17,6 +17,7 @@ from diffuser_api.api.errors import request_id_of
 from diffuser_api.api.images import files_url_base
 from diffuser_api.api.jobs import owner_of
 from diffuser_api.api.openai_files import checked_expiry, idempotency_key_of
+from diffuser_api.api.rate_limits import RateLimiter
 from diffuser_api.api.responses import error_responses
 from diffuser_api.jobs.batch_service import BatchService, BatchState
 
@@ -44,6 +45,11 @@ class BatchBody(BaseModel):
 
 def batches_of(request: Request) -> BatchService:
     return request.app.state.batches
+
+
+def rate_limiter_of(request: Request) -> RateLimiter:
+    """Whose image limit the batch's lines are charged to as they run."""
+    return request.app.state.rate_limiter
 
 
 def _seconds(value: float | None) -> int | None:
@@ -76,7 +82,7 @@ async def create_batch(body: BatchBody, request: Request, settings: SettingsDep)
         output_expires_after_s=None if expiry is None else checked_expiry(expiry.anchor, expiry.seconds,
                                                                           "output_expires_after"),
         allowed=allowed_models(request), url_base=files_url_base(request, settings),
-        idempotency_key=idempotency_key_of(request),
+        idempotency_key=idempotency_key_of(request), charge_to=rate_limiter_of(request).identity_of(request),
     )
     return JSONResponse(batch_object(await service.state(record)))
 

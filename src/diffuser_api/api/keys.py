@@ -73,6 +73,10 @@ class KeyStore:
     def enabled(self) -> bool:
         return bool(self._keys)
 
+    def named(self, name: str) -> ApiKey | None:
+        """The key of that name (whose batch lines are charged to its limits as they run)."""
+        return next((key for key in self._keys if key.name == name), None)
+
     def find(self, presented: str) -> ApiKey | None:
         """Compare against every key with ``compare_digest`` and no early exit, so the time
         taken says nothing about which key, or how much of one, matched."""

@@ -41,9 +41,7 @@ class ServiceMetrics:
         self,
         models: ModelRegistry,
         device_memory: DeviceMemoryProbe | None = None,
-        job_counts: Callable[[], dict[str, int]] | None = None,
     ) -> None:
-        """``job_counts`` reads the jobs by status from the jobs database at scrape time."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("diffuser_requests", "HTTP requests answered", ["endpoint", "model", "status"],
@@ -72,9 +70,11 @@ class ServiceMetrics:
         self.job_attempts = Histogram("diffuser_job_attempts", "Runs an async job started before it finished",
                                       ["model", "status"], buckets=ATTEMPTS, registry=r)
         r.register(LiveFigures(models, device_memory))
-        if job_counts is not None:
-            r.register(JobsByStatus(job_counts))
         models.observe_batches(self.batch_observer)
+
+    def count_jobs(self, job_counts: Callable[[], dict[str, int]]) -> None:
+        """Report the jobs by status that ``job_counts`` gives at scrape time."""
+        self.registry.register(JobsByStatus(job_counts))
 
     def batch_observer(self, model_id: str) -> BatchObserver:
         """Runs on the worker thread after each pipeline call; prometheus-client is thread-safe."""
@@ -161,7 +161,9 @@ class LiveFigures(Collector):
 
 
 class JobsByStatus(Collector):
-    """Async jobs by status, counted in the jobs database (so across replicas) when scraped."""
+    """Async jobs by status, counted in the jobs database (so across replicas) at the jobs
+    dispatcher's last poll: a scrape reads the figures it keeps and never queries the database
+    on the event loop."""
 
     def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
         self._counts = counts

@@ -15,7 +15,7 @@ from diffuser_api.api.jobs import MAX_IDEMPOTENCY_KEY, owner_of
 from diffuser_api.api.responses import error_responses
 from diffuser_api.errors import InvalidRequest
 from diffuser_api.jobs.file_records import FileRecord
-from diffuser_api.jobs.file_service import FileService
+from diffuser_api.jobs.file_service import FileService, RepeatedUpload
 
 router = APIRouter(tags=["files"])
 
@@ -77,13 +77,16 @@ async def create_file(request: Request) -> Response:
     if earlier is not None:
         return JSONResponse(file_object(earlier))
     form = FileForm(files)
-    async with files.upload(owner) as upload:
-        await read_file_form(request, form, upload)
-        if "purpose" not in form.fields:
-            raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose",
-                                 code="missing_required_parameter")
-        record = await files.commit(upload, owner=owner, filename=form.filename or "upload",
-                                    expires_after_s=expires_after_of(form.fields), idempotency_key=key)
+    try:
+        async with files.upload(owner) as upload:
+            await read_file_form(request, form, upload)
+            if "purpose" not in form.fields:
+                raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose",
+                                     code="missing_required_parameter")
+            record = await files.commit(upload, owner=owner, filename=form.filename or "upload",
+                                        expires_after_s=expires_after_of(form.fields), idempotency_key=key)
+    except RepeatedUpload as repeated:
+        record = repeated.earlier
     return JSONResponse(file_object(record))
 
 

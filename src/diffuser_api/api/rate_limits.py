@@ -31,6 +31,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from diffuser_api.api.auth import PublicPaths, api_key_of, refuse
+from diffuser_api.api.keys import KeyStore
 from diffuser_api.api.proxies import ProxyRule
 from diffuser_api.config import Settings
 from diffuser_api.engine.job import JobTiming
@@ -53,6 +54,9 @@ STORE_RETRY_AFTER_S = 5.0
 # After a failure the store is left alone this long, so that while it is down (or hangs)
 # requests fail over at once instead of each waiting out the timeout.
 STORE_PAUSE_S = 1.0
+# The shortest wait of a batch line refused for its caller's image limit.
+MIN_CHARGE_WAIT_S = 0.5
+KEY_IDENTITY = "key:"
 # How a request that was charged images can end without its job ever running. Overloaded is
 # raised before the job is queued; the others may also come after it ran, so the job's timing
 # decides (see ImagesCharge).
@@ -68,6 +72,16 @@ class Charge:
     identity: str
     cost: int
     counts_until: float  # wall-clock time when the charge stops counting against the window
+
+
+@dataclass(frozen=True)
+class Counted:
+    """One hit on the store: whether it fit, and what the window says after it."""
+
+    allowed: bool
+    remaining: int
+    reset_time: float
+    counts_until: float
 
 
 class StorePaused(Exception):
@@ -97,7 +111,10 @@ class StoreErrors:
 
 
 class RateLimiter:
-    def __init__(self, settings: Settings, proxies: ProxyRule, on_store_error: Callable[[], None]) -> None:
+    def __init__(
+        self, settings: Settings, proxies: ProxyRule, on_store_error: Callable[[], None], keys: KeyStore | None = None
+    ) -> None:
+        """``keys`` gives the image limits of the keys batch lines are charged to."""
         uri = settings.rate_limit_storage_uri
         self._storage = storage_from_string(uri if uri.startswith("async+") else f"async+{uri}")
         self._strategy = STRATEGIES[settings.rate_limit_strategy](self._storage)
@@ -107,6 +124,7 @@ class RateLimiter:
         self._defaults = {REQUESTS: settings.rate_limit_requests, IMAGES: settings.rate_limit_images}
         self._auth_failures = limits.parse(settings.rate_limit_auth_failures)
         self._proxies = proxies
+        self._keys = keys or KeyStore([])
         self._timeout_s = settings.rate_limit_store_timeout_s
         self._deny_on_store_error = settings.rate_limit_on_store_error == "deny"
         self._store_errors = StoreErrors(on_store_error)
@@ -137,39 +155,81 @@ class RateLimiter:
                 f"this request asks for {cost} {kind} but the limit is {text}; ask for at most {item.amount}",
                 param="n", code="rate_limit_exceeded",
             )
-        identity = self._identity(connection)
+        identity = self.identity_of(connection)
         try:
-            # Images given back by requests that never ran are spent first (see RefundCredit).
-            credit_until = (
-                await self._bounded(self._credit.take(item, kind, identity, cost)) if kind == IMAGES else None
-            )
-            hit_at = time.time()
-            allowed = credit_until is not None or await self._bounded(
-                self._strategy.hit(item, kind, identity, cost=cost)
-            )
-            stats = await self._bounded(self._strategy.get_window_stats(item, kind, identity))
-            credit = await self._bounded(self._credit.available(item, kind, identity)) if kind == IMAGES else 0
+            counted = await self._count(item, kind, identity, cost)
         except self._failures as error:
             self._store_failed(error)
             return None
-        reset_s = max(0.0, stats.reset_time - time.time())
+        reset_s = max(0.0, counted.reset_time - time.time())
         connection.scope["state"].setdefault(HEADERS_STATE_KEY, {}).update({
             f"x-ratelimit-limit-{kind}": str(item.amount),
-            f"x-ratelimit-remaining-{kind}": str(stats.remaining + credit),
+            f"x-ratelimit-remaining-{kind}": str(counted.remaining),
             f"x-ratelimit-reset-{kind}": openai_duration(reset_s),
         })
-        if not allowed:
+        if not counted.allowed:
             raise RateLimited(
                 f"Rate limit reached for {kind}: {text}. Try again in {openai_duration(reset_s)}.",
                 retry_after=max(1, math.ceil(reset_s)),
             )
+        return Charge(item, kind, identity, cost, counted.counts_until)
+
+    async def charge_images(self, identity: str, cost: int) -> float | None:
+        """Count a batch line's images against ``identity``'s image limit as the line is about
+        to run (the batch itself was not charged). None once counted (or with no limit);
+        otherwise the seconds until the window has room: the line waits, it is not failed.
+
+        A failed store is handled as for requests: ``allow`` runs the line, ``deny`` holds it
+        back a few seconds."""
+        text = self._images_limit_of(identity)
+        if text is None:
+            return None
+        item = limits.parse(text)
+        if cost > item.amount:
+            raise InvalidRequest(
+                f"this request asks for {cost} images but the limit is {text}; ask for at most {item.amount}",
+                param="n", code="rate_limit_exceeded",
+            )
+        try:
+            counted = await self._count(item, IMAGES, identity, cost)
+        except self._failures as error:
+            self._store_errors.note(error)
+            return STORE_RETRY_AFTER_S if self._deny_on_store_error else None
+        if counted.allowed:
+            return None
+        # A window that reopens "now" (clock edges) still waits a little, so a refused line is
+        # never claimed again in a tight loop.
+        return max(MIN_CHARGE_WAIT_S, counted.reset_time - time.time())
+
+    def identity_of(self, connection: HTTPConnection) -> str:
+        """Whose budget a request counts against: its key, or its client address without keys."""
+        key = api_key_of(connection)
+        if key is not None:
+            return f"{KEY_IDENTITY}{key.name}"
+        return f"address:{self._proxies.client_address(connection)}"
+
+    def _images_limit_of(self, identity: str) -> str | None:
+        """The image limit of an identity stored earlier (a batch's): its key's own limit,
+        looked up now, else the default."""
+        key = self._keys.named(identity.removeprefix(KEY_IDENTITY)) if identity.startswith(KEY_IDENTITY) else None
+        return (key.images_limit if key is not None else None) or self._defaults[IMAGES]
+
+    async def _count(self, item: RateLimitItem, kind: str, identity: str, cost: int) -> Counted:
+        # Images given back by requests that never ran are spent first (see RefundCredit).
+        credit_until = (
+            await self._bounded(self._credit.take(item, kind, identity, cost)) if kind == IMAGES else None
+        )
+        hit_at = time.time()
+        allowed = credit_until is not None or await self._bounded(self._strategy.hit(item, kind, identity, cost=cost))
+        stats = await self._bounded(self._strategy.get_window_stats(item, kind, identity))
+        credit = await self._bounded(self._credit.available(item, kind, identity)) if kind == IMAGES else 0
         if credit_until is not None:  # a refund of this can only go back to the credit it came from
             counts_until = credit_until
         elif self._charges_end_with_window:
             counts_until = stats.reset_time
         else:
             counts_until = hit_at + item.get_expiry()
-        return Charge(item, kind, identity, cost, counts_until)
+        return Counted(allowed, stats.remaining + credit, stats.reset_time, counts_until)
 
     async def refund(self, connection: HTTPConnection, charge: Charge) -> None:
         """Give back what ``admit`` counted. The request has already failed with its own error, so a
@@ -210,12 +270,6 @@ class RateLimiter:
             await self._bounded(self._strategy.hit(self._auth_failures, AUTH_FAILURES, address))
         except self._failures as error:
             self._store_errors.note(error)
-
-    def _identity(self, connection: HTTPConnection) -> str:
-        key = api_key_of(connection)
-        if key is not None:
-            return f"key:{key.name}"
-        return f"address:{self._proxies.client_address(connection)}"
 
     async def _bounded(self, call: Coroutine[Any, Any, T]) -> T:
         """A store that accepts connections and never answers must not hold requests."""

@@ -15,9 +15,10 @@ from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from diffuser_api.jobs.file_records import FileRecord, FileStore
+from diffuser_api.jobs.idempotency import insert_once
 from diffuser_api.jobs.records import PENDING, JobRecord, JobStatus
 from diffuser_api.jobs.schema import batches, job_inputs, jobs
 from diffuser_api.jobs.store import _record as job_record
@@ -74,6 +75,7 @@ class BatchRecord:
     expired_at: float | None = None
     cancelling_at: float | None = None
     cancelled_at: float | None = None
+    charge_to: str | None = None  # the rate-limit identity its lines are charged to as they run
 
     @property
     def finished(self) -> bool:
@@ -99,9 +101,14 @@ class BatchStore:
         self._engine = engine
         self._files = files
 
-    def insert(self, record: BatchRecord) -> None:
-        with self._engine.begin() as connection:
+    def insert(self, record: BatchRecord, idempotent_since: float) -> BatchRecord:
+        """Returns the batch stored: this one, or the earlier one with the same Idempotency-Key
+        (created since ``idempotent_since``) that a simultaneous request stored first."""
+        def write(connection: Connection) -> None:
             connection.execute(batches.insert().values(**dataclasses.asdict(record) | {"status": record.status.value}))
+
+        earlier = insert_once(self._engine, batches, record.owner, record.idempotency_key, idempotent_since, write)
+        return record if earlier is None else _record(earlier)
 
     def get(self, batch_id: str) -> BatchRecord | None:
         with self._engine.connect() as connection:

@@ -110,8 +110,10 @@ class BatchService:
     async def create(
         self, *, owner: str, request_id: str, input_file_id: str, endpoint: str, completion_window: str,
         metadata: dict[str, str] | None, output_expires_after_s: float | None, allowed: frozenset[str] | None,
-        url_base: str, idempotency_key: str | None,
+        url_base: str, idempotency_key: str | None, charge_to: str | None = None,
     ) -> BatchRecord:
+        """``charge_to`` names the rate-limit identity each line is charged to when it runs
+        (None: lines are not charged)."""
         now = time.time()
         if idempotency_key is not None:
             earlier = await asyncio.to_thread(self._store.find_idempotent, owner, idempotency_key,
@@ -137,8 +139,11 @@ class BatchService:
             output_ttl_s=output_expires_after_s or self._settings.batch_output_ttl_s, created_at=now,
             expires_at=now + self._settings.batch_window_s, metadata=metadata,
             allowed_models=None if allowed is None else sorted(allowed), idempotency_key=idempotency_key,
+            charge_to=charge_to,
         )
-        await asyncio.to_thread(self._store.insert, record)
+        stored = await asyncio.to_thread(self._store.insert, record, now - IDEMPOTENCY_WINDOW_S)
+        if stored.id != record.id:  # a simultaneous request with the same key won
+            return stored
         logger.info("batch %s created (request %s) from %s for %s", record.id, request_id, input_file_id, endpoint)
         self._wake.set()
         return record
@@ -253,7 +258,7 @@ class BatchService:
         common = {"id": f"batch_req_{secrets.token_hex(12)}", "owner": batch.owner,
                   "endpoint": BATCH_ENDPOINTS[batch.endpoint], "request_id": line_request_id(),
                   "batch_id": batch.id, "custom_id": line.custom_id, "line": line.line,
-                  "job_class": BATCH_LINE_CLASS, "created_at": batch.created_at}
+                  "job_class": BATCH_LINE_CLASS, "created_at": batch.created_at, "charge_to": batch.charge_to}
         allowed = None if batch.allowed_models is None else frozenset(batch.allowed_models)
         try:
             request = await self._parse_body(common["endpoint"], line.body, batch.owner)

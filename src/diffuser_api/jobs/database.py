@@ -53,8 +53,13 @@ def _sqlite_pragmas(connection: object, _record: object) -> None:
 def migrate(engine: Engine) -> None:
     """Run every migration not run yet (Alembic's version table says which), in code: no
     ``alembic.ini`` to install, and an upgrade never loses the jobs already stored."""
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config = migration_config()
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+def migration_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config

@@ -46,6 +46,10 @@ EXPIRY_INTERVAL_S = 10.0
 
 FinalHook = Callable[[JobRecord], Awaitable[None]]
 FinalObserver = Callable[[JobRecord], None]
+# Counts a batch line's images against its caller's rate limit as it is about to run:
+# (rate-limit identity, images) -> None once counted, or the seconds until the window has room.
+# It raises a DiffuserError for a line that can never fit (more images than the limit allows).
+ChargeImages = Callable[[str, int], Awaitable[float | None]]
 
 
 @dataclass(eq=False)
@@ -72,10 +76,13 @@ class JobDispatcher:
         single_process: bool,
         on_final: FinalHook | None = None,
         observers: Sequence[FinalObserver] = (),
+        charge: ChargeImages | None = None,
     ) -> None:
         """``single_process`` (SQLite): no other replica can hold a job, so jobs left
         ``in_progress`` by a crash are taken back at start at once, not after their lease.
-        ``on_final`` (a webhook) and ``observers`` (metrics) hear of every final status."""
+        ``on_final`` (a webhook) and ``observers`` (metrics) hear of every final status.
+        ``charge`` counts batch lines against their caller's image limit as they run (async
+        jobs were counted at submission)."""
         self._settings = settings
         self._store = store
         self._registry = registry
@@ -85,11 +92,15 @@ class JobDispatcher:
         self._single_process = single_process
         self._on_final = on_final
         self._observers = observers
+        self._charge = charge
         self.replica = secrets.token_hex(8)
         self._running: dict[str, RunningJob] = {}
         self._wake = asyncio.Event()
         self._stopping = False
         self._next_expiry = 0.0
+        self._next_count = 0.0
+        # Jobs by status as of the last poll, for /metrics: a scrape never waits on the database.
+        self.counts: dict[str, int] = {}
 
     def wake(self) -> None:
         """A job was just stored: claim it now rather than at the next poll."""
@@ -142,6 +153,9 @@ class JobDispatcher:
         if now >= self._next_expiry:
             self._next_expiry = now + EXPIRY_INTERVAL_S
             await self._expire(now)
+        if now >= self._next_count:  # at most once per poll interval, however often it is woken
+            self._next_count = now + self._settings.job_poll_s
+            self.counts = await asyncio.to_thread(self._store.counts_by_status)
         if self._stopping or self._registry.draining:
             return  # shutdown has begun: what is queued stays queued for the next start
         for model in list(self._registry):
@@ -208,6 +222,10 @@ class JobDispatcher:
                     record.model)
         try:
             try:
+                wait_s = await self._charge_line(record)
+                if wait_s is not None:
+                    await self._defer(running, wait_s)
+                    return
                 result = await self._attempt(running)
             except asyncio.CancelledError:
                 if not running.cancel_requested:  # shutdown
@@ -233,6 +251,22 @@ class JobDispatcher:
             self._live.close(record.id)
             logger.info("job %s (request %s): attempt %d took %.2f s", record.id, record.request_id,
                         record.attempts, time.monotonic() - started)
+
+    async def _charge_line(self, record: JobRecord) -> float | None:
+        """A batch line's images count against its caller's limit when it runs, not when the
+        batch is submitted; None: counted (or nothing to count), else seconds to wait."""
+        if self._charge is None or record.charge_to is None:
+            return None
+        return await self._charge(record.charge_to, int(record.request.get("n") or 1))
+
+    async def _defer(self, running: RunningJob, wait_s: float) -> None:
+        """Not failed: back to the queue until its caller's window has room. Other lines are
+        claimed at once in its place."""
+        record = running.record
+        await asyncio.shield(asyncio.to_thread(self._store.defer, record.id, self.replica, time.time() + wait_s))
+        logger.info("batch line %s (request %s) waits %.1f s for its caller's image rate limit", record.id,
+                    record.request_id, wait_s)
+        self._wake.set()
 
     async def _attempt(self, running: RunningJob) -> dict[str, Any]:
         record = running.record

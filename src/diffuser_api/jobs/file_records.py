@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from diffuser_api.jobs.idempotency import insert_once
 from diffuser_api.jobs.schema import files
 
 
@@ -54,6 +56,13 @@ class FileStore:
             return
         with self._engine.begin() as own:
             own.execute(files.insert().values(**values))
+
+    def insert_upload(self, record: FileRecord, idempotent_since: float) -> FileRecord:
+        """Returns the file stored: this one, or the earlier one with the same Idempotency-Key
+        (uploaded since ``idempotent_since``) that a simultaneous upload stored first."""
+        earlier = insert_once(self._engine, files, record.owner, record.idempotency_key, idempotent_since,
+                              functools.partial(self.insert, record))
+        return record if earlier is None else _record(earlier)
 
     def get(self, file_id: str) -> FileRecord | None:
         with self._engine.connect() as connection:

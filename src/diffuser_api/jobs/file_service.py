@@ -58,6 +58,15 @@ class FileUpload:
                                  code="too_many_lines")
 
 
+class RepeatedUpload(Exception):  # noqa: N818 - not an error: the answer is the earlier file
+    """A simultaneous upload with the same Idempotency-Key stored its file first: this upload's
+    bytes are dropped (as those of a refused upload are) and the earlier file is the answer."""
+
+    def __init__(self, earlier: FileRecord) -> None:
+        super().__init__(earlier.id)
+        self.earlier = earlier
+
+
 class FileService:
     def __init__(self, settings: Settings, store: FileStore, contents: FileContents) -> None:
         self._settings = settings
@@ -103,7 +112,9 @@ class FileService:
             bytes=upload.bytes, lines=upload.lines, created_at=now, expires_at=None if ttl is None else now + ttl,
             idempotency_key=idempotency_key,
         )
-        await asyncio.to_thread(self._store.insert, record)
+        stored = await asyncio.to_thread(self._store.insert_upload, record, now - IDEMPOTENCY_WINDOW_S)
+        if stored.id != record.id:
+            raise RepeatedUpload(stored)
         logger.info("file %s stored: %s, %d bytes, %d lines", record.id, purpose.value, record.bytes, record.lines)
         return record
 

@@ -60,6 +60,11 @@ class JobRecord:
     custom_id: str | None = None
     line: int | None = None
     job_class: int = 0
+    # The rate-limit identity a batch line is charged to as it runs (None: nothing to charge
+    # here, an async job was charged at submission); a line refused for its caller's window
+    # waits in the queue until ``not_before``.
+    charge_to: str | None = None
+    not_before: float | None = None
 
     @property
     def finished(self) -> bool:

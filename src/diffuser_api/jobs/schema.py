@@ -51,11 +51,17 @@ jobs = Table(
     Column("custom_id", String(512), nullable=True),
     Column("line", Integer, nullable=True),
     Column("job_class", Integer, nullable=False, default=0),
+    # Migration 0003: a batch line's rate-limit identity, charged as it runs (None: an async
+    # job, charged at submission), and the time before which it is not claimed (its caller's
+    # image window was full).
+    Column("charge_to", String(300), nullable=True),
+    Column("not_before", Float, nullable=True),
 )
 Index("jobs_claim", jobs.c.status, jobs.c.model, jobs.c.created_at)
 Index("jobs_batch", jobs.c.batch_id, jobs.c.line)
 Index("jobs_owner", jobs.c.owner, jobs.c.created_at)
-Index("jobs_idempotency", jobs.c.owner, jobs.c.idempotency_key)
+# One record per (owner, Idempotency-Key): a race between two submissions stores one (0003).
+Index("jobs_idempotency", jobs.c.owner, jobs.c.idempotency_key, unique=True)
 
 job_inputs = Table(
     "job_inputs",
@@ -82,6 +88,7 @@ files = Table(
     Column("expires_at", Float, nullable=True),
 )
 Index("files_owner", files.c.owner, files.c.created_at)
+Index("files_idempotency", files.c.owner, files.c.idempotency_key, unique=True)
 
 batches = Table(
     "batches",
@@ -115,6 +122,9 @@ batches = Table(
     Column("expired_at", Float, nullable=True),
     Column("cancelling_at", Float, nullable=True),
     Column("cancelled_at", Float, nullable=True),
+    # The rate-limit identity its lines are charged to as they run (migration 0003).
+    Column("charge_to", String(300), nullable=True),
 )
 Index("batches_owner", batches.c.owner, batches.c.created_at)
 Index("batches_status", batches.c.status)
+Index("batches_idempotency", batches.c.owner, batches.c.idempotency_key, unique=True)

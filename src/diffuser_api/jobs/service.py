@@ -13,7 +13,7 @@ from diffuser_api.config import Settings
 from diffuser_api.domain import ImageRequest
 from diffuser_api.errors import Conflict, Gone, InvalidRequest, NotFound, Overloaded
 from diffuser_api.jobs.database import migrate, open_database
-from diffuser_api.jobs.dispatcher import FinalHook, FinalObserver, JobDispatcher
+from diffuser_api.jobs.dispatcher import ChargeImages, FinalHook, FinalObserver, JobDispatcher
 from diffuser_api.jobs.live import LiveEvent, LiveJobs
 from diffuser_api.jobs.outcomes import cancelled_error
 from diffuser_api.jobs.records import JobRecord, JobStatus, new_job_id
@@ -64,9 +64,11 @@ class JobService:
         storage: ImageStorage,
         *,
         on_final: FinalHook | None = None,
+        charge: ChargeImages | None = None,
     ) -> None:
         """``on_final`` hears of every final status (completed, failed, cancelled, expired),
-        e.g. to send a webhook."""
+        e.g. to send a webhook; ``charge`` counts batch lines against their caller's image
+        rate limit as they run."""
         self._settings = settings
         self._registry = registry
         self._images = images
@@ -78,6 +80,7 @@ class JobService:
         self._dispatcher = JobDispatcher(
             settings, self._store, registry, images, storage, self._live,
             single_process=engine.dialect.name == "sqlite", on_final=on_final, observers=self._observers,
+            charge=charge,
         )
         self._engine = engine
         self._running: asyncio.Task[None] | None = None
@@ -109,8 +112,9 @@ class JobService:
         self._store.close()
 
     def counts_by_status(self) -> dict[str, int]:
-        """Empty until started (the tables may not exist before the migrations ran)."""
-        return self._store.counts_by_status() if self._running is not None else {}
+        """Jobs by status (across replicas) as of the dispatcher's last poll: read by /metrics
+        on the event loop, so never a database query of its own. Empty until the first poll."""
+        return self._dispatcher.counts
 
     # -- submission ------------------------------------------------------------------------
 
@@ -144,7 +148,10 @@ class JobService:
             request=request_fields(request), status=JobStatus.QUEUED, created_at=now, request_id=request_id,
             idempotency_key=idempotency_key,
         )
-        await asyncio.to_thread(self._store.insert, record, request_inputs(request))
+        stored = await asyncio.to_thread(self._store.insert, record, request_inputs(request),
+                                         now - IDEMPOTENCY_WINDOW_S)
+        if stored.id != record.id:  # a simultaneous submission with the same key won
+            return Submitted(stored, created=False)
         self._dispatcher.wake()
         return Submitted(record, created=True)
 

@@ -12,8 +12,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
+from diffuser_api.jobs.idempotency import insert_once
 from diffuser_api.jobs.records import FINAL, PENDING, JobRecord, JobStatus
 from diffuser_api.jobs.schema import job_inputs, jobs
 
@@ -36,15 +37,20 @@ class JobStore:
 
     # -- submission ------------------------------------------------------------------------
 
-    def insert(self, record: JobRecord, inputs: Sequence[tuple[str, bytes]]) -> None:
-        """The job and its uploads in one transaction: a 202 is sent only once both are stored."""
-        with self._engine.begin() as connection:
+    def insert(self, record: JobRecord, inputs: Sequence[tuple[str, bytes]], idempotent_since: float) -> JobRecord:
+        """The job and its uploads in one transaction: a 202 is sent only once both are stored.
+        Returns the job stored: this one, or the earlier one with the same Idempotency-Key
+        (created since ``idempotent_since``) that a simultaneous submission stored first."""
+        def write(connection: Connection) -> None:
             connection.execute(jobs.insert().values(**dataclasses.asdict(record)))
             if inputs:
                 connection.execute(job_inputs.insert(), [
                     {"job_id": record.id, "position": position, "param": param, "data": data}
                     for position, (param, data) in enumerate(inputs)
                 ])
+
+        earlier = insert_once(self._engine, jobs, record.owner, record.idempotency_key, idempotent_since, write)
+        return record if earlier is None else _record(earlier)
 
     def find_idempotent(self, owner: str, key: str, since: float) -> JobRecord | None:
         query = (sa.select(jobs).where(jobs.c.owner == owner, jobs.c.idempotency_key == key,
@@ -132,11 +138,13 @@ class JobStore:
 
     def claim(self, model: str, limit: int, replica: str, now: float, lease_s: float) -> list[JobRecord]:
         """Take up to ``limit`` of the oldest queued jobs of ``model`` for ``replica``: async
-        jobs first, then batch lines in their order."""
+        jobs first, then batch lines in their order. Lines held back for their caller's rate
+        limit wait until their ``not_before``."""
         with self._engine.begin() as connection:
             ids = connection.execute(
                 sa.select(jobs.c.id)
-                .where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.model == model)
+                .where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.model == model,
+                       sa.or_(jobs.c.not_before.is_(None), jobs.c.not_before <= now))
                 .order_by(jobs.c.job_class, jobs.c.created_at, jobs.c.line).limit(limit)
                 .with_for_update(skip_locked=True)
             ).scalars().all()
@@ -207,6 +215,17 @@ class JobStore:
             connection.execute(
                 jobs.update().where(jobs.c.id == job_id, jobs.c.lease_owner == replica,
                                     jobs.c.status == JobStatus.IN_PROGRESS.value).values(**values)
+            )
+
+    def defer(self, job_id: str, replica: str, not_before: float) -> None:
+        """Back to the queue, untouched, until ``not_before``: its caller's rate limit has no
+        room yet. It never ran, so the attempt is given back."""
+        with self._engine.begin() as connection:
+            connection.execute(
+                jobs.update().where(jobs.c.id == job_id, jobs.c.lease_owner == replica,
+                                    jobs.c.status == JobStatus.IN_PROGRESS.value)
+                .values(status=JobStatus.QUEUED.value, lease_owner=None, lease_expires_at=None, started_at=None,
+                        attempts=jobs.c.attempts - 1, not_before=not_before)
             )
 
     def reclaim_lapsed(self, now: float, max_attempts: int, ttl_s: float) -> tuple[list[str], list[JobRecord]]:
