@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from tests.conftest import LiveServer
 
 from bench import load
 
+RESULTS = ROOT / "bench" / "results"
 SIDE, STEPS = 64, 4
 TARGET_RATIO = 1.5
 FINAL = ("completed", "failed", "cancelled", "expired")
@@ -99,14 +101,19 @@ def main() -> None:
             server.stop()
     completed = sum(status == "completed" for status in statuses.values())
     ratio = p95(mixed) / p95(alone)
-    print(f"## Async jobs beside interactive traffic (tiny-sd, {SIDE}x{SIDE}, {STEPS} steps)\n")
-    print("| measure | value |\n|---|---|")
-    print(f"| interactive p95 alone ({args.clients} clients) | {p95(alone):.3f} s |")
-    print(f"| interactive p95 with {args.jobs} jobs queued | {p95(mixed):.3f} s |")
-    print(f"| ratio (target <= {TARGET_RATIO}) | {ratio:.2f} {'met' if ratio <= TARGET_RATIO else 'NOT met'} |")
-    print(f"| interactive failures (alone, with jobs) | {alone_failures}, {mixed_failures} |")
-    print(f"| jobs finished | {completed} / {args.jobs} completed |")
-    print(f"| jobs per second (submission to the last one finished) | {args.jobs / jobs_s:.2f} |")
+    table = [
+        f"## Async jobs beside interactive traffic (tiny-sd, {SIDE}x{SIDE}, {STEPS} steps, "
+        f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs)\n",
+        "| measure | value |\n|---|---|",
+        f"| interactive p95 alone ({args.clients} clients) | {p95(alone):.3f} s |",
+        f"| interactive p95 with {args.jobs} jobs queued | {p95(mixed):.3f} s |",
+        f"| ratio (target <= {TARGET_RATIO}) | {ratio:.2f} {'met' if ratio <= TARGET_RATIO else 'NOT met'} |",
+        f"| interactive failures (alone, with jobs) | {alone_failures}, {mixed_failures} |",
+        f"| jobs finished | {completed} / {args.jobs} completed |",
+        f"| jobs per second (submission to the last one finished) | {args.jobs / jobs_s:.2f} |",
+    ]
+    print("\n".join(table))
+    (RESULTS / "jobs.md").write_text("\n".join(table) + "\n")
     if completed != args.jobs:
         others = sorted({status for status in statuses.values() if status != "completed"})
         print(f"\nNot completed: {others}")
