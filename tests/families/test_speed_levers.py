@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 
 import numpy as np
@@ -147,7 +148,18 @@ def test_vae_tiling_is_switched_on():
 def test_options_that_need_cuda_are_refused_on_cpu_naming_the_option(memory, expected):
     with pytest.raises(ModelsFileError, match=expected):
         check_memory_options(spec("tiny-sd", memory=memory), ["cpu"])
-    check_memory_options(spec("tiny-sd", memory=memory), ["cuda:0"])
+    if memory.quantization is Quantization.NF4 and importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ModelsFileError, match="needs the bitsandbytes package"):
+            check_memory_options(spec("tiny-sd", memory=memory), ["cuda:0"])
+    else:
+        check_memory_options(spec("tiny-sd", memory=memory), ["cuda:0"])
+
+
+def test_a_quantization_whose_package_is_missing_stops_the_start_naming_how_to_install_it(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "torchao" else real_find_spec(name))
+    with pytest.raises(ModelsFileError, match=r"'int8' needs the torchao package.*diffuser-api\[quant\]"):
+        check_memory_options(spec("tiny-sd", memory=MemoryOptions(Quantization.INT8)), ["cpu"])
 
 
 def test_compiled_unet_compiles_during_warm_up_and_a_new_size_does_not_stall():

@@ -78,7 +78,7 @@ def test_sigkill_with_jobs_queued_and_running_then_restart_runs_each_once(tmp_pa
     try:
         first.wait_ready()
         client = sdk(first)
-        ids = [submit(client, f"job {index}", extra_body={"num_inference_steps": 12})["id"] for index in range(3)]
+        ids = [submit(client, f"job {index}", extra_body={"num_inference_steps": 200})["id"] for index in range(3)]
         deadline = time.monotonic() + 120
         while not (job_of(first, ids[0]).get("progress") or 0) > 0:
             assert time.monotonic() < deadline

@@ -10,6 +10,7 @@ the option, rather than failing at the first request.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,14 @@ QUANTIZED_COMPONENTS = ("transformer", "unet", "text_encoder", "text_encoder_2",
 CUDA_ONLY = (Quantization.FP8, Quantization.NF4)
 
 
+# The package each quantization runs on, and how to install it.
+QUANTIZATION_PACKAGES = {
+    Quantization.INT8: ("torchao", "'diffuser-api[quant]'"),
+    Quantization.FP8: ("torchao", "'diffuser-api[quant]'"),
+    Quantization.NF4: ("bitsandbytes", "bitsandbytes"),
+}
+
+
 def check_memory_options(spec: ModelSpec, devices: Sequence[str]) -> None:
     """Refuse options that cannot run on the model's (resolved) devices."""
     memory = spec.memory
@@ -32,6 +41,12 @@ def check_memory_options(spec: ModelSpec, devices: Sequence[str]) -> None:
         raise ModelsFileError(
             f"model '{spec.id}': memory.quantization '{memory.quantization}' needs a CUDA device "
             f"(devices: {', '.join(devices)}); use int8 or none on the CPU"
+        )
+    backend = QUANTIZATION_PACKAGES.get(memory.quantization)
+    if backend is not None and importlib.util.find_spec(backend[0]) is None:
+        raise ModelsFileError(
+            f"model '{spec.id}': memory.quantization '{memory.quantization}' needs the {backend[0]} package, "
+            f"which is not installed (pip install {backend[1]})"
         )
     if memory.cpu_offload is not CpuOffload.NONE:
         if not on_cuda:
