@@ -112,10 +112,18 @@ def test_keep_alive_comments_while_waiting(tmp_path):
         gate.set()
         wait_ready(client)
         gate.clear()
-        threading.Timer(0.4, gate.set).start()
+        # The model waits until a ping came (or 10 s, so a stream without pings fails, not hangs).
+        fallback = threading.Timer(10.0, gate.set)
+        fallback.start()
+        lines = []
         with client.stream("POST", GEN, json={"prompt": "x", "stream": True}) as response:
-            lines = list(response.iter_lines())
+            for line in response.iter_lines():
+                lines.append(line)
+                if line.startswith(": ping"):
+                    gate.set()
+        fallback.cancel()
     assert any(line.startswith(": ping") for line in lines)
+    assert any(line.startswith("event: image_generation.completed") for line in lines)
 
 
 def test_websocket_reports_steps_then_the_image(client):
