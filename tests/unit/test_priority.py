@@ -118,19 +118,21 @@ async def test_batch_lines_are_served_under_endless_interactive_load() -> None:
 
 
 @run_async
-async def test_a_job_fills_free_places_of_an_interactive_batch_after_the_interactive_requests() -> None:
+async def test_an_interactive_batch_takes_no_lower_class_work_and_lower_classes_batch_among_themselves() -> None:
+    """On a CPU a pipeline call costs about its image count: a job filling an interactive batch
+    would make the interactive request wait for the job's pixels too."""
     runner = FakeRunner()
     async with serving(runner, max_batch_size=3) as engine:
         blocker = await block_worker(engine, runner)
         tasks = [
-            await submit_as(engine, "job", Priority.JOB, size=(64, 64)),
-            await submit_as(engine, "other-size", Priority.INTERACTIVE, size=(72, 72)),
+            await submit_as(engine, "job-a", Priority.JOB, size=(64, 64)),
+            await submit_as(engine, "line", Priority.BATCH, size=(64, 64)),
             await submit_as(engine, "interactive", Priority.INTERACTIVE, size=(64, 64)),
-            await submit_as(engine, "batch-line", Priority.BATCH, size=(64, 64)),
+            await submit_as(engine, "job-b", Priority.JOB, size=(64, 64)),
         ]
         runner.gate.set()
         await asyncio.gather(blocker, *tasks)
-    assert served_order(runner) == [("blocker",), ("other-size",), ("interactive", "job", "batch-line")]
+    assert served_order(runner) == [("blocker",), ("interactive",), ("job-a", "job-b"), ("line",)]
 
 
 @run_async

@@ -29,10 +29,11 @@ class JobQueue:
     One queue serves every worker of a model, so an idle device takes the next job rather than
     waiting behind a busy one. Jobs are served by effective class (``engine.priority``: the
     class, improved by one per ``ageing_s`` waited), then oldest first. A batch starts with the
-    first job in that order and gathers compatible jobs (same batch key) in the same order,
-    whatever their class: a job filling a free place in an interactive batch costs the
-    interactive request nothing, and an incompatible job is never starved by ones that arrive
-    after it in its class.
+    first job in that order and gathers compatible jobs (same batch key) in the same order, of
+    the first one's effective class or a better one: a pipeline call costs about its image
+    count (on a CPU, and at large sizes on a GPU), so a job in an interactive batch would make
+    the interactive request wait for the job's pixels. An incompatible job is never starved by
+    ones that arrive after it in its class.
 
     Only interactive requests count against ``max_requests``: their clients hold a connection
     open and must hear 429 at once. Jobs and batch lines are always taken; their feeders bound
@@ -123,10 +124,12 @@ class JobQueue:
             batch = [first]
             items, pixels = first.work.n, first.work.pixels
             deadline = time.monotonic() + limits.wait_s
+            lowest = self.class_of(first, time.monotonic())
             while items < limits.max_items and pixels < limits.max_pixels:
+                now = time.monotonic()
                 for job in self._in_order():
                     fits = items + job.work.n <= limits.max_items and pixels + job.work.pixels <= limits.max_pixels
-                    if fits and job.key == first.key:
+                    if fits and job.key == first.key and self.class_of(job, now) <= lowest:
                         self._jobs.remove(job)
                         batch.append(job)
                         items += job.work.n
