@@ -89,7 +89,7 @@ def create_app(
 
     def batch_line_ended(record: JobRecord) -> None:
         if record.batch_id is not None:
-            batch_service.line_finished()
+            batch_service.line_finished(record.batch_id)
 
     job_service.observe(batch_line_ended)
     if webhooks is not None:

@@ -56,6 +56,10 @@ NOT_RUN = {"cancelled": ("batch_cancelled", "the batch was cancelled before this
            "expired": ("batch_expired", "the batch expired before this request ran")}
 
 
+# Expired files are looked for this often (seconds), not on every pass.
+FILE_EXPIRY_INTERVAL_S = 10.0
+
+
 def line_request_id() -> str:
     return f"req_{secrets.token_hex(16)}"
 
@@ -89,6 +93,9 @@ class BatchService:
         self._wake_dispatcher = wake_dispatcher
         self._observers: list[BatchObserver] = []
         self._wake = asyncio.Event()
+        self._whole_pass = True  # else only the batches in _lines_ended are looked at
+        self._lines_ended: set[str] = set()
+        self._next_file_expiry = 0.0
         self._running: asyncio.Task[None] | None = None
 
     def observe(self, observer: BatchObserver) -> None:
@@ -145,7 +152,7 @@ class BatchService:
         if stored.id != record.id:  # a simultaneous request with the same key won
             return stored
         logger.info("batch %s created (request %s) from %s for %s", record.id, request_id, input_file_id, endpoint)
-        self._wake.set()
+        self._pass_now()
         return record
 
     async def get(self, batch_id: str, owner: str) -> BatchRecord:
@@ -180,7 +187,7 @@ class BatchService:
         now = time.time()
         await asyncio.to_thread(self._store.stop_queued, batch_id, BatchStatus.CANCELLING, now,
                                 self._settings.job_ttl_s, self._not_run("cancelled"), cancelling_at=now)
-        self._wake.set()
+        self._pass_now()
         return await self.get(batch_id, owner)
 
     @staticmethod
@@ -192,15 +199,28 @@ class BatchService:
 
     async def _run_forever(self) -> None:
         while True:
+            whole, self._whole_pass = self._whole_pass, False
+            ended, self._lines_ended = self._lines_ended, set()
             try:
-                await self._tick(time.time())
+                if whole:
+                    await self._tick(time.time())
+                else:
+                    for batch_id in ended:
+                        await self._finalize_if_done(batch_id, time.time())
             except DiffuserError as error:
                 logger.warning("batches: the database or store could not be read: %s", error.message)
             except Exception:  # a database hiccup must not stop batches for the rest of the server's life
                 logger.exception("batches: one pass failed; trying again")
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), self._settings.job_poll_s)
+            except TimeoutError:
+                self._whole_pass = True
             self._wake.clear()
+
+    def _pass_now(self) -> None:
+        """A batch was created or cancelled: look at every batch now, not at the next poll."""
+        self._whole_pass = True
+        self._wake.set()
 
     async def _tick(self, now: float) -> None:
         for record in await asyncio.to_thread(self._store.with_status, BatchStatus.VALIDATING):
@@ -214,13 +234,25 @@ class BatchService:
                 await asyncio.to_thread(self._store.begin_finalizing, record.id, now)
         for record in await asyncio.to_thread(self._store.with_status, BatchStatus.FINALIZING):
             await self._finalize(record)
-        expired = await self._files.expire(now)
-        if expired:
-            logger.info("files: %d expired and deleted", expired)
+        if now >= self._next_file_expiry:
+            self._next_file_expiry = now + FILE_EXPIRY_INTERVAL_S
+            expired = await self._files.expire(now)
+            if expired:
+                logger.info("files: %d expired and deleted", expired)
 
-    def line_finished(self) -> None:
-        """The dispatcher ended a batch line: the batch may be done."""
+    def line_finished(self, batch_id: str) -> None:
+        """The dispatcher ended a line of ``batch_id``: that batch may be done (only it is
+        looked at: a pass over every batch after each line would cost more than the lines)."""
+        self._lines_ended.add(batch_id)
         self._wake.set()
+
+    async def _finalize_if_done(self, batch_id: str, now: float) -> None:
+        if await asyncio.to_thread(self._store.has_pending, batch_id):
+            return
+        if await asyncio.to_thread(self._store.begin_finalizing, batch_id, now):
+            record = await asyncio.to_thread(self._store.get, batch_id)
+            if record is not None:
+                await self._finalize(record)
 
     # -- validating ------------------------------------------------------------------------
 
@@ -246,7 +278,7 @@ class BatchService:
             refused = sum(1 for record, _ in rows if record.status is JobStatus.FAILED)
             logger.info("batch %s in progress: %d lines (%d refused)", batch.id, len(rows), refused)
             self._wake_dispatcher()
-            self._wake.set()
+            self._pass_now()
 
     def _check_file(self, batch: BatchRecord) -> Any:
         lines: Iterator[bytes] = self._files.contents.lines(batch.input_file_id)

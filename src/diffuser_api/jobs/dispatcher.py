@@ -4,6 +4,11 @@ number, renews their leases, and records how each ended.
 Waiting jobs live in the database, not in the engine's bounded queue: the engine of a model
 gets at most ``max_batch_size x workers x FEED_FACTOR`` jobs at once, enough to fill its
 batches, while interactive requests keep their room in the queue.
+
+The database is the jobs' cost beside the pipeline, on the same cores: so claims are made a
+batch at a time (not one job per finished job), the jobs that end together are recorded in one
+transaction, and the upkeep (leases, progress, lapsed leases, counts) runs once per poll
+interval, not on every wake-up.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ from diffuser_api.config import Settings
 from diffuser_api.domain import GeneratedImage, ImageRequest, StepProgress
 from diffuser_api.engine.priority import Priority
 from diffuser_api.errors import DiffuserError
+from diffuser_api.jobs.coalesced import CoalescedWrites
 from diffuser_api.jobs.live import LiveJob, LiveJobs
 from diffuser_api.jobs.outcomes import AfterFailure, after_failure, cancelled_error, error_of
 from diffuser_api.jobs.records import JobRecord, JobStatus
 from diffuser_api.jobs.requests import as_checked, restore_request
-from diffuser_api.jobs.store import JobStore
+from diffuser_api.jobs.store import JobStore, Outcome
 from diffuser_api.models.registry import ModelRegistry, ServedModel
 from diffuser_api.service.encoding import encode_image
 from diffuser_api.service.images import ImageService
@@ -98,7 +104,8 @@ class JobDispatcher:
         self._wake = asyncio.Event()
         self._stopping = False
         self._next_expiry = 0.0
-        self._next_count = 0.0
+        self._next_upkeep = 0.0
+        self._finishes = CoalescedWrites(self._write_finishes)
         # Jobs by status as of the last poll, for /metrics: a scrape never waits on the database.
         self.counts: dict[str, int] = {}
 
@@ -108,6 +115,14 @@ class JobDispatcher:
 
     def runs_here(self, job_id: str) -> bool:
         return job_id in self._running
+
+    def stop_here(self, job_id: str) -> None:
+        """Its cancel was asked for (and stored): if it runs in this process, stop it now
+        rather than at the next upkeep."""
+        running = self._running.get(job_id)
+        if running is not None and running.task is not None and not running.cancel_requested:
+            running.cancel_requested = True
+            running.task.cancel()
 
     async def run_forever(self) -> None:
         if self._single_process:
@@ -145,23 +160,18 @@ class JobDispatcher:
 
     async def _tick(self) -> None:
         now = time.time()
-        await self._renew(now)
-        await self._save_progress()
-        _, failed = await asyncio.to_thread(self._reclaim, now)
-        for record in failed:
-            await self.announce(record)
+        if now >= self._next_upkeep:  # once per poll interval, however often it is woken
+            self._next_upkeep = now + self._settings.job_poll_s
+            await self._upkeep(now)
         if now >= self._next_expiry:
             self._next_expiry = now + EXPIRY_INTERVAL_S
             await self._expire(now)
-        if now >= self._next_count:  # at most once per poll interval, however often it is woken
-            self._next_count = now + self._settings.job_poll_s
-            self.counts = await asyncio.to_thread(self._store.counts_by_status)
         if self._stopping or self._registry.draining:
             return  # shutdown has begun: what is queued stays queued for the next start
         for model in list(self._registry):
             room = self._room(model)
-            if room <= 0:
-                continue
+            if room < model.spec.engine.max_batch_size and self._running_on(model):
+                continue  # claim a batch's worth at once, not one job per finished one
             claimed = await asyncio.to_thread(
                 self._store.claim, model.id, room, self.replica, time.time(), self._settings.job_lease_s
             )
@@ -171,11 +181,23 @@ class JobDispatcher:
                 else:
                     self._start(record)
 
+    async def _upkeep(self, now: float) -> None:
+        """Leases renewed (and cancels asked for on other replicas seen), progress saved,
+        lapsed leases taken back, the counts for /metrics refreshed."""
+        await self._renew(now)
+        await self._save_progress()
+        _, failed = await asyncio.to_thread(self._reclaim, now)
+        for record in failed:
+            await self.announce(record)
+        self.counts = await asyncio.to_thread(self._store.counts_by_status)
+
     def _room(self, model: ServedModel) -> int:
         engine = model.engine_now
         workers = len(engine.workers) if engine is not None else len(model.devices) or 1
-        cap = model.spec.engine.max_batch_size * workers * FEED_FACTOR
-        return cap - sum(1 for running in self._running.values() if running.record.model == model.id)
+        return model.spec.engine.max_batch_size * workers * FEED_FACTOR - self._running_on(model)
+
+    def _running_on(self, model: ServedModel) -> int:
+        return sum(1 for running in self._running.values() if running.record.model == model.id)
 
     def _reclaim(self, now: float) -> tuple[list[str], list[JobRecord]]:
         return self._store.reclaim_lapsed(now, self._settings.job_max_attempts, self._settings.job_ttl_s)
@@ -196,10 +218,7 @@ class JobDispatcher:
             self._store.renew, list(self._running), self.replica, now + self._settings.job_lease_s
         )
         for job_id in stop:
-            running = self._running.get(job_id)
-            if running is not None and running.task is not None and not running.cancel_requested:
-                running.cancel_requested = True
-                running.task.cancel()
+            self.stop_here(job_id)
 
     async def _save_progress(self) -> None:
         for job_id, running in list(self._running.items()):
@@ -331,10 +350,7 @@ class JobDispatcher:
     async def _finish(self, running: RunningJob, status: JobStatus, *, result: dict[str, Any] | None = None,
                       error: dict[str, Any] | None = None) -> None:
         record = running.record
-        finished = await asyncio.shield(asyncio.to_thread(
-            self._store.finish, record.id, self.replica, status, time.time(), self._settings.job_ttl_s, result,
-            error,
-        ))
+        finished = await self._finishes.write(Outcome(record.id, status, result, error))
         if finished is None:  # another replica took it over after our lease lapsed
             if result is not None:
                 await asyncio.to_thread(self._storage.delete, [image["name"] for image in result["images"]])
@@ -344,6 +360,9 @@ class JobDispatcher:
         logger.info("job %s (request %s) %s after %d attempt(s)", record.id, record.request_id, status.value,
                     finished.attempts)
         await self.announce(finished)
+
+    def _write_finishes(self, outcomes: Sequence[Outcome]) -> list[JobRecord | None]:
+        return self._store.finish(outcomes, self.replica, time.time(), self._settings.job_ttl_s)
 
     async def announce(self, record: JobRecord) -> None:
         for observe in self._observers:

@@ -210,7 +210,7 @@ class JobService:
             raise NotFound(f"no job with id '{job_id}'", param="job_id", code="not_found")
         if record.status is JobStatus.QUEUED and cancelled.status is JobStatus.CANCELLED:
             await self._dispatcher.announce(cancelled)
-        self._dispatcher.wake()  # the running replica, if it is this one, stops it at once
+        self._dispatcher.stop_here(job_id)  # elsewhere, its replica sees the flag at its next poll
         return cancelled
 
     async def delete(self, job_id: str, owner: str) -> None:
@@ -219,7 +219,7 @@ class JobService:
         if not record.finished:
             await asyncio.to_thread(self._store.cancel, job_id, time.time(), self._settings.job_ttl_s,
                                             cancelled_error())
-            self._dispatcher.wake()
+            self._dispatcher.stop_here(job_id)
         await asyncio.to_thread(self._store.delete, job_id)
         await asyncio.to_thread(self.storage.delete, record.image_names)
 

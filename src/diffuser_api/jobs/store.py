@@ -21,6 +21,16 @@ from diffuser_api.jobs.schema import job_inputs, jobs
 FIELDS = [field.name for field in dataclasses.fields(JobRecord)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How one run of a job ended, as ``JobStore.finish`` records it."""
+
+    job_id: str
+    status: JobStatus
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+
+
 def _record(row: Any) -> JobRecord:
     values = dict(row._mapping)
     values["status"] = JobStatus(values["status"])
@@ -185,24 +195,27 @@ class JobStore:
                 .values(step=step, total_steps=total, image_index=image_index)
             )
 
-    def finish(
-        self, job_id: str, replica: str, status: JobStatus, now: float, ttl_s: float,
-        result: dict[str, Any] | None = None, error: dict[str, Any] | None = None,
-    ) -> JobRecord | None:
-        """Record the outcome if this replica still holds the job; None if it does not."""
-        assert status in FINAL
+    def finish(self, outcomes: Sequence[Outcome], replica: str, now: float, ttl_s: float) -> list[JobRecord | None]:
+        """Record each outcome if this replica still holds its job (None where it does not),
+        all in one transaction: the lines of one pipeline call end together, and one commit
+        for all of them keeps SQLite's single write lock free for everything else."""
+        finished: list[JobRecord | None] = []
         with self._engine.begin() as connection:
-            changed = connection.execute(
-                jobs.update().where(jobs.c.id == job_id, jobs.c.lease_owner == replica,
-                                    jobs.c.status == JobStatus.IN_PROGRESS.value)
-                .values(status=status.value, completed_at=now, expires_at=now + ttl_s, result=result, error=error,
-                        lease_owner=None, lease_expires_at=None)
-            ).rowcount
-            if not changed:
-                return None
-            connection.execute(job_inputs.delete().where(job_inputs.c.job_id == job_id))
-            row = connection.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
-        return None if row is None else _record(row)
+            for outcome in outcomes:
+                assert outcome.status in FINAL
+                changed = connection.execute(
+                    jobs.update().where(jobs.c.id == outcome.job_id, jobs.c.lease_owner == replica,
+                                        jobs.c.status == JobStatus.IN_PROGRESS.value)
+                    .values(status=outcome.status.value, completed_at=now, expires_at=now + ttl_s,
+                            result=outcome.result, error=outcome.error, lease_owner=None, lease_expires_at=None)
+                ).rowcount
+                if not changed:
+                    finished.append(None)
+                    continue
+                connection.execute(job_inputs.delete().where(job_inputs.c.job_id == outcome.job_id))
+                row = connection.execute(sa.select(jobs).where(jobs.c.id == outcome.job_id)).first()
+                finished.append(None if row is None else _record(row))
+        return finished
 
     def requeue(self, job_id: str, replica: str, *, count_attempt: bool) -> None:
         """Back to the queue, from step 0; an attempt that was not the job's fault (shutdown,

@@ -1,0 +1,46 @@
+"""Group commits: writes asked for while one is running go together in the next one.
+
+The jobs of one pipeline call end together (a batch file's lines eight at a time), and each
+used to commit alone: eight transactions queued behind SQLite's single write lock, each a
+thread hop and a commit, competing for the cores with the pipeline itself. Here the first
+write runs at once; those that arrive meanwhile wait for it and then go as one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class CoalescedWrites(Generic[Item, Result]):
+    def __init__(self, write_all: Callable[[Sequence[Item]], Sequence[Result]]) -> None:
+        """``write_all`` is blocking (it runs in a thread) and returns one result per item."""
+        self._write_all = write_all
+        self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def write(self, item: Item) -> Result:
+        """Written even if the caller is cancelled meanwhile (a finished job stays finished)."""
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain(), name="coalesced writes")
+        return await asyncio.shield(future)
+
+    async def _drain(self) -> None:
+        while self._pending:
+            group, self._pending = self._pending, []
+            try:
+                results = await asyncio.to_thread(self._write_all, [item for item, _ in group])
+            except Exception as error:  # every waiter of the group hears of it, as if it wrote alone
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, future), result in zip(group, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
