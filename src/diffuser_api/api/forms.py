@@ -15,25 +15,19 @@ grows, and the body as a whole is capped by the body-limit middleware.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 from fastapi import Request
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
 
+from diffuser_api.api.multipart_parts import MULTIPART, grow_capped, read_parts, text_of, wrong_content_type
 from diffuser_api.config import Settings
 from diffuser_api.domain import Upload
-from diffuser_api.errors import InvalidRequest, PayloadTooLarge
-
-if TYPE_CHECKING:
-    from python_multipart.multipart import MultipartCallbacks
+from diffuser_api.errors import InvalidRequest
 
 IMAGE_PARTS = ("image", "image[]")
 FILE_PARTS = (*IMAGE_PARTS, "mask")
 MAX_IMAGES = 16
 MAX_FIELDS = 100
-MULTIPART = "multipart/form-data"
 # A form without files (url-encoded) can still be answered precisely: "image is missing".
 URLENCODED = "application/x-www-form-urlencoded"
 
@@ -51,28 +45,13 @@ async def read_image_form(request: Request, settings: Settings) -> ParsedForm:
         return await _read_multipart(request, content_type, settings)
     if content_type.startswith(URLENCODED):
         return await _read_urlencoded(request)
-    raise InvalidRequest(
-        f"this endpoint takes multipart/form-data, not '{content_type or 'no content type'}'",
-        code="invalid_content_type",
-    )
+    raise wrong_content_type(content_type)
 
 
 async def _read_multipart(request: Request, content_type: str, settings: Settings) -> ParsedForm:
-    _, options = parse_options_header(content_type)
-    boundary = options.get(b"boundary")
-    if not boundary:
-        raise InvalidRequest("the multipart/form-data content type has no boundary", code="invalid_multipart")
     # A text field is never larger than a whole JSON body of the small routes.
     parts = PartCollector(max_upload_bytes=settings.max_upload_bytes, max_field_bytes=settings.max_json_bytes)
-    try:
-        parser = MultipartParser(boundary, parts.callbacks())
-        async for chunk in request.stream():
-            parser.write(chunk)
-    except FormParserError:
-        raise InvalidRequest("the multipart/form-data body is malformed", code="invalid_multipart") from None
-    if not parts.ended:
-        raise InvalidRequest("the multipart/form-data body ends before its closing boundary",
-                             code="invalid_multipart")
+    await read_parts(request, content_type, parts)
     return parts.form()
 
 
@@ -94,80 +73,44 @@ async def _read_urlencoded(request: Request) -> ParsedForm:
 @dataclass
 class Part:
     name: str = ""
-    has_filename: bool = False
     data: bytearray = field(default_factory=bytearray)
 
 
 class PartCollector:
-    """python-multipart's callbacks: each part lands in memory, its cap checked as it grows."""
+    """A ``PartSink`` that keeps each part in memory, its cap checked as it grows."""
 
     def __init__(self, *, max_upload_bytes: int, max_field_bytes: int) -> None:
         self._max_upload_bytes = max_upload_bytes
         self._max_field_bytes = max_field_bytes
-        self._header_name = bytearray()
-        self._header_value = bytearray()
-        self._disposition = b""
         self._part = Part()
         self.fields: dict[str, str] = {}
         self.images: list[Upload] = []
         self.mask: Upload | None = None
         self._field_count = 0
-        self.ended = False
-
-    def callbacks(self) -> MultipartCallbacks:
-        return {
-            "on_part_begin": self._part_begin,
-            "on_header_field": lambda data, start, end: self._header_name.extend(data[start:end]),
-            "on_header_value": lambda data, start, end: self._header_value.extend(data[start:end]),
-            "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished,
-            "on_part_data": self._part_data,
-            "on_part_end": self._part_end,
-            "on_end": self._end,
-        }
 
     def form(self) -> ParsedForm:
         return ParsedForm(fields=self.fields, images=tuple(self.images), mask=self.mask)
 
-    def _part_begin(self) -> None:
-        self._part = Part()
-        self._disposition = b""
-
-    def _header_end(self) -> None:
-        if bytes(self._header_name).lower() == b"content-disposition":
-            self._disposition = bytes(self._header_value)
-        self._header_name.clear()
-        self._header_value.clear()
-
-    def _headers_finished(self) -> None:
-        _, options = parse_options_header(self._disposition)
-        if b"name" not in options:
-            raise InvalidRequest("a multipart part has no name in its Content-Disposition",
-                                 code="invalid_multipart")
-        self._part.name = options[b"name"].decode("utf-8", "replace")
-        self._part.has_filename = b"filename" in options
-        name = self._part.name
+    def begin(self, name: str, filename: str | None) -> None:
+        self._part = Part(name=name)
         if name in IMAGE_PARTS and len(self.images) >= MAX_IMAGES:
             raise InvalidRequest(f"at most {MAX_IMAGES} images per request", param="image", code="invalid_value")
         if name not in FILE_PARTS:
-            if self._part.has_filename:
+            if filename is not None:
                 raise InvalidRequest(f"'{name}' must be a text field, not a file", param=name, code="invalid_value")
             self._field_count += 1
             if self._field_count > MAX_FIELDS:
                 raise InvalidRequest(f"at most {MAX_FIELDS} form fields per request", code="invalid_value")
 
-    def _part_data(self, data: bytes, start: int, end: int) -> None:
+    def data(self, chunk: bytes) -> None:
         part = self._part
-        part.data.extend(data[start:end])
-        is_file = part.name in FILE_PARTS
-        limit = self._max_upload_bytes if is_file else self._max_field_bytes
-        if len(part.data) > limit:
-            param = part.name.removesuffix("[]")
-            what = param if is_file else f"the field '{param}'"
-            raise PayloadTooLarge(f"{what} is larger than {limit} bytes, the limit", param=param,
-                                  code="payload_too_large")
+        param = part.name.removesuffix("[]")
+        if part.name in FILE_PARTS:
+            grow_capped(part.data, chunk, self._max_upload_bytes, param=param, what=param)
+        else:
+            grow_capped(part.data, chunk, self._max_field_bytes, param=param, what=f"the field '{param}'")
 
-    def _part_end(self) -> None:
+    def end(self) -> None:
         part = self._part
         param = part.name.removesuffix("[]")
         if part.name in FILE_PARTS:
@@ -177,10 +120,4 @@ class PartCollector:
             else:
                 self.images.append(upload)
             return
-        try:
-            self.fields[param] = part.data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidRequest(f"'{param}' is not UTF-8 text", param=param, code="invalid_value") from None
-
-    def _end(self) -> None:
-        self.ended = True
+        self.fields[param] = text_of(param, part.data)

@@ -7,26 +7,17 @@ time and reports only what changed (a log file gets one line per step forward, n
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Any, Protocol, Self, TextIO
+from typing import Any, Protocol, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import TimeElapsedColumn
 
-from diffuser_api.client.progress import saved_words
-from diffuser_api.client.saving import SavedImage
+from diffuser_api.client.display_parts import LinePrinter, LiveBar, PathsDisplay, SavingDisplay, SilentDisplay
 
 
-class BatchDisplay(Protocol):
-    def __enter__(self) -> Self: ...
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None: ...
-
+class BatchDisplay(SavingDisplay, Protocol):
     def update(self, batch: dict[str, Any]) -> None:
         """The batch as last polled."""
-
-    def saved(self, image: SavedImage) -> None: ...
 
 
 def counts_of(batch: dict[str, Any]) -> tuple[int, int, int]:
@@ -42,77 +33,32 @@ def progress_words(batch: dict[str, Any]) -> str:
     return words + (f", {failed} failed" if failed else "")
 
 
-class _Quiet:
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        return None
-
-    def update(self, batch: dict[str, Any]) -> None:
-        return None
-
-
-class SilentBatchDisplay(_Quiet):
-    """``--json``: the JSON object at the end is the only output."""
-
-    def saved(self, image: SavedImage) -> None:
-        return None
-
-
-class PathsBatchDisplay(_Quiet):
-    """``-q``: one saved path a line."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-
-    def saved(self, image: SavedImage) -> None:
-        print(image.path, file=self._stream, flush=True)
-
-
-class LineBatchDisplay(_Quiet):
+class LineBatchDisplay(LinePrinter):
     """Not a terminal: a line each time the status or the counts change."""
 
     def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
+        super().__init__(stream)
         self._last: str | None = None
 
     def update(self, batch: dict[str, Any]) -> None:
         words = progress_words(batch)
         if words != self._last:
             self._last = words
-            print(f"batch {batch['id']} {words}", file=self._stream, flush=True)
-
-    def saved(self, image: SavedImage) -> None:
-        print(saved_words(image), file=self._stream, flush=True)
+            self._print(f"batch {batch['id']} {words}")
 
 
-class LiveBatchDisplay:
+class LiveBatchDisplay(LiveBar):
     """A terminal: a bar of the lines done (completed or failed) out of the total."""
 
     def __init__(self, console: Console, batch_id: str) -> None:
+        super().__init__(console, f"batch {batch_id}: waiting for the server", TimeElapsedColumn())
         self._batch_id = batch_id
-        self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                  MofNCompleteColumn(), TimeElapsedColumn(), console=console)
-        self._task = self._progress.add_task(f"batch {batch_id}: waiting for the server", total=None)
-
-    def __enter__(self) -> Self:
-        self._progress.start()
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self._progress.stop()
 
     def update(self, batch: dict[str, Any]) -> None:
         total, completed, failed = counts_of(batch)
         failures = f" ({failed} failed)" if failed else ""
-        self._progress.update(self._task, description=f"batch {self._batch_id}: {batch['status']}{failures}",
-                              total=total or None, completed=completed + failed)
-
-    def saved(self, image: SavedImage) -> None:
-        self._progress.console.print(saved_words(image), highlight=False)
+        self._show(f"batch {self._batch_id}: {batch['status']}{failures}", total=total or None,
+                   completed=completed + failed)
 
 
 def batch_display(mode: str, stream: TextIO, batch_id: str) -> BatchDisplay:
@@ -122,5 +68,5 @@ def batch_display(mode: str, stream: TextIO, batch_id: str) -> BatchDisplay:
     if mode == "lines":
         return LineBatchDisplay(stream)
     if mode == "paths":
-        return PathsBatchDisplay(stream)
-    return SilentBatchDisplay()
+        return PathsDisplay(stream)
+    return SilentDisplay()

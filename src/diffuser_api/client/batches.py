@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from diffuser_api.client.batch_progress import BatchDisplay, batch_display, counts_of, progress_words
-from diffuser_api.client.failures import SomeLinesFailed, StoppedWatching
+from diffuser_api.client.failures import SomeLinesFailed
 from diffuser_api.client.http import (
     cancel_batch,
     create_batch,
@@ -28,6 +28,13 @@ from diffuser_api.client.http import (
 from diffuser_api.client.output import EXIT_CODES_HELP, Output
 from diffuser_api.client.saving import SavedImage, save_image
 from diffuser_api.client.server import Server
+from diffuser_api.client.watching import (
+    BATCH,
+    action_adder,
+    report_status,
+    report_submitted,
+    stop_watching_on_ctrl_c,
+)
 
 ENDPOINTS = ("/v1/images/generations", "/v1/images/edits")
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "expired"})
@@ -41,12 +48,7 @@ def add_batch_command(commands: Any, connection: argparse.ArgumentParser) -> Non
     batch = commands.add_parser("batch", help="submit a JSONL file to the Batch API, show, cancel or wait for a batch",
                                 description="Batches: a JSONL file of image requests, run without a connection.")
     actions = batch.add_subparsers(dest="action", required=True, metavar="{submit,show,cancel,wait}")
-
-    def add(name: str, run: Any, help: str) -> argparse.ArgumentParser:
-        parser = actions.add_parser(name, parents=[connection], help=help, description=help,
-                                    epilog=BATCH_EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.set_defaults(run=run)
-        return parser
+    add = action_adder(actions, connection, BATCH_EXIT_CODES_HELP)
 
     def add_waiting_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("-o", "--output-dir", type=Path, default=Path("."),
@@ -81,19 +83,12 @@ def run_submit(args: argparse.Namespace, server: Server, output: Output) -> dict
     batch = create_batch(server, uploaded["id"], args.endpoint)
     if args.wait:
         return follow(server, batch["id"], args, output)
-    if output.mode == "paths":
-        print(batch["id"], file=output.stdout, flush=True)
-    output.line(f"batch {batch['id']} {batch['status']}: follow it with `diffuser-api batch wait {batch['id']}`")
-    return batch
+    return report_submitted(batch, BATCH, output)
 
 
 def run_show(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
     batch = get_batch(server, args.batch_id)
-    if output.mode == "paths":
-        print(batch["status"], file=output.stdout)
-    for line in describe_batch(batch):
-        output.line(line)
-    return batch
+    return report_status(batch, describe_batch(batch), output)
 
 
 def describe_batch(batch: dict[str, Any]) -> list[str]:
@@ -116,10 +111,7 @@ def validation_errors(batch: dict[str, Any]) -> list[str]:
 
 def run_cancel(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
     batch = cancel_batch(server, args.batch_id)
-    if output.mode == "paths":
-        print(batch["status"], file=output.stdout)
-    output.line(f"batch {batch['id']}: cancel asked, now {batch['status']}")
-    return batch
+    return report_status(batch, [f"batch {batch['id']}: cancel asked, now {batch['status']}"], output)
 
 
 def run_wait(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
@@ -128,13 +120,10 @@ def run_wait(args: argparse.Namespace, server: Server, output: Output) -> dict[s
 
 def follow(server: Server, batch_id: str, args: argparse.Namespace, output: Output) -> dict[str, Any]:
     """Poll until the batch ends, save what completed, then report what did not."""
-    try:
-        with batch_display(output.mode, output.stdout, batch_id) as display:
-            batch = poll_until_final(server, batch_id, args.poll_s, display)
-            saved = save_output(server, batch, args.output_dir, display)
-            failed = failed_lines(server, batch)
-    except KeyboardInterrupt:
-        raise StoppedWatching(batch_id, noun="batch", command="batch") from None
+    with stop_watching_on_ctrl_c(batch_id, BATCH), batch_display(output.mode, output.stdout, batch_id) as display:
+        batch = poll_until_final(server, batch_id, args.poll_s, display)
+        saved = save_output(server, batch, args.output_dir, display)
+        failed = failed_lines(server, batch)
     total, completed, failed_count = counts_of(batch)
     result = {"batch": batch["id"], "status": batch["status"],
               "request_counts": {"total": total, "completed": completed, "failed": failed_count},

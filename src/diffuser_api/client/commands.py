@@ -29,11 +29,12 @@ from diffuser_api.client.failures import (
     StoppedWatching,
 )
 from diffuser_api.client.http import create_variation, list_models, submit_json_job, submit_variation_job
-from diffuser_api.client.jobs import add_jobs_command, report_submitted
+from diffuser_api.client.jobs import add_jobs_command
 from diffuser_api.client.output import EXIT_CODES_HELP, Output
 from diffuser_api.client.saving import FORMATS, SavedImage, save_image
 from diffuser_api.client.server import Server, resolve_server
 from diffuser_api.client.socket import run_session
+from diffuser_api.client.watching import JOB, report_submitted
 
 
 def add_client_commands(commands: Any) -> None:
@@ -178,14 +179,14 @@ def data_url(path: Path) -> str:
 
 def run_generate(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
     if args.run_async:
-        return report_submitted(submit_json_job(server, "generations", generation_body(args)), output)
+        return report_submitted(submit_json_job(server, "generations", generation_body(args)), JOB, output)
     return _over_websocket(args, server, output, generation_body(args), _doing("generating", args.n))
 
 
 def run_edit(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
     if args.run_async:
         body = {name: value for name, value in edit_body(args).items() if name != "endpoint"}
-        return report_submitted(submit_json_job(server, "edits", body), output)
+        return report_submitted(submit_json_job(server, "edits", body), JOB, output)
     return _over_websocket(args, server, output, edit_body(args), _doing("editing", args.n))
 
 
@@ -212,7 +213,7 @@ def _over_websocket(
 def run_vary(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
     fields = image_fields(args) | {"response_format": "b64_json"}
     if args.run_async:
-        return report_submitted(submit_variation_job(server, args.image, fields), output)
+        return report_submitted(submit_variation_job(server, args.image, fields), JOB, output)
     what = _doing("making variations", args.n)
     with output.display(what) as display:
         display.waiting(what)

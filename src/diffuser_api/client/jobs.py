@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from diffuser_api.client.events import follow_job
-from diffuser_api.client.failures import ServerRefused, StoppedWatching, refusal_from
+from diffuser_api.client.failures import ServerRefused, refusal_from
 from diffuser_api.client.http import cancel_job, get_job, image_b64, list_jobs
 from diffuser_api.client.output import EXIT_CODES_HELP, Output
 from diffuser_api.client.progress import Display
 from diffuser_api.client.saving import FORMATS, SavedImage, save_image
 from diffuser_api.client.server import Server
+from diffuser_api.client.watching import JOB, action_adder, report_status, stop_watching_on_ctrl_c
 
 STATUSES = ("queued", "in_progress", "completed", "failed", "cancelled", "expired")
 # A job's images are named like those of the command that would have made them at once.
@@ -28,12 +29,7 @@ def add_jobs_command(commands: Any, connection: argparse.ArgumentParser) -> None
     jobs = commands.add_parser("jobs", help="list, show, cancel or wait for async jobs (see --async)",
                                description="Async jobs: submitted with --async, they run without a connection.")
     actions = jobs.add_subparsers(dest="action", required=True, metavar="{list,show,cancel,wait}")
-
-    def add(name: str, run: Any, help: str) -> argparse.ArgumentParser:
-        parser = actions.add_parser(name, parents=[connection], help=help, description=help, epilog=EXIT_CODES_HELP,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.set_defaults(run=run)
-        return parser
+    add = action_adder(actions, connection, EXIT_CODES_HELP)
 
     listing = add("list", run_list, "your jobs, newest first")
     listing.add_argument("--status", choices=STATUSES, help="only the jobs in this status")
@@ -50,14 +46,6 @@ def add_jobs_command(commands: Any, connection: argparse.ArgumentParser) -> None
                                        "e.g. generate): PREFIX-SEED.FORMAT")
 
 
-def report_submitted(job: dict[str, Any], output: Output) -> dict[str, Any]:
-    """``--async``: the job id is what a script needs (``-q`` prints only it)."""
-    if output.mode == "paths":
-        print(job["id"], file=output.stdout, flush=True)
-    output.line(f"job {job['id']} {job['status']}: follow it with `diffuser-api jobs wait {job['id']}`")
-    return job
-
-
 def run_list(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
     response = list_jobs(server, {"status": args.status, "limit": args.limit, "after": args.after})
     for job in response.get("data", []):
@@ -70,11 +58,7 @@ def run_list(args: argparse.Namespace, server: Server, output: Output) -> dict[s
 
 def run_show(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
     job = get_job(server, args.job_id)
-    if output.mode == "paths":
-        print(job["status"], file=output.stdout)
-    for line in describe_job(job):
-        output.line(line)
-    return job
+    return report_status(job, describe_job(job), output)
 
 
 def describe_job(job: dict[str, Any]) -> list[str]:
@@ -95,24 +79,18 @@ def describe_job(job: dict[str, Any]) -> list[str]:
 
 def run_cancel(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
     job = cancel_job(server, args.job_id)
-    if output.mode == "paths":
-        print(job["status"], file=output.stdout)
-    output.line(f"job {job['id']}: cancel asked, now {job['status']}")
-    return job
+    return report_status(job, [f"job {job['id']}: cancel asked, now {job['status']}"], output)
 
 
 def run_wait(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
-    try:
-        with output.display(f"job {args.job_id}") as display:
-            display.waiting(f"job {args.job_id}")
-            job = follow_job(server, args.job_id, lambda event: _show(event, display))
-            if job["status"] != "completed":
-                raise job_refusal(job)
-            output_format, saved = save_job_images(job, server, args)
-            for image in saved:
-                display.saved(image)
-    except KeyboardInterrupt:
-        raise StoppedWatching(args.job_id) from None
+    with stop_watching_on_ctrl_c(args.job_id, JOB), output.display(f"job {args.job_id}") as display:
+        display.waiting(f"job {args.job_id}")
+        job = follow_job(server, args.job_id, lambda event: _show(event, display))
+        if job["status"] != "completed":
+            raise job_refusal(job)
+        output_format, saved = save_job_images(job, server, args)
+        for image in saved:
+            display.saved(image)
     return {"job": job["id"], "status": job["status"], "images": [image.as_json() for image in saved],
             "output_format": output_format}
 

@@ -9,7 +9,8 @@ from typing import TextIO
 
 from rich.console import Console
 
-from diffuser_api.client.progress import Display, LineDisplay, LiveDisplay, PathsDisplay, SilentDisplay
+from diffuser_api.client.display_parts import PathsDisplay, SilentDisplay
+from diffuser_api.client.progress import Display, LineDisplay, LiveDisplay
 
 EXIT_CODES_HELP = """exit codes:
   0  done

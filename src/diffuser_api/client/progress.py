@@ -11,33 +11,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Protocol, Self, TextIO
+from typing import Any, Protocol, TextIO
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    SpinnerColumn,
-    Task,
-    TextColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import ProgressColumn, Task, TimeRemainingColumn
 from rich.text import Text
 
-from diffuser_api.client.saving import SavedImage
+from diffuser_api.client.display_parts import LinePrinter, LiveBar, SavingDisplay
 
 RATE_WINDOW_S = 0.5  # the shortest time a rate (and an ETA) is measured over
 
 
-class Display(Protocol):
+class Display(SavingDisplay, Protocol):
     """Used as a context manager around one request."""
-
-    def __enter__(self) -> Self: ...
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None: ...
 
     def waiting(self, what: str) -> None:
         """The request is sent; the server has not said anything yet."""
@@ -45,8 +31,6 @@ class Display(Protocol):
     def event(self, message: dict[str, Any]) -> None:
         """A WebSocket message other than ``completed`` (which the caller saves, then reports),
         or ``running`` (a job has started, no step yet)."""
-
-    def saved(self, image: SavedImage) -> None: ...
 
 
 def step_words(step: int, total: int, rate: float | None) -> str:
@@ -57,47 +41,11 @@ def step_words(step: int, total: int, rate: float | None) -> str:
     return words
 
 
-def saved_words(image: SavedImage) -> str:
-    return f"saved {image.path} (seed {image.seed})"
-
-
-class _Quiet:
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        return None
-
-    def waiting(self, what: str) -> None:
-        return None
-
-    def event(self, message: dict[str, Any]) -> None:
-        return None
-
-
-class SilentDisplay(_Quiet):
-    """``--json``: the JSON object at the end is the only output."""
-
-    def saved(self, image: SavedImage) -> None:
-        return None
-
-
-class PathsDisplay(_Quiet):
-    """``-q``: one saved path a line, for ``xargs`` and friends."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-
-    def saved(self, image: SavedImage) -> None:
-        print(image.path, file=self._stream, flush=True)
-
-
-class LineDisplay(_Quiet):
-    """Not a terminal: one plain line per event, flushed at once (logs show it live)."""
+class LineDisplay(LinePrinter):
+    """Not a terminal: one plain line per event."""
 
     def __init__(self, stream: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
-        self._stream = stream
+        super().__init__(stream)
         self._clock = clock
         self._first_step: tuple[int, float] | None = None
 
@@ -116,9 +64,6 @@ class LineDisplay(_Quiet):
             step, total = int(message["step"]), int(message["total_steps"])
             self._print(step_words(step, total, self._rate(step)))
 
-    def saved(self, image: SavedImage) -> None:
-        self._print(saved_words(image))
-
     def _rate(self, step: int) -> float | None:
         now = self._clock()
         if self._first_step is None or step < self._first_step[0]:
@@ -129,9 +74,6 @@ class LineDisplay(_Quiet):
         # window would report thousands of steps a second.
         return (step - first) / (now - started) if now - started >= RATE_WINDOW_S and step > first else None
 
-    def _print(self, line: str) -> None:
-        print(line, file=self._stream, flush=True)
-
 
 class StepRateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
@@ -139,42 +81,29 @@ class StepRateColumn(ProgressColumn):
         return Text(f"{speed:.1f} steps/s" if speed else "", style="progress.data.speed")
 
 
-class LiveDisplay:
+class LiveDisplay(LiveBar):
     """A terminal: a spinner while waiting, then a bar with step x/y, rate and ETA."""
 
     def __init__(self, console: Console, what: str) -> None:
-        self._console = console
+        super().__init__(console, f"{what}: connecting", StepRateColumn(), TimeRemainingColumn())
         self._what = what
-        self._progress = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            StepRateColumn(), TimeRemainingColumn(), console=console,
-        )
-        self._task = self._progress.add_task(f"{what}: connecting", total=None)
-
-    def __enter__(self) -> Self:
-        self._progress.start()
-        return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         if kind is None:
-            self._progress.update(self._task, description=f"{self._what}: done")
-        self._progress.stop()
+            self._show(f"{self._what}: done")
+        super().__exit__(kind, error, trace)
 
     def waiting(self, what: str) -> None:
-        self._progress.update(self._task, description=f"{what}: waiting for the server")
+        self._show(f"{what}: waiting for the server")
 
     def event(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
         if kind == "queued":
-            self._progress.update(self._task, description=f"{self._what}: queued, position {message.get('position')}")
+            self._show(f"{self._what}: queued, position {message.get('position')}")
         elif kind == "loading":
-            self._progress.update(self._task, description=f"{self._what}: loading the model")
+            self._show(f"{self._what}: loading the model")
         elif kind == "running":
-            self._progress.update(self._task, description=f"{self._what}: running")
+            self._show(f"{self._what}: running")
         elif kind == "progress":
-            self._progress.update(self._task, description=f"{self._what}: step", total=int(message["total_steps"]),
-                                  completed=int(message["step"]))
-
-    def saved(self, image: SavedImage) -> None:
-        self._progress.console.print(saved_words(image), highlight=False)
+            self._show(f"{self._what}: step", total=int(message["total_steps"]), completed=int(message["step"]))
