@@ -26,8 +26,7 @@ class FileForm:
     """A ``PartSink``: the file part's bytes wait in ``pending`` until the reader writes them out
     (the parser's callbacks cannot await), the text fields are collected."""
 
-    def __init__(self, files: FileService) -> None:
-        self._files = files
+    def __init__(self) -> None:
         self._name = ""
         self._value = bytearray()
         self.filename: str | None = None

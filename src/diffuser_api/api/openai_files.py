@@ -76,7 +76,7 @@ async def create_file(request: Request) -> Response:
     earlier = await files.earlier_upload(owner, key)
     if earlier is not None:
         return JSONResponse(file_object(earlier))
-    form = FileForm(files)
+    form = FileForm()
     try:
         async with files.upload(owner) as upload:
             await read_file_form(request, form, upload)
