@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import threading
 
 import openai
@@ -224,3 +225,20 @@ def test_closed_codec_pool_says_the_server_is_shutting_down():
     pool.close()
     with pytest.raises(Unavailable):
         pool.submit(lambda: None)
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="thread niceness is a POSIX call")
+def test_a_background_codec_pool_runs_at_a_lower_os_priority_than_the_rest_of_the_process():
+    """Async jobs' images are encoded there: the OS must give the cores to interactive work first."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    background, foreground = CodecPool(threads=1, max_queue=1, niceness=10), CodecPool(threads=1, max_queue=1)
+    try:
+        def niceness() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        assert foreground.submit(niceness).result(timeout=5) == own
+        assert background.submit(niceness).result(timeout=5) == min(own + 10, 19)
+        assert os.getpriority(os.PRIO_PROCESS, 0) == own, "the calling thread kept its priority"
+    finally:
+        background.close()
+        foreground.close()

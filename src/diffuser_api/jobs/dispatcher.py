@@ -304,7 +304,7 @@ class JobDispatcher:
             priority = Priority.BATCH if record.batch_id is not None else Priority.JOB
             generated = await engine.submit(work, self._progress_sink(running, request), deadline=deadline,
                                             priority=priority)
-        names = await asyncio.gather(*(self._images.codec.run_admitted(self._save, image, request)
+        names = await asyncio.gather(*(self._images.background_codec.run_admitted(self._save, image, request)
                                        for image in generated))
         return {
             "created": int(time.time()),

@@ -9,6 +9,7 @@ like a full model queue.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,12 +23,22 @@ T = TypeVar("T")
 RETRY_AFTER_S = 1.0
 
 
+def _lower_priority(niceness: int) -> None:
+    """On Linux a thread is a task of its own: ``nice`` changes the calling thread alone."""
+    if niceness and hasattr(os, "nice"):
+        os.nice(niceness)
+
+
 class CodecPool:
     """Counts tasks waiting or running; the count drops when a task ends in its thread, not when
     the request that asked for it goes away, so abandoned work still holds its place until done."""
 
-    def __init__(self, threads: int, max_queue: int) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="codec")
+    def __init__(self, threads: int, max_queue: int, *, niceness: int = 0) -> None:
+        """``niceness`` > 0: the pool's threads yield the cores to everything else of the
+        process (the OS scheduler weighs them less), for work no client is waiting on."""
+        self._executor = ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="codec", initializer=_lower_priority, initargs=(niceness,)
+        )
         self._capacity = threads + max_queue
         self._max_queue = max_queue
         self._lock = threading.Lock()

@@ -57,6 +57,9 @@ CODEC_THREADS = 2
 REDUCING_GAP = 3.0
 
 
+BACKGROUND_NICENESS = 10
+
+
 class ImageService:
     def __init__(self, settings: Settings, registry: ModelRegistry, storage: ImageStorage) -> None:
         self._settings = settings
@@ -64,9 +67,13 @@ class ImageService:
         self._storage = storage
         self._limits = UploadLimits(settings.max_upload_bytes, settings.max_input_pixels)
         self.codec = CodecPool(CODEC_THREADS, settings.max_codec_queue)
+        # Async jobs' and batch lines' images: nobody waits on an open connection for them, so
+        # their encoding must not take the cores from an interactive request's pipeline call.
+        self.background_codec = CodecPool(CODEC_THREADS, settings.max_codec_queue, niceness=BACKGROUND_NICENESS)
 
     def close(self) -> None:
         self.codec.close()
+        self.background_codec.close()
 
     async def create(
         self,
