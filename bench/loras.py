@@ -149,17 +149,7 @@ def markdown(phases: dict[str, Measurement], per_call: dict[str, list[float]], c
         (f"| {call_ms:.1f} | {np.median(cold) * 1000 / call_ms:.2f} calls ({np.median(cold) * 1000:.0f} ms) | "
          f"{np.median(hot) * 1000 / call_ms:.2f} calls ({np.median(hot) * 1000:.0f} ms) |"),
         "",
-        "## Ratios",
-        "",
-        *tables.targets(targets),
-        "",
-        "| ratio, no target | measured |",
-        "|---|---|",
-        *[f"| {name} | {value:.2f} |" for name, value in measured.items()],
-        "",
-        "## Conditions",
-        "",
-        *[f"- {note}" for note in notes],
+        *tables.ratios_and_conditions(targets, measured, notes),
     ]
     return "\n".join(lines) + "\n"
 

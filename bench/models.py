@@ -213,17 +213,7 @@ def markdown(first: list[FirstRequests], churn: dict[str, Measurement], evicted:
         "",
         *tables.measurements(list(churn.values())),
         "",
-        "## Ratios",
-        "",
-        *tables.targets(targets),
-        "",
-        "| ratio, no target | measured |",
-        "|---|---|",
-        *[f"| {name} | {value:.2f} |" for name, value in measured.items()],
-        "",
-        "## Conditions",
-        "",
-        *[f"- {note}" for note in notes],
+        *tables.ratios_and_conditions(targets, measured, notes),
     ]
     return "\n".join(lines) + "\n"
 

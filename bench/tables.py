@@ -5,7 +5,7 @@ No plotting imports here: the GPU script writes its report on machines without m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from bench.measure import Measurement, Target
 
@@ -39,3 +39,20 @@ def targets(items: Sequence[Target]) -> list[str]:
         met = "yes" if target.met else "no"
         lines.append(f"| {target.name} | {target.value:.2f}{target.unit} | {target.goal} | {met} |")
     return lines
+
+
+def ratios_and_conditions(items: Sequence[Target], measured: Mapping[str, float], notes: Sequence[str]) -> list[str]:
+    """A report's closing sections: the ratios with targets, those without, and the conditions."""
+    return [
+        "## Ratios",
+        "",
+        *targets(items),
+        "",
+        "| ratio, no target | measured |",
+        "|---|---|",
+        *[f"| {name} | {value:.2f} |" for name, value in measured.items()],
+        "",
+        "## Conditions",
+        "",
+        *[f"- {note}" for note in notes],
+    ]
