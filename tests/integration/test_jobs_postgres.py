@@ -10,14 +10,16 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from diffuser_api.config import Settings
-from diffuser_api.jobs.database import migrate, open_database
+from diffuser_api.jobs.database import database_url, migrate, open_database
 from diffuser_api.jobs.records import JobRecord, JobStatus, new_job_id
 from diffuser_api.jobs.store import JobStore
 from tests import postgres
 from tests.conftest import LiveServer, free_port
 from tests.integration.test_jobs_server import finished_lines, job_of, summary, wait_all
+from tests.unit.test_jobs_migration import migrate_at_once, migrated_tables
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(postgres.available() is not None,
                                                    reason=str(postgres.available()))]
@@ -27,6 +29,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(postgres.available() is not N
 def postgres_url() -> Iterator[str]:
     with postgres.postgres_server(free_port()) as url:
         yield url
+
+
+def test_replicas_starting_together_on_one_new_database_all_start(postgres_url):
+    admin = sa.create_engine(database_url(Settings(_env_file=None, jobs_url=postgres_url)),
+                             isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text("CREATE DATABASE fresh_replicas"))
+    admin.dispose()
+    fresh = postgres_url.rsplit("/", 1)[0] + "/fresh_replicas"
+    for finished in migrate_at_once(fresh, replicas=4):
+        assert finished.returncode == 0, finished.stdout
+    assert {"jobs", "alembic_version"} <= migrated_tables(database_url(Settings(_env_file=None, jobs_url=fresh)))
 
 
 def queued(model: str = "m") -> JobRecord:

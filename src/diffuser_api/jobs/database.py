@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from sqlalchemy.engine import Engine
+from filelock import FileLock
+from sqlalchemy.engine import Connection, Engine
 
 from diffuser_api.config import Settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # A writer waits this long for SQLite's lock (another thread of this process) before failing.
 SQLITE_BUSY_TIMEOUT_S = 30
+# Replicas starting together wait this long for the one migrating before giving up.
+MIGRATION_LOCK_TIMEOUT_S = 300
+# PostgreSQL advisory lock key that serialises migrations (any fixed 64-bit number; "diffuser").
+MIGRATION_ADVISORY_LOCK = 0x6469666675736572
 
 
 def database_url(settings: Settings) -> str:
@@ -54,9 +61,31 @@ def migrate(engine: Engine) -> None:
     """Run every migration not run yet (Alembic's version table says which), in code: no
     ``alembic.ini`` to install, and an upgrade never loses the jobs already stored."""
     config = migration_config()
-    with engine.begin() as connection:
+    with _sqlite_file_lock(engine), engine.begin() as connection:
+        _hold_postgres_lock(connection)
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+@contextlib.contextmanager
+def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
+    """Replicas started together on one new database would each see no schema and each create
+    it, and all but one fail ("table jobs already exists"). SQLite has no lock a migration can
+    hold across its DDL, so a lock file beside the database makes them take turns: the later
+    ones find the schema current and do nothing."""
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:":
+        yield
+        return
+    with FileLock(f"{path}.migrate.lock", timeout=MIGRATION_LOCK_TIMEOUT_S):
+        yield
+
+
+def _hold_postgres_lock(connection: Connection) -> None:
+    """PostgreSQL's transactional DDL alone would fail the later replicas on the unique version
+    row; a transaction-scoped advisory lock makes them wait for the first one's commit."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_ADVISORY_LOCK})
 
 
 def migration_config() -> Config:
