@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from diffuser_api.domain import GeneratedImage
-from diffuser_api.engine import Engine, EngineLimits
+from diffuser_api.engine import Engine, EngineLimits, batching
 from diffuser_api.engine.device_turns import DeviceTurns
 from diffuser_api.engine.priority import Priority, effective_class
 from diffuser_api.errors import Overloaded, Unavailable
@@ -118,9 +118,13 @@ async def test_batch_lines_are_served_under_endless_interactive_load() -> None:
 
 
 @run_async
-async def test_an_interactive_batch_takes_no_lower_class_work_and_lower_classes_batch_among_themselves() -> None:
+async def test_an_interactive_batch_takes_no_lower_class_work_and_lower_classes_batch_among_themselves(
+    monkeypatch,
+) -> None:
     """On a CPU a pipeline call costs about its image count: a job filling an interactive batch
-    would make the interactive request wait for the job's pixels too."""
+    would make the interactive request wait for the job's pixels too. (Background batches are
+    not halved here: interactive traffic counts as live for no time.)"""
+    monkeypatch.setattr(batching, "INTERACTIVE_LIVE_S", 0.0)
     runner = FakeRunner()
     async with serving(runner, max_batch_size=3) as engine:
         blocker = await block_worker(engine, runner)
@@ -136,7 +140,8 @@ async def test_an_interactive_batch_takes_no_lower_class_work_and_lower_classes_
 
 
 @run_async
-async def test_a_burst_of_50_jobs_delays_an_interactive_request_by_at_most_one_batch() -> None:
+async def test_a_burst_of_50_jobs_delays_an_interactive_request_by_at_most_one_batch(monkeypatch) -> None:
+    monkeypatch.setattr(batching, "INTERACTIVE_LIVE_S", 0.0)  # whole job batches before and after
     runner = FakeRunner(step_delay_s=0.01)
     async with serving(runner, max_queue_size=4, max_batch_size=4) as engine:
         jobs = [await submit_as(engine, f"job-{index}", Priority.JOB, size=(64, 64)) for index in range(50)]
@@ -153,6 +158,28 @@ async def test_a_burst_of_50_jobs_delays_an_interactive_request_by_at_most_one_b
         await asyncio.gather(*jobs)
     assert runner.batches.index(runner.batch_of("interactive")) == begun, "a job batch went before it"
     assert len(runner.batches) == 1 + 50 // 4 + 1  # every job ran, four to a batch
+
+
+@run_async
+async def test_background_batches_hold_half_a_batch_while_interactive_traffic_is_live(monkeypatch) -> None:
+    """A job batch that starts just before an interactive request arrives delays it by the
+    whole batch; while interactive requests keep coming, job batches are half as long."""
+    monkeypatch.setattr(batching, "INTERACTIVE_LIVE_S", 0.3)
+    runner = FakeRunner()
+    async with serving(runner, max_batch_size=4) as engine:
+        blocker = await block_worker(engine, runner)  # an interactive request: traffic is live
+        during = [await submit_as(engine, f"during-{index}", Priority.JOB, size=(64, 64)) for index in range(8)]
+        runner.gate.set()
+        await asyncio.gather(blocker, *during)
+        await asyncio.sleep(0.35)  # no interactive request since: the jobs fill whole batches again
+        runner.gate.clear()
+        job_blocker = await submit_as(engine, "job-blocker", Priority.JOB, steps=1)
+        await wait_until(lambda: runner.started("job-blocker"), "the worker to start the job blocker")
+        after = [await submit_as(engine, f"after-{index}", Priority.JOB, size=(64, 64)) for index in range(8)]
+        runner.gate.set()
+        await asyncio.gather(job_blocker, *after)
+    sizes = [(batch.prompts[0].split("-")[0], len(batch.prompts)) for batch in runner.batches[1:]]
+    assert sizes == [("during", 2)] * 4 + [("job", 1)] + [("after", 4)] * 2
 
 
 @run_async

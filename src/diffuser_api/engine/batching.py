@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -11,12 +12,23 @@ from dataclasses import dataclass
 from diffuser_api.engine.job import Job
 from diffuser_api.engine.priority import Priority, effective_class
 
+# Interactive traffic counts as live for this long after its last request arrived: its clients
+# are reading answers and sending their next requests in between.
+INTERACTIVE_LIVE_S = 1.0
+
 
 @dataclass(frozen=True)
 class BatchLimits:
+    """``background_items``: the most images in a batch of async jobs or batch lines while
+    interactive traffic is live. An interactive request that arrives just after such a batch
+    started waits for all of it (a call costs about its image count), so smaller background
+    batches keep interactive latency close to what it is without jobs; with no interactive
+    traffic the background fills ``max_items`` again."""
+
     max_items: int
     max_pixels: int
     wait_s: float
+    background_items: int | None = None
 
 
 class QueueClosed(Exception):
@@ -50,6 +62,7 @@ class JobQueue:
         self._ready = threading.Condition()
         self._closed = False
         self.arrivals = 0  # requests ever offered: a worker compares it to see if others came meanwhile
+        self._interactive_at = -math.inf  # when the last interactive request arrived (monotonic)
 
     def __len__(self) -> int:
         """Requests waiting, every class (a split request counts once)."""
@@ -79,6 +92,8 @@ class JobQueue:
                 return False
             self._jobs.extend(jobs)
             self.arrivals += 1
+            if jobs[0].priority == Priority.INTERACTIVE:
+                self._interactive_at = time.monotonic()
             self._ready.notify_all()
             return True
 
@@ -125,10 +140,11 @@ class JobQueue:
             items, pixels = first.work.n, first.work.pixels
             deadline = time.monotonic() + limits.wait_s
             lowest = self.class_of(first, time.monotonic())
-            while items < limits.max_items and pixels < limits.max_pixels:
+            max_items = self._items_for(first, limits)
+            while items < max_items and pixels < limits.max_pixels:
                 now = time.monotonic()
                 for job in self._in_order():
-                    fits = items + job.work.n <= limits.max_items and pixels + job.work.pixels <= limits.max_pixels
+                    fits = items + job.work.n <= max_items and pixels + job.work.pixels <= limits.max_pixels
                     if fits and job.key == first.key and self.class_of(job, now) <= lowest:
                         self._jobs.remove(job)
                         batch.append(job)
@@ -139,6 +155,14 @@ class JobQueue:
                     break
                 self._ready.wait(remaining)
             return batch
+
+    def _items_for(self, first: Job, limits: BatchLimits) -> int:
+        """A batch led by background work (its own class, aged or not) is kept to
+        ``background_items`` while interactive traffic is live. Call under the lock."""
+        background = first.priority != Priority.INTERACTIVE and limits.background_items is not None
+        if background and time.monotonic() - self._interactive_at < INTERACTIVE_LIVE_S:
+            return min(limits.max_items, limits.background_items)
+        return limits.max_items
 
     def _take_first(self) -> Job:
         while True:

@@ -58,7 +58,8 @@ class Engine:
         self.limits = limits
         self._turns = turns
         self._queue = JobQueue(limits.max_queue_size, limits.priority_ageing_s)
-        self._batch_limits = BatchLimits(limits.max_batch_size, limits.max_batch_pixels, limits.batch_wait_s)
+        self._batch_limits = BatchLimits(limits.max_batch_size, limits.max_batch_pixels, limits.batch_wait_s,
+                                         background_items=max(1, limits.max_batch_size // 2))
         self._observers = observers
         # Every runner of a model groups jobs the same way (one family), so one key serves all.
         self._key_of = runners[0].batch_key
