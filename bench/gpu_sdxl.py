@@ -6,7 +6,7 @@
 The pipeline is built in memory (real SDXL base shapes, random weights created on the GPU in
 bfloat16, offline character tokenizers), so no download is needed. The server is the real
 ``create_app`` under uvicorn on 127.0.0.1, with a registry whose loader hands it the same
-in-memory pipeline; clients are bench/load.py's asyncio + httpx driver. Prints a markdown
+in-memory pipeline; clients are bench/load.py's asyncio HTTP/1.1 driver. Prints a markdown
 report and writes it to ``$OUT/gpu_sdxl.md`` (or ``bench/results/gpu_sdxl.md``).
 """
 

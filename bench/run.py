@@ -141,7 +141,8 @@ def main() -> None:
         (f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), diffusers {diffusers.__version__}, "
          f"server defaults (max batch {max_batch}, batch wait {defaults.batch_wait_ms:g} ms)"),
         f"Direct and served phases ran in {ROUNDS} interleaved rounds; each row pools its rounds.",
-        ("The load generator (asyncio + httpx) runs on the same cores as the server; its CPU column is "
+        ("The load generator (asyncio, prepared HTTP/1.1 requests on keep-alive connections) runs on the "
+         "same cores as the server; its CPU column is "
          "what it took from them."),
         ("Busy after a disconnect: latency of a 1-step 64² probe sent right after a client abandons a "
          f"{DISCONNECT_SIZE}² request, minus the probe's latency on an idle server."),

@@ -88,7 +88,10 @@ def create_app(
     )
 
     def batch_line_ended(record: JobRecord) -> None:
-        if record.batch_id is not None:
+        # Only the last of a batch's lines running here asks whether the batch is done; the
+        # lines still running say it when they end (a database read after every line cost
+        # about as much as recording the line).
+        if record.batch_id is not None and not job_service.runs_other_lines(record):
             batch_service.line_finished(record.batch_id)
 
     job_service.observe(batch_line_ended)

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from diffuser_api.jobs.file_records import FileRecord, FileStore
 from diffuser_api.jobs.idempotency import insert_once
-from diffuser_api.jobs.records import PENDING, JobRecord, JobStatus
+from diffuser_api.jobs.records import PENDING, JobRecord, JobStatus, column_values
 from diffuser_api.jobs.schema import batches, job_inputs, jobs
 from diffuser_api.jobs.store import _record as job_record
 
@@ -169,7 +169,7 @@ class BatchStore:
             ).rowcount
             if not started:
                 return False
-            connection.execute(jobs.insert(), [dataclasses.asdict(record) for record, _ in lines])
+            connection.execute(jobs.insert(), [column_values(record) for record, _ in lines])
             inputs = [{"job_id": record.id, "position": position, "param": param, "data": data}
                       for record, uploads in lines for position, (param, data) in enumerate(uploads)]
             if inputs:

@@ -67,6 +67,8 @@ class RunningJob:
     # The latest step, written to the database at the next poll (None: already written).
     unsaved: tuple[int, int, int] | None = None
     partials: dict[int, int] = field(default_factory=dict)
+    # Its input images (edits), read with the others claimed at the same time.
+    inputs: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 class JobDispatcher:
@@ -115,6 +117,12 @@ class JobDispatcher:
 
     def runs_here(self, job_id: str) -> bool:
         return job_id in self._running
+
+    def runs_other_lines(self, line: JobRecord) -> bool:
+        """Another line of ``line``'s batch is still running here: it will end later, so the
+        batch cannot be complete yet (no need to ask the database)."""
+        return any(running.record.batch_id == line.batch_id and running.record.id != line.id
+                   for running in self._running.values())
 
     def stop_here(self, job_id: str) -> None:
         """Its cancel was asked for (and stored): if it runs in this process, stop it now
@@ -175,11 +183,14 @@ class JobDispatcher:
             claimed = await asyncio.to_thread(
                 self._store.claim, model.id, room, self.replica, time.time(), self._settings.job_lease_s
             )
+            if not claimed:
+                continue
+            inputs = await asyncio.to_thread(self._store.inputs_of, [record.id for record in claimed])
             for record in claimed:
                 if self._stopping:  # shutdown began during the claim: give the job back untouched
                     await asyncio.to_thread(self._store.requeue, record.id, self.replica, count_attempt=False)
                 else:
-                    self._start(record)
+                    self._start(record, inputs.get(record.id, []))
 
     async def _upkeep(self, now: float) -> None:
         """Leases renewed (and cancels asked for on other replicas seen), progress saved,
@@ -229,8 +240,8 @@ class JobDispatcher:
 
     # -- one job ---------------------------------------------------------------------------
 
-    def _start(self, record: JobRecord) -> None:
-        running = RunningJob(record, self._live.open(record.id))
+    def _start(self, record: JobRecord, inputs: list[tuple[str, bytes]]) -> None:
+        running = RunningJob(record, self._live.open(record.id), inputs=inputs)
         self._running[record.id] = running
         running.task = asyncio.create_task(self._run(running), name=f"job {record.id}")
 
@@ -289,8 +300,7 @@ class JobDispatcher:
 
     async def _attempt(self, running: RunningJob) -> dict[str, Any]:
         record = running.record
-        inputs = await asyncio.to_thread(self._store.inputs, record.id)
-        request = restore_request(record.endpoint, record.request, inputs)
+        request = restore_request(record.endpoint, record.request, running.inputs)
         model = self._registry.get(record.model)
         # A preset's name stays in the stored request: its LoRAs and defaults apply on every attempt.
         preset = self._registry.route(request.model).preset

@@ -59,6 +59,8 @@ jobs = Table(
 )
 Index("jobs_claim", jobs.c.status, jobs.c.model, jobs.c.created_at)
 Index("jobs_batch", jobs.c.batch_id, jobs.c.line)
+# Whether a batch has pending lines, and its counts by status, without reading every line (0004).
+Index("jobs_batch_status", jobs.c.batch_id, jobs.c.status)
 Index("jobs_owner", jobs.c.owner, jobs.c.created_at)
 # One record per (owner, Idempotency-Key): a race between two submissions stores one (0003).
 Index("jobs_idempotency", jobs.c.owner, jobs.c.idempotency_key, unique=True)

@@ -90,6 +90,9 @@ class JobService:
         """The jobs database, shared with the Batch API's tables (files, batches)."""
         return self._engine
 
+    def runs_other_lines(self, line: JobRecord) -> bool:
+        return self._dispatcher.runs_other_lines(line)
+
     def wake(self) -> None:
         """Work was just stored (a batch's lines): claim it now rather than at the next poll."""
         self._dispatcher.wake()
