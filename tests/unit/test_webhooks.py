@@ -300,3 +300,20 @@ def test_a_batch_is_announced_once_by_its_final_status_not_once_per_line(tmp_pat
     assert [message["type"] for message in messages] == ["batch.completed"]
     assert messages[0]["data"]["id"] == batch["id"]
     assert messages[0]["data"]["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+
+
+@pytest.mark.parametrize("lines", [6, 20])  # all in one pipeline call; over several
+def test_a_batch_completes_when_its_last_line_ends_not_at_the_next_poll(tmp_path, receiver: Receiver, lines: int):
+    """Only the last of a batch's lines running here asks whether the batch is done; with a
+    webhook awaited as each line is announced, lines that end together must still not all
+    count each other as running (then nobody would ask, and the batch would wait for the poll)."""
+    from tests.unit.test_batches import create_batch, gen_line, jsonl, upload, wait_batch
+
+    app = fake_app(tmp_path, FakeRunner(), job_poll_s=30, job_webhook_url=receiver.url, job_webhook_secret=SECRET)
+    with TestClient(app) as client:
+        wait_ready(client)
+        batch = create_batch(client, upload(client, jsonl([gen_line(index) for index in range(lines)]))["id"])
+        started = time.monotonic()
+        done = wait_batch(client, batch["id"], timeout_s=25)
+        assert done["status"] == "completed" and done["request_counts"]["completed"] == lines
+        assert time.monotonic() - started < 10, "the batch waited for the dispatcher's poll"

@@ -369,6 +369,9 @@ class JobDispatcher:
             return
         logger.info("job %s (request %s) %s after %d attempt(s)", record.id, record.request_id, status.value,
                     finished.attempts)
+        # No longer running once recorded: the observers (the batch service asks whether other
+        # lines of its batch still run here) must not count it, even while a webhook is awaited.
+        self._running.pop(record.id, None)
         await self.announce(finished)
 
     def _write_finishes(self, outcomes: Sequence[Outcome]) -> list[JobRecord | None]:
