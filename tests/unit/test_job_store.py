@@ -51,6 +51,7 @@ def test_finishing_a_group_records_each_outcome_and_drops_the_inputs_of_those_it
     assert [(record.id, record.status, record.expires_at) for record in records[:2] if record] == [
         (mine.id, JobStatus.COMPLETED, now + 60), (failed.id, JobStatus.FAILED, now + 60)]
     assert records[1] is not None and records[1].error == {"message": "no"}
+    assert [store.get(mine.id), store.get(failed.id)] == records[:2], "what is returned is what was stored"
     assert store.get(elsewhere.id).status is JobStatus.IN_PROGRESS
     assert store.inputs_of([mine.id, failed.id, elsewhere.id]) == {elsewhere.id: [("image", elsewhere.id.encode())]}
     assert stored_inputs(store) == 1

@@ -230,8 +230,7 @@ class BatchService:
             if record.status is BatchStatus.IN_PROGRESS and record.expired_at is None and record.expires_at <= now:
                 await asyncio.to_thread(self._store.stop_queued, record.id, BatchStatus.IN_PROGRESS, now,
                                         self._settings.job_ttl_s, self._not_run("expired"), expired_at=now)
-            if not await asyncio.to_thread(self._store.has_pending, record.id):
-                await asyncio.to_thread(self._store.begin_finalizing, record.id, now)
+            await self._begin_finalizing_if_done(record.id, now)
         for record in await asyncio.to_thread(self._store.with_status, BatchStatus.FINALIZING):
             await self._finalize(record)
         if now >= self._next_file_expiry:
@@ -247,12 +246,16 @@ class BatchService:
         self._wake.set()
 
     async def _finalize_if_done(self, batch_id: str, now: float) -> None:
-        if await asyncio.to_thread(self._store.has_pending, batch_id):
-            return
-        if await asyncio.to_thread(self._store.begin_finalizing, batch_id, now):
+        if await self._begin_finalizing_if_done(batch_id, now):
             record = await asyncio.to_thread(self._store.get, batch_id)
             if record is not None:
                 await self._finalize(record)
+
+    async def _begin_finalizing_if_done(self, batch_id: str, now: float) -> bool:
+        """``finalizing`` once no line is pending; True if this call made it so."""
+        if await asyncio.to_thread(self._store.has_pending, batch_id):
+            return False
+        return await asyncio.to_thread(self._store.begin_finalizing, batch_id, now)
 
     # -- validating ------------------------------------------------------------------------
 

@@ -39,15 +39,9 @@ def _record(row: Any) -> JobRecord:
 
 
 # One outcome recorded, run for every job that ends in a group (still guarded: only a job this
-# replica holds in progress changes).
-FINISH = (
-    jobs.update()
-    .where(jobs.c.id == sa.bindparam("job"), jobs.c.lease_owner == sa.bindparam("holder"),
-           jobs.c.status == JobStatus.IN_PROGRESS.value)
-    .values(status=sa.bindparam("final"), completed_at=sa.bindparam("at"), expires_at=sa.bindparam("until"),
-            result=sa.bindparam("outcome_result"), error=sa.bindparam("outcome_error"), lease_owner=None,
-            lease_expires_at=None)
-)
+# replica holds in progress changes). The columns it sets are the keys of each parameter set.
+FINISH = jobs.update().where(jobs.c.id == sa.bindparam("job"), jobs.c.lease_owner == sa.bindparam("holder"),
+                             jobs.c.status == JobStatus.IN_PROGRESS.value)
 
 
 class JobStore:
@@ -226,18 +220,17 @@ class JobStore:
                                       jobs.c.lease_owner == replica, jobs.c.status == JobStatus.IN_PROGRESS.value)
                 .with_for_update()
             )}
-            ending = [outcome for outcome in outcomes if outcome.job_id in held]
-            if ending:
-                connection.execute(FINISH, [
-                    {"job": outcome.job_id, "holder": replica, "final": outcome.status.value, "at": now,
-                     "until": now + ttl_s, "outcome_result": outcome.result, "outcome_error": outcome.error}
-                    for outcome in ending
-                ])
-                connection.execute(job_inputs.delete().where(job_inputs.c.job_id.in_(list(held))))
-        return [None if outcome.job_id not in held else dataclasses.replace(
-            held[outcome.job_id], status=outcome.status, completed_at=now, expires_at=now + ttl_s,
-            result=outcome.result, error=outcome.error, lease_owner=None, lease_expires_at=None,
-        ) for outcome in outcomes]
+            # What each recorded job becomes: written as its row's new values, and returned.
+            ended = {outcome.job_id: {"status": outcome.status, "completed_at": now, "expires_at": now + ttl_s,
+                                      "result": outcome.result, "error": outcome.error, "lease_owner": None,
+                                      "lease_expires_at": None}
+                     for outcome in outcomes if outcome.job_id in held}
+            if ended:
+                connection.execute(FINISH, [{"job": job_id, "holder": replica, **values,
+                                             "status": values["status"].value} for job_id, values in ended.items()])
+                connection.execute(job_inputs.delete().where(job_inputs.c.job_id.in_(list(ended))))
+        return [dataclasses.replace(held[outcome.job_id], **ended[outcome.job_id]) if outcome.job_id in ended else None
+                for outcome in outcomes]
 
     def requeue(self, job_id: str, replica: str, *, count_attempt: bool) -> None:
         """Back to the queue, from step 0; an attempt that was not the job's fault (shutdown,
