@@ -20,7 +20,9 @@ migrate(open_database(Settings(_env_file=None, jobs_url=sys.argv[1])))
 def migrate_at_once(url: str, replicas: int) -> list[subprocess.CompletedProcess[str]]:
     processes = [subprocess.Popen([sys.executable, "-c", MIGRATE, url], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for _ in range(replicas)]
-    return [subprocess.CompletedProcess(p.args, p.wait(60), p.stdout.read() if p.stdout else "") for p in processes]
+    outputs = [process.communicate(timeout=60)[0] for process in processes]  # reads as it waits: no full pipe
+    return [subprocess.CompletedProcess(process.args, process.returncode, output)
+            for process, output in zip(processes, outputs, strict=True)]
 
 
 def migrated_tables(url: str) -> set[str]:
