@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from diffuser_api.config import Settings
 from diffuser_api.domain import ImageRequest
@@ -58,6 +59,12 @@ NOT_RUN = {"cancelled": ("batch_cancelled", "the batch was cancelled before this
 
 # Expired files are looked for this often (seconds), not on every pass.
 FILE_EXPIRY_INTERVAL_S = 10.0
+# Finalizing renders this many lines at once (their images read from storage side by side) and
+# writes them in one call: about one thread hop per line instead of three, while a chunk of
+# 1024x1024 images in base64 stays near 25 MB.
+LINES_PER_WRITE = 8
+
+T = TypeVar("T")
 
 
 def line_request_id() -> str:
@@ -323,15 +330,16 @@ class BatchService:
             streams = {ok: stack.enter_context(files.writer(file_id)) for ok, file_id in ids.items()}
             written = {True: 0, False: 0}
             line_counts = {True: 0, False: 0}
-            lines = self._store.lines(batch.id)
-            done = object()
-            while (line := await asyncio.to_thread(next, lines, done)) is not done:
-                assert isinstance(line, JobRecord)
-                ok, body = await self._render_line(line, batch)
-                data = json.dumps(body, separators=(",", ":")).encode() + b"\n"
-                await asyncio.to_thread(streams[ok].write, data)
-                written[ok] += len(data)
-                line_counts[ok] += 1
+            chunks = _chunks(self._store.lines(batch.id), LINES_PER_WRITE)
+            while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                rendered = await asyncio.gather(*(self._render_line(line, batch) for line in chunk))
+                for ok in (True, False):
+                    data = b"".join(json.dumps(body, separators=(",", ":")).encode() + b"\n"
+                                    for line_ok, body in rendered if line_ok is ok)
+                    if data:
+                        await asyncio.to_thread(streams[ok].write, data)
+                        written[ok] += len(data)
+                        line_counts[ok] += sum(1 for line_ok, _ in rendered if line_ok is ok)
         for ok, name in ((True, "output"), (False, "error")):
             if not written[ok]:
                 await asyncio.to_thread(files.delete, ids[ok])
@@ -361,3 +369,8 @@ class BatchService:
             return
         for observe in self._observers:
             await observe(record)
+
+
+def _chunks(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk

@@ -2,8 +2,10 @@
 
 The jobs of one pipeline call end together (a batch file's lines eight at a time), and each
 used to commit alone: eight transactions queued behind SQLite's single write lock, each a
-thread hop and a commit, competing for the cores with the pipeline itself. Here the first
-write runs at once; those that arrive meanwhile wait for it and then go as one.
+thread hop and a commit, competing for the cores with the pipeline itself. Here a group's
+first write waits ``linger_s`` for company (the jobs of one pipeline call end a few ms apart:
+their images are encoded one after another), then runs; those that arrive while it runs wait
+for it and then go as one.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ Result = TypeVar("Result")
 
 
 class CoalescedWrites(Generic[Item, Result]):
-    def __init__(self, write_all: Callable[[Sequence[Item]], Sequence[Result]]) -> None:
+    def __init__(self, write_all: Callable[[Sequence[Item]], Sequence[Result]], *, linger_s: float = 0.0) -> None:
         """``write_all`` is blocking (it runs in a thread) and returns one result per item."""
         self._write_all = write_all
+        self._linger_s = linger_s
         self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -32,6 +35,8 @@ class CoalescedWrites(Generic[Item, Result]):
         return await asyncio.shield(future)
 
     async def _drain(self) -> None:
+        if self._linger_s:
+            await asyncio.sleep(self._linger_s)
         while self._pending:
             group, self._pending = self._pending, []
             try:

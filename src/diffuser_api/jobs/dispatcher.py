@@ -46,6 +46,11 @@ from diffuser_api.service.validation import output_format_of
 logger = logging.getLogger(__name__)
 
 FEED_FACTOR = 2
+# The jobs of one pipeline call end within a few ms of each other (their images are encoded
+# one after another on the background codec threads). Waiting this long after the first lets
+# them commit as one transaction: 559 batch lines took 312 transactions without it, 76 with
+# it. Nobody holds a connection open for a job's outcome, so 50 ms more is not felt.
+FINISH_LINGER_S = 0.05
 # Finished jobs are checked for expiry this often (seconds); expired ones keep answering 410
 # for one more time to live, then are deleted.
 EXPIRY_INTERVAL_S = 10.0
@@ -107,7 +112,7 @@ class JobDispatcher:
         self._stopping = False
         self._next_expiry = 0.0
         self._next_upkeep = 0.0
-        self._finishes = CoalescedWrites(self._write_finishes)
+        self._finishes = CoalescedWrites(self._write_finishes, linger_s=FINISH_LINGER_S)
         # Jobs by status as of the last poll, for /metrics: a scrape never waits on the database.
         self.counts: dict[str, int] = {}
 
