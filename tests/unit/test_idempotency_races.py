@@ -119,6 +119,11 @@ def test_simultaneous_requests_with_one_key_give_one_job_one_file_and_one_batch(
         for sent in (jobs_sent, files_sent, batches_sent):
             assert len({response.json()["id"] for response in sent}) == 1, [response.json() for response in sent]
         with httpx.Client(base_url=base) as client:
+            batch_id = batches_sent[0].json()["id"]
+            deadline = time.monotonic() + 30
+            while client.get(f"/batches/{batch_id}").json()["status"] != "completed":  # its output file listed
+                assert time.monotonic() < deadline, "the batch did not complete"
+                time.sleep(0.05)
             assert [item["id"] for item in client.get("/images/jobs").json()["data"]] == [jobs_sent[0].json()["id"]]
             uploads = client.get("/files", params={"purpose": "batch"}).json()["data"]
             assert [item["id"] for item in uploads] == [files_sent[0].json()["id"]]

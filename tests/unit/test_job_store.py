@@ -7,7 +7,7 @@ import time
 
 import sqlalchemy as sa
 
-from diffuser_api.jobs.records import JobRecord, JobStatus, new_job_id
+from diffuser_api.jobs.records import BATCH_LINE_CLASS, JobRecord, JobStatus, new_job_id
 from diffuser_api.jobs.schema import job_inputs
 from diffuser_api.jobs.store import JobStore, Outcome
 from tests.unit.test_idempotency_races import store_at
@@ -62,3 +62,31 @@ def test_a_batch_s_pending_lines_are_found_through_their_own_index(tmp_path):
     with store._engine.connect() as connection:
         indexes = {index["name"]: index["column_names"] for index in sa.inspect(connection).get_indexes("jobs")}
     assert indexes["jobs_batch_status"] == ["batch_id", "status"]
+
+
+def test_a_claim_reads_the_queue_in_index_order_without_sorting_it(tmp_path):
+    """Async jobs first, then batch lines in order; the claim index has the claim's own order,
+    so a claim reads its first rows rather than sorting every queued job (0005)."""
+    store = store_at(tmp_path)
+    now = time.time()
+    lines = [JobRecord(id=new_job_id(), owner="a", endpoint="generations", model="m", request={"prompt": "x"},
+                       status=JobStatus.QUEUED, created_at=now - 10, batch_id="batch_1", line=line,
+                       job_class=BATCH_LINE_CLASS) for line in (3, 1, 2)]
+    job = queued("generations")
+    for record in (*lines, job):
+        store.insert(record, [], idempotent_since=0.0)
+    statements: list[tuple[str, object]] = []
+
+    def record_selects(connection, cursor, statement, parameters, context, executemany):
+        if "ORDER BY" in statement.upper() and "LIMIT" in statement.upper():
+            statements.append((statement, parameters))
+
+    sa.event.listen(store._engine, "before_cursor_execute", record_selects)
+    claimed = store.claim("m", 3, "r1", time.time(), 30)
+    sa.event.remove(store._engine, "before_cursor_execute", record_selects)
+    assert {record.id for record in claimed} == {job.id, lines[1].id, lines[2].id}
+    (statement, parameters), = statements
+    with store._engine.connect() as connection:
+        plan = " / ".join(row[-1] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}",
+                                                                        parameters))
+    assert "USING INDEX jobs_claim" in plan and "TEMP B-TREE" not in plan, plan

@@ -57,7 +57,8 @@ jobs = Table(
     Column("charge_to", String(300), nullable=True),
     Column("not_before", Float, nullable=True),
 )
-Index("jobs_claim", jobs.c.status, jobs.c.model, jobs.c.created_at)
+# In the claim's order, so a claim reads the first rows instead of sorting every queued one (0005).
+Index("jobs_claim", jobs.c.status, jobs.c.model, jobs.c.job_class, jobs.c.created_at, jobs.c.line)
 Index("jobs_batch", jobs.c.batch_id, jobs.c.line)
 # Whether a batch has pending lines, and its counts by status, without reading every line (0004).
 Index("jobs_batch_status", jobs.c.batch_id, jobs.c.status)
