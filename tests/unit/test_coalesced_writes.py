@@ -1,8 +1,10 @@
-"""Group commits: writes that arrive within the linger, or while a write runs, go as one."""
+"""Group commits: writes on their way when a group starts (within its linger), or arriving while
+it is written, go as one."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 from diffuser_api.jobs.coalesced import CoalescedWrites
@@ -25,19 +27,41 @@ async def staggered(writes: CoalescedWrites[int, int], items: range, gap_s: floa
     return await asyncio.gather(*(one(item) for item in items))
 
 
-def test_writes_arriving_within_the_linger_commit_together() -> None:
+def test_a_group_waits_for_the_writes_on_their_way_then_commits_them_together() -> None:
     recorder = Recorder()
-    results = asyncio.run(staggered(CoalescedWrites(recorder.write_all, linger_s=0.2), range(8), 0.005))
-    assert results == [item * 10 for item in range(8)]
+    arrived: list[int] = []
+
+    async def scenario() -> list[int]:
+        writes = CoalescedWrites(recorder.write_all, linger_s=5.0, settled=lambda: len(arrived) == 8)
+
+        async def one(item: int) -> int:
+            await asyncio.sleep(item * 0.005)
+            arrived.append(item)
+            return await writes.write(item)
+
+        return await asyncio.gather(*(one(item) for item in range(8)))
+
+    started = time.monotonic()
+    assert asyncio.run(scenario()) == [item * 10 for item in range(8)]
     assert recorder.groups == [list(range(8))]
+    assert time.monotonic() - started < 2.0, "it went as soon as the last write arrived, not at the linger's end"
 
 
-def test_without_a_linger_the_first_write_goes_alone() -> None:
+def test_with_nothing_on_its_way_a_write_does_not_linger() -> None:
     recorder = Recorder()
-    results = asyncio.run(staggered(CoalescedWrites(recorder.write_all), range(8), 0.05))
-    assert results == [item * 10 for item in range(8)]
-    assert recorder.groups[0] == [0]
-    assert sorted(item for group in recorder.groups for item in group) == list(range(8))
+    started = time.monotonic()
+    results = asyncio.run(staggered(CoalescedWrites(recorder.write_all, linger_s=5.0), range(3), 0.2))
+    assert results == [0, 10, 20]
+    assert recorder.groups == [[0], [1], [2]]
+    assert time.monotonic() - started < 2.0
+
+
+def test_the_linger_bounds_the_wait_for_writes_that_never_come() -> None:
+    recorder = Recorder()
+    started = time.monotonic()
+    assert asyncio.run(CoalescedWrites(recorder.write_all, linger_s=0.1, settled=lambda: False).write(1)) == 10
+    assert 0.1 <= time.monotonic() - started < 2.0
+    assert recorder.groups == [[1]]
 
 
 def test_a_failed_group_fails_each_of_its_writers_and_the_next_group_still_runs() -> None:

@@ -340,3 +340,35 @@ def test_prefer_header_parsing(tmp_path, header, applies):
         wait_ready(client)
         response = client.post(GEN, json={"prompt": "p", "size": "16x16"}, headers={"Prefer": header})
         assert response.status_code == (202 if applies else 200), response.text
+
+
+def test_the_jobs_of_one_pipeline_call_record_their_outcomes_in_one_transaction(tmp_path, monkeypatch):
+    """Their images are stored one after another, so they reach the database a few ms apart;
+    the first waits for the others that already left the engine (not for a fixed time)."""
+    from diffuser_api.jobs.store import JobStore
+
+    groups: list[int] = []
+    finish = JobStore.finish
+
+    def counted(self, outcomes, *args, **kwargs):
+        groups.append(len(outcomes))
+        return finish(self, outcomes, *args, **kwargs)
+
+    monkeypatch.setattr(JobStore, "finish", counted)
+    gate = threading.Event()
+    runner = FakeRunner(gate=gate, step_delay_s=0.05)  # calls 0.2 s apart: each its own group
+    with TestClient(fake_app(tmp_path, runner, **FAST)) as client:
+        wait_ready(client)
+        jobs = [submit(client, {"prompt": f"fox {index}", "size": "32x32", "n": 2}) for index in range(6)]
+        for job in jobs:  # all claimed while the first pipeline call is held
+            wait_for(client, job["id"], ("in_progress",))
+        gate.set()
+        for job in jobs:
+            assert wait_for(client, job["id"])["status"] == "completed"
+        assert sum(groups) == len(jobs)
+        assert groups == [len(batch.jobs) for batch in runner.batches]
+        started = time.monotonic()
+        alone = wait_for(client, submit(client, {"prompt": "alone", "size": "32x32"})["id"])
+        assert alone["status"] == "completed" and groups[-1] == 1
+        assert time.monotonic() - started < 5
+        assert_still_serves(client)

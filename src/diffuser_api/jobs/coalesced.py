@@ -3,26 +3,33 @@
 The jobs of one pipeline call end together (a batch file's lines eight at a time), and each
 used to commit alone: eight transactions queued behind SQLite's single write lock, each a
 thread hop and a commit, competing for the cores with the pipeline itself. Here a group's
-first write waits ``linger_s`` for company (the jobs of one pipeline call end a few ms apart:
-their images are encoded one after another), then runs; those that arrive while it runs wait
-for it and then go as one.
+first write waits, up to ``linger_s``, until ``settled()`` says no more writes are on their
+way (the jobs of one pipeline call reach it a few ms apart: their images are encoded one after
+another), then runs; those that arrive while it runs wait for it and then go as one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
+
+# How often a lingering group asks whether the writes it waits for have arrived.
+SETTLED_CHECK_S = 0.005
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
 class CoalescedWrites(Generic[Item, Result]):
-    def __init__(self, write_all: Callable[[Sequence[Item]], Sequence[Result]], *, linger_s: float = 0.0) -> None:
-        """``write_all`` is blocking (it runs in a thread) and returns one result per item."""
+    def __init__(self, write_all: Callable[[Sequence[Item]], Sequence[Result]], *, linger_s: float = 0.0,
+                 settled: Callable[[], bool] = lambda: True) -> None:
+        """``write_all`` is blocking (it runs in a thread) and returns one result per item;
+        ``settled``: whether no other write is on its way (the linger ends as soon as it is)."""
         self._write_all = write_all
         self._linger_s = linger_s
+        self._settled = settled
         self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -36,7 +43,11 @@ class CoalescedWrites(Generic[Item, Result]):
 
     async def _drain(self) -> None:
         if self._linger_s:
-            await asyncio.sleep(self._linger_s)
+            # Once at least: the others of a pipeline call are resolved a moment after the first.
+            deadline = time.monotonic() + self._linger_s
+            await asyncio.sleep(SETTLED_CHECK_S)
+            while not self._settled() and time.monotonic() < deadline:
+                await asyncio.sleep(SETTLED_CHECK_S)
         while self._pending:
             group, self._pending = self._pending, []
             try:
