@@ -345,16 +345,22 @@ def test_prefer_header_parsing(tmp_path, header, applies):
 def test_the_jobs_of_one_pipeline_call_record_their_outcomes_in_one_transaction(tmp_path, monkeypatch):
     """Their images are stored one after another, so they reach the database a few ms apart;
     the first waits for the others that already left the engine (not for a fixed time)."""
+    from diffuser_api.jobs.dispatcher import JobDispatcher
     from diffuser_api.jobs.store import JobStore
 
     groups: list[int] = []
-    finish = JobStore.finish
+    finish, save = JobStore.finish, JobDispatcher._save
 
     def counted(self, outcomes, *args, **kwargs):
         groups.append(len(outcomes))
         return finish(self, outcomes, *args, **kwargs)
 
+    def slow_save(self, image, request):  # storing a call's 8 images takes tens of ms, as with real PNGs
+        time.sleep(0.01)
+        return save(self, image, request)
+
     monkeypatch.setattr(JobStore, "finish", counted)
+    monkeypatch.setattr(JobDispatcher, "_save", slow_save)
     gate = threading.Event()
     runner = FakeRunner(gate=gate, step_delay_s=0.05)  # calls 0.2 s apart: each its own group
     with TestClient(fake_app(tmp_path, runner, **FAST)) as client:

@@ -114,7 +114,7 @@ class JobDispatcher:
         self._stopping = False
         self._next_expiry = 0.0
         self._next_upkeep = 0.0
-        self._finishes = CoalescedWrites(self._write_finishes, linger_s=FINISH_LINGER_S, )
+        self._finishes = CoalescedWrites(self._write_finishes, linger_s=FINISH_LINGER_S, settled=self._none_storing)
         # Jobs by status as of the last poll, for /metrics: a scrape never waits on the database.
         self.counts: dict[str, int] = {}
 
