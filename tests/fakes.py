@@ -354,9 +354,11 @@ def fake_app(
     load_gate: threading.Event | None = None,
     limits: EngineLimits | None = None,
     tracer_provider: Any = None,
+    device: str = "fake",
     **settings: Any,
 ) -> FastAPI:
-    """One pinned fake model, "fake-model", as ``DIFFUSER_MODEL_ID`` alone serves one model."""
+    """One pinned fake model, "fake-model", as ``DIFFUSER_MODEL_ID`` alone serves one model
+    (on ``device``: "cpu" takes the paths a model on the CPU takes)."""
     config = fake_settings(tmp_path, **settings)
     model = FakeModel(
         "fake-model",
@@ -370,6 +372,7 @@ def fake_app(
         variation_strength=config.variation_strength,
         defaults=ModelDefaults(steps=config.default_steps, guidance_scale=config.default_guidance_scale),
         load_gate=load_gate,
+        device=device,
     )
     registry = fake_registry([model], strict_names=config.strict_model_names)
     return create_app(config, registry, tracer_provider=tracer_provider)

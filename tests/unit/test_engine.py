@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from PIL.Image import Image
 
-from diffuser_api.domain import GeneratedImage, ImageJob, StepProgress, Task
+from diffuser_api.domain import EncodedPreview, GeneratedImage, ImageJob, StepProgress, Task
 from diffuser_api.engine import Engine, EngineLimits
 from diffuser_api.errors import InvalidRequest, ModelFailure, OutOfMemory, Overloaded, RequestTimeout, Unavailable
 from tests.fakes import FakeRunner, colour_of, image_job
@@ -512,6 +514,48 @@ async def test_split_request_reports_one_rising_step_count_and_previews_at_their
     assert {report.total for report in reports} == {8}
     previews = [(report.first_image, len(report.previews)) for report in reports if report.previews]
     assert previews == [(0, 2), (2, 1)]
+
+
+@run_async
+async def test_previews_are_encoded_on_the_worker_thread_by_the_job_s_encoder() -> None:
+    runner = FakeRunner()
+    threads: list[str] = []
+
+    def encode(image: Image) -> EncodedPreview:
+        threads.append(threading.current_thread().name)
+        return EncodedPreview(f"{image.getpixel((0, 0))}")
+
+    reports: list[StepProgress] = []
+    async with serving(runner) as engine:
+        work = ImageJob(task=Task.GENERATION, prompt="p", width=64, height=64, steps=4, seeds=(1, 2),
+                        partial_images=2)
+        images = await engine.submit(work, progress=reports.append, encode_preview=encode)
+        await asyncio.sleep(0.01)  # progress posted just before the result
+        plain: list[StepProgress] = []
+        await engine.submit(work, progress=plain.append)
+        await asyncio.sleep(0.01)
+    assert_images_of(images, "p", (1, 2))
+    shown = [preview for report in reports if report.previews for preview in report.previews]
+    assert len(shown) == 4 and all(isinstance(preview, EncodedPreview) for preview in shown)
+    assert set(threads) == {f"worker-{runner.name}"}, "encoded between steps, on the pipeline's own thread"
+    unencoded = [preview for report in plain if report.previews for preview in report.previews]
+    assert len(unencoded) == 4 and all(isinstance(preview, Image) for preview in unencoded)
+
+
+@run_async
+async def test_a_preview_encoder_that_fails_leaves_the_image_and_the_request_succeeds() -> None:
+    def broken(image: Image) -> EncodedPreview:
+        raise OSError("encoder failed")
+
+    reports: list[StepProgress] = []
+    async with serving(FakeRunner()) as engine:
+        work = ImageJob(task=Task.GENERATION, prompt="p", width=64, height=64, steps=4, seeds=(1,),
+                        partial_images=1)
+        images = await engine.submit(work, progress=reports.append, encode_preview=broken)
+        await asyncio.sleep(0.01)
+    assert_images_of(images, "p", (1,))
+    shown = [preview for report in reports if report.previews for preview in report.previews]
+    assert len(shown) == 1 and isinstance(shown[0], Image)
 
 
 @run_async

@@ -65,6 +65,31 @@ def test_generation_stream_sends_partials_then_one_completed(client):
     assert pixel(partials[0]["b64_json"]) != pixel(partials[1]["b64_json"])
 
 
+@pytest.mark.parametrize(("device", "encoder_thread"), [("cpu", "worker-"), ("fake", "codec")])
+def test_previews_are_encoded_between_steps_on_a_cpu_worker_and_by_the_codec_pool_elsewhere(
+    tmp_path, monkeypatch, device, encoder_thread
+):
+    from diffuser_api.service.images import ImageService
+
+    threads: list[str] = []
+    encode = ImageService._encode_preview
+
+    def recorded(self, *args):
+        threads.append(threading.current_thread().name)
+        return encode(self, *args)
+
+    monkeypatch.setattr(ImageService, "_encode_preview", recorded)
+    payload = {"prompt": "fox", "stream": True, "partial_images": 2, "num_inference_steps": 6, "seed": 4}
+    with TestClient(fake_app(tmp_path, device=device)) as client:
+        wait_ready(client)
+        with client.stream("POST", GEN, json=payload) as response:
+            events = [body for _, body in sse_events(response)]
+    partials = [body for body in events if body["type"].endswith("partial_image")]
+    assert [body["partial_image_index"] for body in partials] == [0, 1]
+    assert len({pixel(body["b64_json"]) for body in partials}) == 2
+    assert len(threads) == 2 and all(name.startswith(encoder_thread) for name in threads), threads
+
+
 def test_stream_with_several_images_tags_each_event(client):
     payload = {"prompt": "fox", "stream": True, "partial_images": 1, "n": 2, "num_inference_steps": 4}
     with client.stream("POST", GEN, json=payload) as response:

@@ -2,7 +2,7 @@
 
 from diffuser_api.domain.capabilities import Capabilities, SizeRules
 from diffuser_api.domain.requests import AdapterSet, Endpoint, ImageJob, ImageRequest, LoraChoice, Task, Upload
-from diffuser_api.domain.results import GeneratedImage, ImagesResult, StepProgress, StoredImage
+from diffuser_api.domain.results import EncodedPreview, GeneratedImage, ImagesResult, StepProgress, StoredImage
 from diffuser_api.domain.speed import (
     STEP_CACHE_OFF,
     CpuOffload,
@@ -31,6 +31,7 @@ __all__ = [
     "ImageJob",
     "ImagesResult",
     "SizeRules",
+    "EncodedPreview",
     "StepProgress",
     "StoredImage",
     "Task",

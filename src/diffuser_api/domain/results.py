@@ -16,16 +16,24 @@ class GeneratedImage:
 
 
 @dataclass(frozen=True)
+class EncodedPreview:
+    """A preview already encoded (base64) on the thread that made it, between two steps."""
+
+    b64_json: str
+
+
+@dataclass(frozen=True)
 class StepProgress:
     """A denoising step finished; ``previews`` (one per output image) when one was due.
 
     ``previews[i]`` belongs to the request's image ``first_image + i``: a request run as several
-    batches reports each batch's previews at its own images.
+    batches reports each batch's previews at its own images. A preview is an image, or already
+    encoded where the job brought a preview encoder (see ``engine.job.PreviewEncoder``).
     """
 
     step: int
     total: int
-    previews: tuple[Image, ...] | None = None
+    previews: tuple[Image | EncodedPreview, ...] | None = None
     first_image: int = 0
 
 

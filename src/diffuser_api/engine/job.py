@@ -8,11 +8,18 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
-from diffuser_api.domain import GeneratedImage, ImageJob, StepProgress
+from PIL.Image import Image
+
+from diffuser_api.domain import EncodedPreview, GeneratedImage, ImageJob, StepProgress
 from diffuser_api.domain.timeline import Phase
 from diffuser_api.engine.priority import Priority
 
 ProgressSink = Callable[[StepProgress], None]
+# Encodes a preview on the worker's thread, right after the step that made it. Where the
+# pipeline's own threads hold every core (a CPU device), that is the cheap moment: encoded
+# elsewhere during the next step, it preempts one of the pipeline's threads and stalls the
+# others at their next barrier. The caller chooses: on a GPU the host cores are free anyway.
+PreviewEncoder = Callable[[Image], EncodedPreview]
 
 
 @dataclass
@@ -64,6 +71,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[list[GeneratedImage]]
     progress: ProgressSink | None = None
+    encode_preview: PreviewEncoder | None = None
     priority: Priority = Priority.INTERACTIVE
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None

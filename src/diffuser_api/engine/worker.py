@@ -9,7 +9,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from diffuser_api.domain import StepProgress
+from PIL.Image import Image
+
+from diffuser_api.domain import EncodedPreview, StepProgress
 from diffuser_api.engine.batching import BatchLimits, JobQueue, QueueClosed
 from diffuser_api.engine.job import Job
 from diffuser_api.engine.runner import ModelRunner, PreviewSource
@@ -66,6 +68,21 @@ DeviceTurn = Callable[[list[Job]], contextlib.AbstractContextManager[None]]
 def no_turn(batch: list[Job]) -> contextlib.AbstractContextManager[None]:
     """A device of its own: nobody to take turns with."""
     return contextlib.nullcontext()
+
+
+def _as_shown(job: Job, previews: list[Image]) -> tuple[Image | EncodedPreview, ...]:
+    """Encoded here, between two steps, where the job brought an encoder. One that fails leaves
+    the image as it is (its reader encodes it then): a preview must never fail the batch."""
+    if job.encode_preview is None:
+        return tuple(previews)
+    shown: list[Image | EncodedPreview] = []
+    for image in previews:
+        try:
+            shown.append(job.encode_preview(image))
+        except Exception:
+            logger.exception("encoding a preview on the worker failed; its stream encodes it instead")
+            shown.append(image)
+    return tuple(shown)
 
 
 class Worker:
@@ -151,7 +168,7 @@ class Worker:
             due = [step in preview_steps(job.work.partial_images, total) for job in batch]
             decoded = previews() if any(due) else None
             for job, wanted, shown in zip(batch, due, decoded or [None] * len(batch), strict=True):
-                job.report_progress(StepProgress(step, total, tuple(shown) if wanted and shown else None))
+                job.report_progress(StepProgress(step, total, _as_shown(job, shown) if wanted and shown else None))
 
         outcome = "worker_died"  # unless a branch below says otherwise: a BaseException ends the thread
         try:

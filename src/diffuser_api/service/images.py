@@ -13,6 +13,7 @@ from PIL import Image
 from diffuser_api.config import Settings
 from diffuser_api.domain import (
     Capabilities,
+    EncodedPreview,
     GeneratedImage,
     ImageJob,
     ImageRequest,
@@ -135,7 +136,14 @@ class ImageService:
         async def store(image: GeneratedImage) -> StoredImage:
             return await self.codec.run_admitted(self._store, image, request, "", timeline)
 
-        events = leased_job_events(self._registry, model, job, encode_preview, store, timing)
+        def encode_on_worker(image: Image.Image) -> EncodedPreview:
+            return EncodedPreview(self._encode_preview(image, request, timeline))
+
+        # On a CPU the pipeline's threads hold every core: previews are encoded between steps
+        # on its worker (see PreviewEncoder); on a GPU, by the codec pool on the free cores.
+        on_cpu = bool(model.devices) and all(device == "cpu" for device in model.devices)
+        events = leased_job_events(self._registry, model, job, encode_preview, store, timing,
+                                   encode_on_worker if on_cpu else None)
         return ImageStream(job, model.id, events)
 
     async def prepare(

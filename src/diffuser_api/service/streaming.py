@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from PIL.Image import Image
 
-from diffuser_api.domain import GeneratedImage, ImageJob, StepProgress, StoredImage
+from diffuser_api.domain import EncodedPreview, GeneratedImage, ImageJob, StepProgress, StoredImage
 from diffuser_api.engine.backend import ModelBackend
-from diffuser_api.engine.job import JobTiming
+from diffuser_api.engine.job import JobTiming, PreviewEncoder
 from diffuser_api.engine.updates import QueuePosition, job_updates
 from diffuser_api.models.registry import ModelRegistry, ServedModel
 
@@ -70,6 +70,7 @@ async def leased_job_events(
     encode_preview: Callable[[Image], Awaitable[str]],
     store: Callable[[GeneratedImage], Awaitable[StoredImage]],
     timing: JobTiming | None = None,
+    encode_on_worker: PreviewEncoder | None = None,
 ) -> AsyncIterator[StreamEvent]:
     """``job_events`` under a lease on the model, taken when the stream starts: a model that
     has to load first says so with one ``Loading`` event, then the wait goes on (the request's
@@ -92,7 +93,7 @@ async def leased_job_events(
                 leasing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await leasing
-        async for event in job_events(engine, job, encode_preview, store, timing, deadline):
+        async for event in job_events(engine, job, encode_preview, store, timing, deadline, encode_on_worker):
             yield event
 
 
@@ -103,10 +104,13 @@ async def job_events(
     store: Callable[[GeneratedImage], Awaitable[StoredImage]],
     timing: JobTiming | None = None,
     deadline: float | None = None,
+    encode_on_worker: PreviewEncoder | None = None,
 ) -> AsyncIterator[StreamEvent]:
-    """Run the job, yielding its progress; closing the iterator early cancels the job."""
+    """Run the job, yielding its progress; closing the iterator early cancels the job.
+    Previews are encoded by ``encode_on_worker`` on the model's worker where given (see
+    ``PreviewEncoder``), else by ``encode_preview`` here."""
     partial_counts = [0] * job.n
-    updates = job_updates(engine, job, timing, deadline)
+    updates = job_updates(engine, job, timing, deadline, encode_preview=encode_on_worker)
     try:
         async for update in updates:
             if isinstance(update, QueuePosition):
@@ -127,5 +131,6 @@ async def _step_events(
     yield Step(progress.step, progress.total)
     # A request run as several batches reports each batch's previews from its first image on.
     for index, preview in enumerate(progress.previews or (), start=progress.first_image):
-        yield PartialImage(index, partial_counts[index], await encode_preview(preview))
+        encoded = preview.b64_json if isinstance(preview, EncodedPreview) else await encode_preview(preview)
+        yield PartialImage(index, partial_counts[index], encoded)
         partial_counts[index] += 1
