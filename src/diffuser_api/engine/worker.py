@@ -168,7 +168,9 @@ class Worker:
             due = [step in preview_steps(job.work.partial_images, total) for job in batch]
             decoded = previews() if any(due) else None
             for job, wanted, shown in zip(batch, due, decoded or [None] * len(batch), strict=True):
-                job.report_progress(StepProgress(step, total, _as_shown(job, shown) if wanted and shown else None))
+                # A job whose clients left gets no progress: its previews are not encoded either.
+                shown_now = _as_shown(job, shown) if wanted and shown and not job.cancelled else None
+                job.report_progress(StepProgress(step, total, shown_now))
 
         outcome = "worker_died"  # unless a branch below says otherwise: a BaseException ends the thread
         try:

@@ -332,14 +332,15 @@ class BatchService:
             line_counts = {True: 0, False: 0}
             chunks = _chunks(self._store.lines(batch.id), LINES_PER_WRITE)
             while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
-                rendered = await asyncio.gather(*(self._render_line(line, batch) for line in chunk))
-                for ok in (True, False):
-                    data = b"".join(json.dumps(body, separators=(",", ":")).encode() + b"\n"
-                                    for line_ok, body in rendered if line_ok is ok)
-                    if data:
+                encoded: dict[bool, list[bytes]] = {True: [], False: []}
+                for ok, body in await asyncio.gather(*(self._render_line(line, batch) for line in chunk)):
+                    encoded[ok].append(json.dumps(body, separators=(",", ":")).encode() + b"\n")
+                for ok, file_lines in encoded.items():
+                    if file_lines:
+                        data = b"".join(file_lines)
                         await asyncio.to_thread(streams[ok].write, data)
                         written[ok] += len(data)
-                        line_counts[ok] += sum(1 for line_ok, _ in rendered if line_ok is ok)
+                        line_counts[ok] += len(file_lines)
         for ok, name in ((True, "output"), (False, "error")):
             if not written[ok]:
                 await asyncio.to_thread(files.delete, ids[ok])

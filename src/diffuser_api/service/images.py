@@ -141,7 +141,7 @@ class ImageService:
 
         # On a CPU the pipeline's threads hold every core: previews are encoded between steps
         # on its worker (see PreviewEncoder); on a GPU, by the codec pool on the free cores.
-        on_cpu = bool(model.devices) and all(device == "cpu" for device in model.devices)
+        on_cpu = bool(model.devices) and all(device.startswith("cpu") for device in model.devices)
         events = leased_job_events(self._registry, model, job, encode_preview, store, timing,
                                    encode_on_worker if on_cpu else None)
         return ImageStream(job, model.id, events)
