@@ -19,6 +19,7 @@ def build_registry(settings: Settings, plan: ServingPlan | None = None) -> Model
     route_transformers_logs()
     # Imported here so that building an app with another registry (tests) never loads torch.
     from diffuser_api.models.checkpoint import probe_model
+    from diffuser_api.models.cpu_threads import CpuThreads
     from diffuser_api.models.loading import DiffusersModel, load_model, resolve_devices
     from diffuser_api.models.memory import check_memory_options
 
@@ -27,6 +28,7 @@ def build_registry(settings: Settings, plan: ServingPlan | None = None) -> Model
         check_memory_options(spec, resolve_devices(spec.devices))
 
     probed: dict[str, ProbedModel] = {}
+    cpu_threads = CpuThreads.of_this_process()
 
     def probe(spec: ModelSpec) -> ProbedModel:
         probed[spec.id] = probe_model(spec, settings)
@@ -34,7 +36,7 @@ def build_registry(settings: Settings, plan: ServingPlan | None = None) -> Model
 
     def loader(spec: ModelSpec) -> DiffusersModel:
         """Load, then warm up before the registry measures the working memory."""
-        loaded = load_model(spec, settings)
+        loaded = load_model(spec, settings, cpu_threads)
         if spec.warmup:
             warm_up(LoadedRunners(probed[spec.id].capabilities, loaded.runners, loaded.pipeline_class),
                     sizes=2 if spec.speed.compile else 1)

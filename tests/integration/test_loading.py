@@ -6,13 +6,16 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from diffuser_api.config import Settings
 from diffuser_api.domain import Task
 from diffuser_api.models.checkpoint import probe_model
+from diffuser_api.models.cpu_threads import CpuThreads
 from diffuser_api.models.loading import load_model
 from diffuser_api.models.spec import ModelSpec
 from tests.conftest import TINY_CACHE
+from tests.fakes import image_job
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +75,31 @@ def test_loads_on_several_threads_at_once_all_succeed():
     assert errors == []
     assert len(loaded) == 9
     assert all(model.resident_bytes()["cpu"] == loaded[0].resident_bytes()["cpu"] > 0 for model in loaded)
+
+
+def test_two_workers_on_one_cpu_share_its_cores():
+    """A call that starts alone takes every core; one that starts while the other runs takes
+    its share, so the two teams never run more threads than the cores."""
+    cores = CpuThreads(2)
+    first, second = load_model(spec(devices=("cpu", "cpu")), SETTINGS, cores).runners
+    threads: dict[str, int] = {}
+    second_done = threading.Event()
+
+    def run(runner, name: str, on_first_step) -> None:
+        def on_step(step: int, total: int, previews) -> None:
+            if step == 1:
+                threads[name] = torch.get_num_threads()
+                on_first_step()
+
+        runner.run([image_job("a fox", steps=2)], on_step)
+
+    def start_second() -> None:
+        worker = threading.Thread(target=run, args=(second, "second", second_done.set))
+        worker.start()
+        assert second_done.wait(60)  # the first call is still running: both are busy
+        worker.join()
+
+    first_worker = threading.Thread(target=run, args=(first, "first", start_second))
+    first_worker.start()
+    first_worker.join()
+    assert threads == {"first": 2, "second": 1}

@@ -24,6 +24,7 @@ from diffuser_api.domain import Task
 from diffuser_api.models.adapters import DeviceAdapters
 from diffuser_api.models.checkpoint import checkpoint_source, pipeline_configs
 from diffuser_api.models.compilation import compile_denoiser
+from diffuser_api.models.cpu_threads import CpuThreads
 from diffuser_api.models.families import family_for
 from diffuser_api.models.family import Family
 from diffuser_api.models.hotswap import HotSwapAdapters, plan_hot_swap
@@ -124,14 +125,15 @@ class DiffusersModel:
         _free_cuda(devices)
 
 
-def load_model(spec: ModelSpec, settings: Settings) -> DiffusersModel:
-    """One copy of the weights per distinct device, and one runner per listed device.
-    Safe to call from several threads: loads take turns (see ``_ONE_LOAD_AT_A_TIME``)."""
+def load_model(spec: ModelSpec, settings: Settings, cpu_threads: CpuThreads | None = None) -> DiffusersModel:
+    """One copy of the weights per distinct device, and one runner per listed device; runners
+    on a CPU share ``cpu_threads`` (the process's). Safe to call from several threads: loads
+    take turns (see ``_ONE_LOAD_AT_A_TIME``)."""
     with _ONE_LOAD_AT_A_TIME:
-        return _load_model(spec, settings)
+        return _load_model(spec, settings, cpu_threads)
 
 
-def _load_model(spec: ModelSpec, settings: Settings) -> DiffusersModel:
+def _load_model(spec: ModelSpec, settings: Settings, cpu_threads: CpuThreads | None) -> DiffusersModel:
     source = checkpoint_source(spec, settings)
     components = DiffusionPipeline.load_config(source)
     pipeline_class = components["_class_name"]
@@ -153,7 +155,7 @@ def _load_model(spec: ModelSpec, settings: Settings) -> DiffusersModel:
         bases[device] = base
         workers = [name for name in devices if name == device]
         runners += runners_for_pipeline(
-            base, family, workers, settings.preview_mode, settings.preview_scale, adapters[device]
+            base, family, workers, settings.preview_mode, settings.preview_scale, adapters[device], cpu_threads
         )
     return DiffusersModel(bases, runners, pipeline_class, adapters, on_host=stays_on_host(spec.memory))
 
@@ -174,15 +176,18 @@ def runners_for_pipeline(
     preview_mode: PreviewMode = "latent",
     preview_scale: float = 0.25,
     adapters: DeviceAdapters | None = None,
+    cpu_threads: CpuThreads | None = None,
 ) -> list[DiffusersRunner]:
     """Serve a pipeline that already sits on its device: one runner per entry of ``devices``
-    (all naming that device), sharing its weights and its LoRA ``adapters``. Previews as the
-    probe planned them (the defaults are the settings' defaults)."""
+    (all naming that device), sharing its weights and its LoRA ``adapters``, and on a CPU the
+    process's cores (``cpu_threads``). Previews as the probe planned them (the defaults are the
+    settings' defaults)."""
     channels = latent_channels(pipeline_configs(base).get("vae", {}))
     preview = preview_decoder(family, plan_previews(family, channels, preview_mode, preview_scale), preview_scale)
     runners: list[DiffusersRunner] = []
     denoiser = getattr(base, "transformer", None)
     gate = StepCacheGate(denoiser) if family.step_caches and denoiser is not None else None
+    cores = cpu_threads if devices and devices[0].startswith("cpu") else None
     for index, device in enumerate(devices):
         # A second worker on a device shares its weights but needs its own scheduler:
         # schedulers keep per-call state and break when two threads step one.
@@ -192,7 +197,7 @@ def runners_for_pipeline(
             else share_pipeline(type(base), base, scheduler=copy.deepcopy(base.scheduler))
         )
         runners.append(
-            DiffusersRunner(f"{device}#{index}", family, task_pipelines(pipe, family), preview, adapters, gate)
+            DiffusersRunner(f"{device}#{index}", family, task_pipelines(pipe, family), preview, adapters, gate, cores)
         )
     return runners
 

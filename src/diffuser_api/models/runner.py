@@ -15,6 +15,7 @@ from diffuser_api.domain import GeneratedImage, ImageJob, Task
 from diffuser_api.engine import StepCallback
 from diffuser_api.errors import OutOfMemory
 from diffuser_api.models.adapters import DeviceAdapters
+from diffuser_api.models.cpu_threads import CpuThreads
 from diffuser_api.models.family import Family
 from diffuser_api.models.preview_modes import PreviewDecoder
 from diffuser_api.models.step_cache import StepCacheGate
@@ -38,10 +39,13 @@ class DiffusersRunner:
         preview: PreviewDecoder,
         adapters: DeviceAdapters | None = None,
         step_cache_gate: StepCacheGate | None = None,
+        cpu_threads: CpuThreads | None = None,
     ) -> None:
         """``step_cache_gate`` is shared by every runner on the same denoiser; None where the
-        family has no cache hooks (validation never sends those a cached job)."""
+        family has no cache hooks (validation never sends those a cached job). ``cpu_threads``
+        gives each call on a CPU its share of the cores (None: torch's own count, as on GPUs)."""
         self.name = name
+        self._cpu_threads = cpu_threads
         self._step_cache_gate = step_cache_gate
         self.family = family
         self.pipelines = pipelines
@@ -74,8 +78,9 @@ class DiffusersRunner:
             kwargs.update(height=first.height, width=first.width)
         out_of_memory = False
         adapters = self.adapters.applied(first.loras) if self.adapters is not None else contextlib.nullcontext()
+        cores = self._cpu_threads.share() if self._cpu_threads is not None else contextlib.nullcontext()
         try:
-            with adapters, torch.inference_mode(), self.family.call_scope(jobs), self._step_cache(first):
+            with cores, adapters, torch.inference_mode(), self.family.call_scope(jobs), self._step_cache(first):
                 images = pipe(
                     **kwargs,
                     output_type="pil",
