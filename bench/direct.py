@@ -48,8 +48,14 @@ class DirectPipeline:
             self.pipe(**kwargs, output_type="pil", callback_on_step_end=callback)
         return time.perf_counter() - started
 
-    def measure(self, label: str, *, batch: int, side: int, steps: int, calls: int) -> Measurement:
-        self._call(batch, side, steps)  # warm-up: first calls at a new size allocate
+    def warm_up(self, batch: int, side: int, steps: int) -> None:
+        """First calls at a new size allocate."""
+        self._call(batch, side, steps)
+
+    def measure(self, label: str, *, batch: int, side: int, steps: int, calls: int,
+                warm_up: bool = True) -> Measurement:
+        if warm_up:
+            self.warm_up(batch, side, steps)
         latencies = tuple(self._call(batch, side, steps) for _ in range(calls))
         return Measurement(label, side, steps, clients=1, batch=batch, images=batch * calls,
                            wall_s=sum(latencies), latencies_s=latencies)

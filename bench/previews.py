@@ -21,7 +21,6 @@ Run: python bench/previews.py [--runs N] [--cpu-only] (writes bench/results/prev
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from tests.conftest import TINY_CACHE, LiveServer
 
 from bench.direct import DirectPipeline
 from bench.measure import process_cpu_s
+from bench.paired import PairedRatio
 from diffuser_api.domain.capabilities import PreviewPlan
 from diffuser_api.models.preview_modes import preview_decoder
 from diffuser_api.models.previews import SD_LATENT_RGB, latent_to_rgb
@@ -70,14 +70,12 @@ class Overhead:
     @property
     def ratio(self) -> float:
         """Median over the pairs of previewed / plain, minus one."""
-        return statistics.median(_pair_ratios(self.pairs)) - 1
+        return PairedRatio.of(self.pairs).median - 1
 
-    def interval(self, resamples: int = 2000) -> tuple[float, float]:
-        """Bootstrap 95 % interval of ``ratio`` (fixed seed: the same pairs give the same interval)."""
-        ratios = _pair_ratios(self.pairs)
-        draw = random.Random(0)
-        medians = sorted(statistics.median(draw.choices(ratios, k=len(ratios))) - 1 for _ in range(resamples))
-        return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+    def interval(self) -> tuple[float, float]:
+        """Bootstrap 95 % interval of ``ratio``."""
+        low, high = PairedRatio.of(self.pairs).interval()
+        return low - 1, high - 1
 
     @property
     def cpu_ratio(self) -> float:
@@ -88,10 +86,6 @@ class Overhead:
         low, high = self.interval()
         return (f"median of {self.runs} back-to-back pairs, 95 % interval {low:+.1%} to {high:+.1%}; "
                 f"server CPU {self.cpu_ratio:+.1%}")
-
-
-def _pair_ratios(pairs: tuple[tuple[float, float], ...]) -> list[float]:
-    return [previewed / plain for plain, previewed in pairs]
 
 
 def streamed_seconds(base_url: str, partial_images: int) -> tuple[float, int]:
