@@ -19,6 +19,7 @@ from PIL.Image import Image
 
 from diffuser_api.domain import EncodedPreview, GeneratedImage, ImageJob, StepProgress, Task
 from diffuser_api.engine import Engine, EngineLimits
+from diffuser_api.engine.job import WorkerEncoders
 from diffuser_api.errors import InvalidRequest, ModelFailure, OutOfMemory, Overloaded, RequestTimeout, Unavailable
 from tests.fakes import FakeRunner, colour_of, image_job
 
@@ -529,7 +530,8 @@ async def test_previews_are_encoded_on_the_worker_thread_by_the_job_s_encoder() 
     async with serving(runner) as engine:
         work = ImageJob(task=Task.GENERATION, prompt="p", width=64, height=64, steps=4, seeds=(1, 2),
                         partial_images=2)
-        images = await engine.submit(work, progress=reports.append, encode_preview=encode)
+        images = await engine.submit(work, progress=reports.append,
+                                     encoders=WorkerEncoders(result=lambda image: b"", preview=encode))
         await asyncio.sleep(0.01)  # progress posted just before the result
         plain: list[StepProgress] = []
         await engine.submit(work, progress=plain.append)
@@ -551,11 +553,66 @@ async def test_a_preview_encoder_that_fails_leaves_the_image_and_the_request_suc
     async with serving(FakeRunner()) as engine:
         work = ImageJob(task=Task.GENERATION, prompt="p", width=64, height=64, steps=4, seeds=(1,),
                         partial_images=1)
-        images = await engine.submit(work, progress=reports.append, encode_preview=broken)
+        images = await engine.submit(work, progress=reports.append,
+                                     encoders=WorkerEncoders(result=lambda image: b"", preview=broken))
         await asyncio.sleep(0.01)
     assert_images_of(images, "p", (1,))
     shown = [preview for report in reports if report.previews for preview in report.previews]
     assert len(shown) == 1 and isinstance(shown[0], Image)
+
+
+@run_async
+async def test_images_are_encoded_on_the_worker_thread_after_the_call_by_the_job_s_encoder() -> None:
+    runner = FakeRunner()
+    threads: list[str] = []
+
+    def encode(image: GeneratedImage) -> bytes:
+        threads.append(threading.current_thread().name)
+        return f"seed {image.seed}".encode()
+
+    async with serving(runner) as engine:
+        encoded = await engine.submit(image_job("p", seeds=(1, 2)), encoders=WorkerEncoders(result=encode))
+        plain = await engine.submit(image_job("p", seeds=(1, 2)))
+    assert_images_of(encoded, "p", (1, 2))
+    assert [image.encoded for image in encoded] == [b"seed 1", b"seed 2"]
+    assert threads == [f"worker-{runner.name}"] * 2, "encoded on the pipeline's own thread"
+    assert [image.encoded for image in plain] == [None, None]
+    # Without a preview encoder, previews stay images (the async jobs' case: encoded if watched).
+    reports: list[StepProgress] = []
+    async with serving(FakeRunner()) as engine:
+        work = ImageJob(task=Task.GENERATION, prompt="p", width=64, height=64, steps=4, seeds=(1,), partial_images=1)
+        await engine.submit(work, progress=reports.append, encoders=WorkerEncoders(result=encode))
+        await asyncio.sleep(0.01)
+    shown = [preview for report in reports if report.previews for preview in report.previews]
+    assert len(shown) == 1 and isinstance(shown[0], Image)
+
+
+@run_async
+async def test_a_batch_s_compute_time_is_its_pipeline_call_without_the_encoding() -> None:
+    def slow(image: GeneratedImage) -> bytes:
+        time.sleep(0.3)
+        return b"png"
+
+    reports = []
+    engine = Engine([FakeRunner()], EngineLimits(), observers=[reports.append])
+    engine.start()
+    try:
+        images = await engine.submit(image_job("p"), encoders=WorkerEncoders(result=slow))
+    finally:
+        await engine.stop(grace_s=2.0)
+    assert images[0].encoded == b"png"
+    assert len(reports) == 1 and reports[0].compute_s < 0.3
+
+
+@run_async
+async def test_an_image_encoder_that_fails_leaves_the_images_to_the_request_which_succeeds() -> None:
+    def broken(image: GeneratedImage) -> bytes:
+        raise OSError("encoder failed")
+
+    async with serving(FakeRunner()) as engine:
+        images = await engine.submit(image_job("p", seeds=(1, 2)), encoders=WorkerEncoders(result=broken))
+    assert_images_of(images, "p", (1, 2))
+    assert [image.encoded for image in images] == [None, None]
 
 
 @run_async

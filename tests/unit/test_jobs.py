@@ -82,6 +82,26 @@ def test_submit_poll_and_fetch_the_images(client):
     assert Image.open(io.BytesIO(base64.b64decode(images[0]["b64_json"]))).size == (32, 16)
 
 
+def test_a_cpu_model_s_worker_encodes_a_job_s_images(tmp_path, monkeypatch):
+    from diffuser_api.service.images import ImageService
+
+    threads: list[str] = []
+    encode = ImageService._encode_result
+
+    def recorded(self, *args):
+        threads.append(threading.current_thread().name)
+        return encode(self, *args)
+
+    monkeypatch.setattr(ImageService, "_encode_result", recorded)
+    with TestClient(fake_app(tmp_path, device="cpu", **FAST)) as client:
+        wait_ready(client)
+        job = submit(client, {"prompt": "a fox", "n": 2, "seed": 7})
+        images = wait_for(client, job["id"])["result"]["data"]
+        assert_still_serves(client)
+    assert [colour(image["b64_json"]) for image in images] == [colour_of("a fox", 7), colour_of("a fox", 8)]
+    assert threads[:2] == ["worker-fake#0"] * 2, threads
+
+
 def test_without_the_header_nothing_changes(client):
     response = client.post(GEN, json={"prompt": "sync"}, headers={"Prefer": "return=minimal"})
     assert response.status_code == 200 and "data" in response.json()

@@ -90,6 +90,36 @@ def test_previews_are_encoded_between_steps_on_a_cpu_worker_and_by_the_codec_poo
     assert len(threads) == 2 and all(name.startswith(encoder_thread) for name in threads), threads
 
 
+@pytest.mark.parametrize(("device", "encoder_thread"), [("cpu", "worker-"), ("fake", "codec")])
+@pytest.mark.parametrize("stream", [False, True])
+def test_final_images_are_encoded_on_a_cpu_worker_and_by_the_codec_pool_elsewhere(
+    tmp_path, monkeypatch, device, encoder_thread, stream
+):
+    from diffuser_api.service.images import ImageService
+
+    threads: list[str] = []
+    encode = ImageService._encode_result
+
+    def recorded(self, *args):
+        threads.append(threading.current_thread().name)
+        return encode(self, *args)
+
+    monkeypatch.setattr(ImageService, "_encode_result", recorded)
+    payload = {"prompt": "fox", "n": 2, "num_inference_steps": 2, "seed": 4, "output_format": "webp"}
+    with TestClient(fake_app(tmp_path, device=device)) as client:
+        wait_ready(client)
+        if stream:
+            with client.stream("POST", GEN, json=payload | {"stream": True}) as response:
+                images = [body["b64_json"] for _, body in sse_events(response)]
+        else:
+            images = [item["b64_json"] for item in client.post(GEN, json=payload).json()["data"]]
+    expected = sorted([colour_of("fox", 4), colour_of("fox", 5)])
+    for got, want in zip(sorted(pixel(image) for image in images), expected, strict=True):
+        assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 3  # WebP is lossy
+    assert all(base64.b64decode(image)[8:12] == b"WEBP" for image in images)  # the request's format
+    assert len(threads) == 2 and all(name.startswith(encoder_thread) for name in threads), threads
+
+
 def test_stream_with_several_images_tags_each_event(client):
     payload = {"prompt": "fox", "stream": True, "partial_images": 1, "n": 2, "num_inference_steps": 4}
     with client.stream("POST", GEN, json=payload) as response:

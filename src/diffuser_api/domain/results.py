@@ -13,6 +13,9 @@ class GeneratedImage:
     seed: int
     revised_prompt: str | None = None
     prompt_tokens: int | None = None
+    # The image in its request's output format, where the job brought its worker an encoder
+    # (see ``engine.job.WorkerEncoders``); None: whoever stores it encodes it.
+    encoded: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class StepProgress:
 
     ``previews[i]`` belongs to the request's image ``first_image + i``: a request run as several
     batches reports each batch's previews at its own images. A preview is an image, or already
-    encoded where the job brought a preview encoder (see ``engine.job.PreviewEncoder``).
+    encoded where the job brought its worker encoders (see ``engine.job.WorkerEncoders``).
     """
 
     step: int

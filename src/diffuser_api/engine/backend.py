@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from diffuser_api.domain import GeneratedImage, ImageJob
-from diffuser_api.engine.job import JobTiming, PreviewEncoder, ProgressSink
+from diffuser_api.engine.job import JobTiming, ProgressSink, WorkerEncoders
 from diffuser_api.engine.priority import Priority
 
 
@@ -22,12 +22,13 @@ class ModelBackend(Protocol):
         timing: JobTiming | None = None,
         deadline: float | None = None,
         priority: Priority = Priority.INTERACTIVE,
-        encode_preview: PreviewEncoder | None = None,
+        encoders: WorkerEncoders | None = None,
     ) -> list[GeneratedImage]:
         """Run the work and return its images in seed order, reporting steps and previews to
         ``progress``; cancelling the awaiting task stops the work at its next step. ``priority``
         is the work's scheduling class (interactive, async job, batch line). A backend may
-        encode previews with ``encode_preview`` where it makes them, or report them as images."""
+        encode previews and images with ``encoders`` where it makes them, or return them as
+        images for the caller to encode."""
         ...
 
     def queue_position(self, work: ImageJob) -> int | None:

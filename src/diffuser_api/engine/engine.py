@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from diffuser_api.domain import GeneratedImage, ImageJob
 from diffuser_api.engine.batching import BatchLimits, JobQueue
 from diffuser_api.engine.device_turns import DeviceTurns, device_of
-from diffuser_api.engine.job import Job, JobTiming, PreviewEncoder, ProgressSink
+from diffuser_api.engine.job import Job, JobTiming, ProgressSink, WorkerEncoders
 from diffuser_api.engine.priority import Priority
 from diffuser_api.engine.runner import ModelRunner
 from diffuser_api.engine.splitting import SplitProgress, split_work
@@ -100,7 +100,7 @@ class Engine:
         timing: JobTiming | None = None,
         deadline: float | None = None,
         priority: Priority = Priority.INTERACTIVE,
-        encode_preview: PreviewEncoder | None = None,
+        encoders: WorkerEncoders | None = None,
     ) -> list[GeneratedImage]:
         """Queue the work and wait for its images, until ``deadline`` (``time.monotonic``; by
         default ``request_timeout_s`` from now for an interactive request, none for the other
@@ -113,11 +113,11 @@ class Engine:
         Work larger than one batch runs as several (its images come back in seed order).
         Cancelling the awaiting task (client gone) cancels the job: a queued job never runs,
         a running one stops at the next step once no client of its batch is left. ``timing``,
-        if given, gets the job's queue wait and compute time however it ends. ``encode_preview``,
-        if given, encodes its previews on the worker's thread (see ``PreviewEncoder``).
+        if given, gets the job's queue wait and compute time however it ends. ``encoders``,
+        if given, encode its previews and images on the worker's thread (see ``WorkerEncoders``).
         """
         self.check_room(priority)
-        jobs = self._jobs_of(work, progress, priority, encode_preview)
+        jobs = self._jobs_of(work, progress, priority, encoders)
         if not self._queue.offer(jobs):
             raise self._overloaded()
         self._submitted[id(work)] = jobs
@@ -152,7 +152,7 @@ class Engine:
         )
 
     def _jobs_of(self, work: ImageJob, progress: ProgressSink | None, priority: Priority,
-                 encode_preview: PreviewEncoder | None) -> tuple[Job, ...]:
+                 encoders: WorkerEncoders | None) -> tuple[Job, ...]:
         loop = asyncio.get_running_loop()
         enqueued_at = time.monotonic()  # one for all chunks: they age together
         chunks = split_work(work, self.limits.max_batch_size, self.limits.max_batch_pixels)
@@ -166,7 +166,7 @@ class Engine:
                 loop=loop,
                 future=loop.create_future(),
                 progress=split_progress.of_chunk(index) if split_progress is not None else None,
-                encode_preview=encode_preview,
+                encoders=encoders,
                 cancel_flag=cancel_flag,
                 priority=priority,
                 enqueued_at=enqueued_at,

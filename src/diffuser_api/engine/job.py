@@ -15,11 +15,23 @@ from diffuser_api.domain.timeline import Phase
 from diffuser_api.engine.priority import Priority
 
 ProgressSink = Callable[[StepProgress], None]
-# Encodes a preview on the worker's thread, right after the step that made it. Where the
-# pipeline's own threads hold every core (a CPU device), that is the cheap moment: encoded
-# elsewhere during the next step, it preempts one of the pipeline's threads and stalls the
-# others at their next barrier. The caller chooses: on a GPU the host cores are free anyway.
-PreviewEncoder = Callable[[Image], EncodedPreview]
+
+
+@dataclass(frozen=True)
+class WorkerEncoders:
+    """What a job's worker encodes on its own thread: each preview right after the step that
+    made it, and the final images right after the pipeline call, before its next batch.
+
+    Where the pipeline's own threads hold every core (a CPU device), those are the cheap
+    moments: encoded on another thread while the pipeline runs, the work preempts one of its
+    threads and stalls the others at their next barrier (on 2 cores a millisecond of encoding
+    cost the pipeline about two). The caller chooses: on a GPU the host cores are free anyway.
+    Without a ``preview`` encoder, previews are reported as images (for a caller that encodes
+    only those somebody watches).
+    """
+
+    result: Callable[[GeneratedImage], bytes]
+    preview: Callable[[Image], EncodedPreview] | None = None
 
 
 @dataclass
@@ -71,7 +83,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[list[GeneratedImage]]
     progress: ProgressSink | None = None
-    encode_preview: PreviewEncoder | None = None
+    encoders: WorkerEncoders | None = None
     priority: Priority = Priority.INTERACTIVE
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from diffuser_api.domain import GeneratedImage, ImageJob, StepProgress
 from diffuser_api.engine.backend import ModelBackend
-from diffuser_api.engine.job import JobTiming, PreviewEncoder
+from diffuser_api.engine.job import JobTiming, WorkerEncoders
 from diffuser_api.engine.priority import Priority
 
 # How often a waiting job's queue position is read again (and a stream may send a ping).
@@ -37,12 +37,12 @@ async def job_updates(
     timing: JobTiming | None = None,
     deadline: float | None = None,
     priority: Priority = Priority.INTERACTIVE,
-    encode_preview: PreviewEncoder | None = None,
+    encoders: WorkerEncoders | None = None,
 ) -> AsyncIterator[JobUpdate]:
     """Submit the job and follow it; the job's own error is raised; closing early cancels it."""
     progress: asyncio.Queue[StepProgress] = asyncio.Queue()
     task = asyncio.ensure_future(backend.submit(job, progress.put_nowait, timing, deadline, priority,
-                                                encode_preview=encode_preview))
+                                                encoders=encoders))
     last_position: int | None = None
     getter: asyncio.Future[StepProgress] | None = None
     try:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from PIL.Image import Image
 
-from diffuser_api.domain import EncodedPreview, StepProgress
+from diffuser_api.domain import EncodedPreview, GeneratedImage, StepProgress
 from diffuser_api.engine.batching import BatchLimits, JobQueue, QueueClosed
 from diffuser_api.engine.job import Job
 from diffuser_api.engine.runner import ModelRunner, PreviewSource
@@ -71,18 +71,32 @@ def no_turn(batch: list[Job]) -> contextlib.AbstractContextManager[None]:
 
 
 def _as_shown(job: Job, previews: list[Image]) -> tuple[Image | EncodedPreview, ...]:
-    """Encoded here, between two steps, where the job brought an encoder. One that fails leaves
+    """Encoded here, between two steps, where the job brought encoders. One that fails leaves
     the image as it is (its reader encodes it then): a preview must never fail the batch."""
-    if job.encode_preview is None:
+    encode = job.encoders.preview if job.encoders is not None else None
+    if encode is None:
         return tuple(previews)
     shown: list[Image | EncodedPreview] = []
     for image in previews:
         try:
-            shown.append(job.encode_preview(image))
+            shown.append(encode(image))
         except Exception:
             logger.exception("encoding a preview on the worker failed; its stream encodes it instead")
             shown.append(image)
     return tuple(shown)
+
+
+def _as_delivered(job: Job, images: list[GeneratedImage]) -> list[GeneratedImage]:
+    """Encoded here, before the next batch, where the job brought encoders. One that fails
+    leaves the images as they are: whoever stores them encodes them, and reports the failure."""
+    if job.encoders is None:
+        return images
+    encode = job.encoders.result
+    try:
+        return [dataclasses.replace(image, encoded=encode(image)) for image in images]
+    except Exception:
+        logger.exception("encoding an image on the worker failed; its request encodes it instead")
+        return images
 
 
 class Worker:
@@ -173,8 +187,10 @@ class Worker:
                 job.report_progress(StepProgress(step, total, shown_now))
 
         outcome = "worker_died"  # unless a branch below says otherwise: a BaseException ends the thread
+        call_s: float | None = None  # the pipeline call's own time, without the encoding after it
         try:
             results = self.runner.run([job.work for job in batch], on_step)
+            call_s = time.monotonic() - now
             if len(results) != len(batch):
                 raise ModelFailure(f"the model returned {len(results)} results for {len(batch)} requests")
         except _BatchAbandoned:
@@ -201,9 +217,10 @@ class Worker:
             outcome = "ok"
             for job, images in zip(batch, results, strict=True):
                 if not job.cancelled:
-                    job.resolve(images)
+                    job.resolve(_as_delivered(job, images))
         finally:
-            self._report(BatchReport(self.runner.name, batch, time.monotonic() - now, steps_done, outcome))
+            compute_s = call_s if call_s is not None else time.monotonic() - now
+            self._report(BatchReport(self.runner.name, batch, compute_s, steps_done, outcome))
 
     def _report(self, report: BatchReport) -> None:
         """Figures are for logs and metrics; a broken observer must not stop the worker."""

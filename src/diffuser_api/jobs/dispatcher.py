@@ -319,8 +319,11 @@ class JobDispatcher:
         async with self._registry.lease(model, deadline=deadline) as engine:
             # The one place jobs enter an engine (where their priority class is given).
             priority = Priority.BATCH if record.batch_id is not None else Priority.JOB
+            # Images encoded on the worker where the service says so; previews stay images,
+            # encoded only while somebody follows the job's events (``_publish_preview``).
+            encoders = self._images.worker_encoders(model, request, previews=False)
             generated = await engine.submit(work, self._progress_sink(running, request), deadline=deadline,
-                                            priority=priority)
+                                            priority=priority, encoders=encoders)
         running.storing = True
         try:
             names = await asyncio.gather(*(self._images.background_codec.run_admitted(self._save, image, request)
@@ -359,8 +362,9 @@ class JobDispatcher:
 
     def _save(self, image: GeneratedImage, request: ImageRequest) -> str:
         output_format = output_format_of(request)
-        return self._storage.save(encode_image(image.image, output_format, request.output_compression),
-                                  output_format)
+        data = image.encoded if image.encoded is not None else encode_image(image.image, output_format,
+                                                                              request.output_compression)
+        return self._storage.save(data, output_format)
 
     async def _requeue(self, running: RunningJob, decision: AfterFailure, reason: str) -> None:
         record = running.record

@@ -18,7 +18,7 @@ from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, RayServeException, RequestCancelledError
 
 from diffuser_api.domain import GeneratedImage, ImageJob
-from diffuser_api.engine.job import JobTiming, PreviewEncoder, ProgressSink
+from diffuser_api.engine.job import JobTiming, ProgressSink, WorkerEncoders
 from diffuser_api.engine.priority import Priority
 from diffuser_api.engine.worker import BatchObserver
 from diffuser_api.errors import Cancelled, DiffuserError, ModelFailure, Overloaded, Unavailable
@@ -57,10 +57,10 @@ class RemoteEngine:
         timing: JobTiming | None = None,
         deadline: float | None = None,
         priority: Priority = Priority.INTERACTIVE,
-        encode_preview: PreviewEncoder | None = None,
+        encoders: WorkerEncoders | None = None,
     ) -> list[GeneratedImage]:
-        # ``encode_preview`` is not used: previews are made in a replica, on its own machine, and
-        # come back as arrays; the ingress encodes them on its own (free) cores.
+        # ``encoders`` are not used: images are made in a replica, on its own machine, and come
+        # back as arrays; the ingress encodes them on its own (free) cores.
         deadline = deadline or time.monotonic() + self._request_timeout_s
         replies = self._calls.remote(wire.job_to_wire(work, max(0.0, deadline - time.monotonic()), priority))
         self._positions[id(work)] = None

@@ -23,7 +23,7 @@ from diffuser_api.domain import (
 )
 from diffuser_api.domain.requests import MAX_SEED
 from diffuser_api.domain.timeline import Timeline
-from diffuser_api.engine.job import JobTiming
+from diffuser_api.engine.job import JobTiming, WorkerEncoders
 from diffuser_api.errors import NotSupported
 from diffuser_api.models.registry import ModelRegistry, ServedModel
 from diffuser_api.models.spec import PresetSpec
@@ -97,9 +97,10 @@ class ImageService:
         model = route.model
         job = await self.prepare(request, model, admit, preset=route.preset)
         deadline = time.monotonic() + model.spec.engine.request_timeout_s
-        async with self._registry.lease(model, deadline=deadline) as engine:
-            images = await engine.submit(job, timing=timing, deadline=deadline)
         timeline = timeline or Timeline()
+        async with self._registry.lease(model, deadline=deadline) as engine:
+            images = await engine.submit(job, timing=timing, deadline=deadline,
+                                         encoders=self.worker_encoders(model, request, timeline))
         stored = await asyncio.gather(
             *(self.codec.run_admitted(self._store, image, request, url_base, timeline) for image in images)
         )
@@ -136,15 +137,23 @@ class ImageService:
         async def store(image: GeneratedImage) -> StoredImage:
             return await self.codec.run_admitted(self._store, image, request, "", timeline)
 
-        def encode_on_worker(image: Image.Image) -> EncodedPreview:
-            return EncodedPreview(self._encode_preview(image, request, timeline))
-
-        # On a CPU the pipeline's threads hold every core: previews are encoded between steps
-        # on its worker (see PreviewEncoder); on a GPU, by the codec pool on the free cores.
-        on_cpu = bool(model.devices) and all(device.startswith("cpu") for device in model.devices)
         events = leased_job_events(self._registry, model, job, encode_preview, store, timing,
-                                   encode_on_worker if on_cpu else None)
+                                   self.worker_encoders(model, request, timeline))
         return ImageStream(job, model.id, events)
+
+    def worker_encoders(self, model: ServedModel, request: ImageRequest, timeline: Timeline | None = None, *,
+                        previews: bool = True) -> WorkerEncoders | None:
+        """On a CPU the pipeline's threads hold every core: its worker encodes the request's
+        images after the call and, with ``previews``, its previews between steps (see
+        ``WorkerEncoders``). On a GPU (None) the codec pool encodes them on the free host cores."""
+        if not model.devices or not all(device.startswith("cpu") for device in model.devices):
+            return None
+        timeline = timeline or Timeline()
+        return WorkerEncoders(
+            result=lambda image: self._encode_result(image, request, timeline),
+            preview=(lambda image: EncodedPreview(self._encode_preview(image, request, timeline))) if previews
+            else None,
+        )
 
     async def prepare(
         self, request: ImageRequest, model: ServedModel, admit: Admission | None = None,
@@ -237,16 +246,21 @@ class ImageService:
         return resized, mask, (width, height)
 
     def _store(self, image: GeneratedImage, request: ImageRequest, url_base: str, timeline: Timeline) -> StoredImage:
-        """Encoding includes base64 for b64_json answers; only url answers are stored."""
+        """Encoded (unless its worker did) and base64'd for b64_json answers; only url answers
+        are stored."""
         output_format = output_format_of(request)
         common = {"seed": image.seed, "revised_prompt": image.revised_prompt}
-        with timeline.phase("encoding", seed=image.seed, output_format=output_format):
-            data = encode_image(image.image, output_format, request.output_compression)
-            if request.response_format != "url":
-                return StoredImage(b64_json=base64.b64encode(data).decode("ascii"), **common)
+        data = image.encoded if image.encoded is not None else self._encode_result(image, request, timeline)
+        if request.response_format != "url":
+            return StoredImage(b64_json=base64.b64encode(data).decode("ascii"), **common)
         with timeline.phase("storage", seed=image.seed, bytes=len(data)):
             name = self._storage.save(data, output_format)
             return StoredImage(url=self._storage.url(name, url_base), **common)
+
+    def _encode_result(self, image: GeneratedImage, request: ImageRequest, timeline: Timeline) -> bytes:
+        output_format = output_format_of(request)
+        with timeline.phase("encoding", seed=image.seed, output_format=output_format):
+            return encode_image(image.image, output_format, request.output_compression)
 
     def _encode_preview(self, image: Image.Image, request: ImageRequest, timeline: Timeline) -> str:
         output_format = output_format_of(request)

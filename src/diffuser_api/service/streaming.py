@@ -16,7 +16,7 @@ from PIL.Image import Image
 
 from diffuser_api.domain import EncodedPreview, GeneratedImage, ImageJob, StepProgress, StoredImage
 from diffuser_api.engine.backend import ModelBackend
-from diffuser_api.engine.job import JobTiming, PreviewEncoder
+from diffuser_api.engine.job import JobTiming, WorkerEncoders
 from diffuser_api.engine.updates import QueuePosition, job_updates
 from diffuser_api.models.registry import ModelRegistry, ServedModel
 
@@ -70,7 +70,7 @@ async def leased_job_events(
     encode_preview: Callable[[Image], Awaitable[str]],
     store: Callable[[GeneratedImage], Awaitable[StoredImage]],
     timing: JobTiming | None = None,
-    encode_on_worker: PreviewEncoder | None = None,
+    encoders: WorkerEncoders | None = None,
 ) -> AsyncIterator[StreamEvent]:
     """``job_events`` under a lease on the model, taken when the stream starts: a model that
     has to load first says so with one ``Loading`` event, then the wait goes on (the request's
@@ -93,7 +93,7 @@ async def leased_job_events(
                 leasing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await leasing
-        async for event in job_events(engine, job, encode_preview, store, timing, deadline, encode_on_worker):
+        async for event in job_events(engine, job, encode_preview, store, timing, deadline, encoders):
             yield event
 
 
@@ -104,13 +104,13 @@ async def job_events(
     store: Callable[[GeneratedImage], Awaitable[StoredImage]],
     timing: JobTiming | None = None,
     deadline: float | None = None,
-    encode_on_worker: PreviewEncoder | None = None,
+    encoders: WorkerEncoders | None = None,
 ) -> AsyncIterator[StreamEvent]:
     """Run the job, yielding its progress; closing the iterator early cancels the job.
-    Previews are encoded by ``encode_on_worker`` on the model's worker where given (see
-    ``PreviewEncoder``), else by ``encode_preview`` here."""
+    Previews and images are encoded by ``encoders`` on the model's worker where given (see
+    ``WorkerEncoders``), else by ``encode_preview`` and ``store`` here."""
     partial_counts = [0] * job.n
-    updates = job_updates(engine, job, timing, deadline, encode_preview=encode_on_worker)
+    updates = job_updates(engine, job, timing, deadline, encoders=encoders)
     try:
         async for update in updates:
             if isinstance(update, QueuePosition):
