@@ -2,9 +2,9 @@
 sent by 16 concurrent interactive clients, on one ``diffuser-api serve`` process.
 
 Target: the batch's images/s at least 0.9x the interactive clients' (its lines batch with each
-other as the engine has room). Phases run in interleaved rounds, so a burst of other work on a
-shared machine lands on both sides of the ratio. Writes bench/results/batches.md and
-bench/results/batches.png.
+other as the engine has room). Phases run in back-to-back rounds, in turn first, and the ratio
+is the median of the rounds' ratios with a bootstrap 95 % interval (``bench.paired``). Writes
+bench/results/batches.md and bench/results/batches.png.
 
     PYTHONPATH=src python bench/batches.py [--lines 256] [--rounds 5]
 """
@@ -16,7 +16,6 @@ import asyncio
 import datetime
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ import openai
 from tests.conftest import LiveServer
 
 from bench.load import drive
+from bench.paired import PairedRatio
 from diffuser_api.engine.batching import INTERACTIVE_LIVE_S
 
 matplotlib.use("Agg")
@@ -77,8 +77,9 @@ def batch_images_per_s(client: openai.OpenAI, requests: list[dict]) -> float:
 def write_results(rows: dict[str, list[float]], lines: int) -> float:
     """Each round's ratio is taken within the round (its two phases ran back to back, under the
     same load from whatever else shares the machine); the headline is their median."""
-    ratios = [batch / interactive for batch, interactive in zip(rows["batch"], rows["interactive"], strict=True)]
-    ratio = statistics.median(ratios)
+    paired = PairedRatio.of(list(zip(rows["interactive"], rows["batch"], strict=True)))
+    ratio, (low, high) = paired.median, paired.interval()
+    ratios = paired.ratios
     RESULTS.mkdir(parents=True, exist_ok=True)
     table = [
         f"# Batch API vs interactive clients ({datetime.date.today()}, {os.cpu_count()} CPUs)",
@@ -91,8 +92,9 @@ def write_results(rows: dict[str, list[float]], lines: int) -> float:
         *(f"| {index} | {interactive:.2f} | {batch:.2f} | {batch / interactive:.2f}x |"
           for index, (interactive, batch) in enumerate(zip(rows["interactive"], rows["batch"], strict=True), 1)),
         "",
-        f"Median batch / interactive: **{ratio:.2f}x** "
-        f"(target >= {TARGET}x: {'met' if ratio >= TARGET else 'NOT met'}).",
+        f"Median batch / interactive: **{ratio:.2f}x** (95 % interval {low:.2f}x to {high:.2f}x; "
+        f"target >= {TARGET}x: {'met' if ratio >= TARGET else 'NOT met'}). Each round ran both phases back "
+        "to back, the interactive clients first in odd rounds and the batch first in even ones.",
         "",
     ]
     (RESULTS / "batches.md").write_text("\n".join(table))
@@ -128,12 +130,14 @@ def main() -> None:
             asyncio.run(drive(server.base_url, requests[:CLIENTS], CLIENTS))
             batch_images_per_s(client, requests[:CLIENTS])
             rows: dict[str, list[float]] = {"interactive": [], "batch": []}
-            for _ in range(args.rounds):
-                rows["interactive"].append(interactive_images_per_s(server.base_url, requests))
-                # The batch alone, as a Batch API user runs it: past the time the engine keeps
-                # background batches at half size after interactive requests stop.
-                time.sleep(INTERACTIVE_LIVE_S)
-                rows["batch"].append(batch_images_per_s(client, requests))
+            phases = {"interactive": lambda: interactive_images_per_s(server.base_url, requests),
+                      "batch": lambda: batch_images_per_s(client, requests)}
+            for index in range(args.rounds):
+                for label in (("interactive", "batch") if index % 2 == 0 else ("batch", "interactive")):
+                    # Each phase alone: the batch past the time the engine keeps background
+                    # batches at half size after interactive requests stop.
+                    time.sleep(INTERACTIVE_LIVE_S)
+                    rows[label].append(phases[label]())
                 print({label: f"{values[-1]:.2f}" for label, values in rows.items()}, flush=True)
         finally:
             server.stop()
