@@ -384,3 +384,16 @@ def png_bytes(size: tuple[int, int] = (40, 40), colour: tuple[int, ...] = (200, 
     buffer = io.BytesIO()
     Image.new(mode, size, colour).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def threads_calling(monkeypatch: Any, owner: type, method: str) -> list[str]:
+    """The names of the threads that call ``owner.method`` from now on (it still does its work)."""
+    threads: list[str] = []
+    original = getattr(owner, method)
+
+    def recorded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, method, recorded)
+    return threads

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.fakes import FakeRunner, colour_of, fake_app, png_bytes
+from tests.fakes import FakeRunner, colour_of, fake_app, png_bytes, threads_calling
 from tests.unit.test_api import assert_envelope, assert_still_serves, wait_ready
 
 GEN = "/v1/images/generations"
@@ -85,14 +85,7 @@ def test_submit_poll_and_fetch_the_images(client):
 def test_a_cpu_model_s_worker_encodes_a_job_s_images(tmp_path, monkeypatch):
     from diffuser_api.service.images import ImageService
 
-    threads: list[str] = []
-    encode = ImageService._encode_result
-
-    def recorded(self, *args):
-        threads.append(threading.current_thread().name)
-        return encode(self, *args)
-
-    monkeypatch.setattr(ImageService, "_encode_result", recorded)
+    threads = threads_calling(monkeypatch, ImageService, "_encode_result")
     with TestClient(fake_app(tmp_path, device="cpu", **FAST)) as client:
         wait_ready(client)
         job = submit(client, {"prompt": "a fox", "n": 2, "seed": 7})

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from diffuser_api.engine import EngineLimits
-from tests.fakes import FakeRunner, colour_of, fake_app, png_bytes
+from tests.fakes import FakeRunner, colour_of, fake_app, png_bytes, threads_calling
 from tests.servers import ThreadedServer
 from tests.unit.test_api import assert_envelope, wait_ready
 
@@ -71,14 +71,7 @@ def test_previews_are_encoded_between_steps_on_a_cpu_worker_and_by_the_codec_poo
 ):
     from diffuser_api.service.images import ImageService
 
-    threads: list[str] = []
-    encode = ImageService._encode_preview
-
-    def recorded(self, *args):
-        threads.append(threading.current_thread().name)
-        return encode(self, *args)
-
-    monkeypatch.setattr(ImageService, "_encode_preview", recorded)
+    threads = threads_calling(monkeypatch, ImageService, "_encode_preview")
     payload = {"prompt": "fox", "stream": True, "partial_images": 2, "num_inference_steps": 6, "seed": 4}
     with TestClient(fake_app(tmp_path, device=device)) as client:
         wait_ready(client)
@@ -97,14 +90,7 @@ def test_final_images_are_encoded_on_a_cpu_worker_and_by_the_codec_pool_elsewher
 ):
     from diffuser_api.service.images import ImageService
 
-    threads: list[str] = []
-    encode = ImageService._encode_result
-
-    def recorded(self, *args):
-        threads.append(threading.current_thread().name)
-        return encode(self, *args)
-
-    monkeypatch.setattr(ImageService, "_encode_result", recorded)
+    threads = threads_calling(monkeypatch, ImageService, "_encode_result")
     payload = {"prompt": "fox", "n": 2, "num_inference_steps": 2, "seed": 4, "output_format": "webp"}
     with TestClient(fake_app(tmp_path, device=device)) as client:
         wait_ready(client)
