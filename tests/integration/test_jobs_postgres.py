@@ -61,6 +61,7 @@ def test_concurrent_claims_never_take_the_same_job_and_lapsed_leases_come_back(p
 
     def claim(replica: str) -> None:
         while claimed := store.claim("claims", 3, replica, time.time(), 30):
+            assert len(claimed) <= 3  # one UPDATE ... WHERE id IN (SELECT ... LIMIT 3 FOR UPDATE SKIP LOCKED)
             taken[replica] += [record.id for record in claimed]
 
     threads = [threading.Thread(target=claim, args=(replica,)) for replica in taken]
