@@ -355,6 +355,26 @@ def test_prefer_header_parsing(tmp_path, header, applies):
         assert response.status_code == (202 if applies else 200), response.text
 
 
+def test_a_job_cancelled_the_moment_it_is_claimed_ends_cancelled(tmp_path, monkeypatch):
+    """A cancel can reach the dispatcher between a job's task being created and its first step.
+    A task cancelled then never enters its body (not even its ``finally``): the job stayed in
+    progress, its lease renewed forever."""
+    from diffuser_api.jobs.dispatcher import JobDispatcher
+
+    start = JobDispatcher._start
+
+    def start_then_cancel(self, record, inputs):
+        start(self, record, inputs)
+        self.stop_here(record.id)
+
+    monkeypatch.setattr(JobDispatcher, "_start", start_then_cancel)
+    with TestClient(fake_app(tmp_path, **FAST)) as client:
+        wait_ready(client)
+        job = submit(client, {"prompt": "cancelled at once"})
+        assert wait_for(client, job["id"], timeout_s=5)["status"] == "cancelled"
+        assert_still_serves(client)
+
+
 def test_the_jobs_of_one_pipeline_call_record_their_outcomes_in_one_transaction(tmp_path, monkeypatch):
     """Their images are stored one after another, so they reach the database a few ms apart;
     the first waits for the others that already left the engine (not for a fixed time)."""

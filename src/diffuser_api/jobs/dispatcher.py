@@ -137,7 +137,10 @@ class JobDispatcher:
         running = self._running.get(job_id)
         if running is not None and running.task is not None and not running.cancel_requested:
             running.cancel_requested = True
-            running.task.cancel()
+            # Queued behind the task's first step (``call_soon`` is first in, first out), never
+            # before it: a task cancelled before it starts never enters ``_run``, not even its
+            # ``finally``, and its job would stay in progress with its lease renewed forever.
+            asyncio.get_running_loop().call_soon(running.task.cancel)
 
     async def run_forever(self) -> None:
         if self._single_process:
