@@ -4,7 +4,7 @@ The jobs of one pipeline call end together (a batch file's lines eight at a time
 used to commit alone: eight transactions queued behind SQLite's single write lock, each a
 thread hop and a commit, competing for the cores with the pipeline itself. Here a group's
 first write waits, up to ``linger_s``, until ``settled()`` says no more writes are on their
-way (the jobs of one pipeline call reach it a few ms apart: their images are encoded one after
+way (the jobs of one pipeline call reach it a few ms apart: their images are stored one after
 another), then runs; those that arrive while it runs wait for it and then go as one.
 """
 

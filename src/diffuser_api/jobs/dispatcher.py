@@ -46,10 +46,11 @@ from diffuser_api.service.validation import output_format_of
 logger = logging.getLogger(__name__)
 
 FEED_FACTOR = 2
-# The jobs of one pipeline call end within a few ms of each other (their images are encoded
-# one after another on the background codec threads). The first outcome waits for the others
-# that already left the engine, up to this long, so they commit as one transaction: 559 batch
-# lines took 312 transactions without it, 76 with it. A job that ends alone does not wait.
+# The jobs of one pipeline call end within a few ms of each other (their images are stored one
+# after another on the background codec threads, and encoded there too unless the model's CPU
+# worker already encoded them). The first outcome waits for the others that already left the
+# engine, up to this long, so they commit as one transaction: 559 batch lines took 312
+# transactions without it, 76 with it. A job that ends alone does not wait.
 FINISH_LINGER_S = 0.05
 # Finished jobs are checked for expiry this often (seconds); expired ones keep answering 410
 # for one more time to live, then are deleted.
