@@ -97,8 +97,11 @@ def test_disconnected_queued_request_never_runs(serve):
     ],
     ids=["json", "multipart"],
 )
-def test_disconnected_running_request_stops_within_one_step(serve, path, request_options):
-    runner = FakeRunner(step_delay_s=0.1)  # one step is the server's allowance to notice the disconnect
+def test_disconnected_running_request_stops_within_a_step_of_noticing(serve, path, request_options):
+    # A step is 0.2 s: the server's allowance to notice the disconnect. Past the step running
+    # when the client left, one more may start before the server notices, however prompt it
+    # is, when that step ends in the moment the closing connection takes to reach it.
+    runner = FakeRunner(step_delay_s=0.2)
     server = serve(runner)
     give_up(server, path, **request_options)
     assert runner.batches, f"the request did not start within {GIVE_UP_AFTER_S} s"
@@ -106,7 +109,7 @@ def test_disconnected_running_request_stops_within_one_step(serve, path, request
     steps_at_disconnect = batch.steps
     wait_until(lambda: batch.finished_at is not None, "the abandoned batch to stop")
     assert 0 < steps_at_disconnect < 90
-    assert batch.steps - steps_at_disconnect <= 1
+    assert batch.steps - steps_at_disconnect <= 2
     started = time.monotonic()
     response = httpx.post(f"{server.base_url}{GEN}", json={"prompt": "next", "size": "32x32"}, timeout=30)
     assert response.status_code == 200
