@@ -38,6 +38,7 @@ import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 SIDE, STEPS, CLIENTS = 64, 4, 16
 TARGET = 0.9
 GENERATIONS = "/v1/images/generations"
+POLL_FIRST_S, POLL_MIN_S, POLL_MAX_S = 0.25, 0.05, 1.0
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -56,6 +57,18 @@ def interactive_images_per_s(base_url: str, requests: list[dict]) -> float:
     return len(latencies) / wall
 
 
+def next_poll_s(elapsed_s: float, done: int, total: int) -> float:
+    """Seconds until the next ``retrieve``: half the time the batch's pace says is left, between
+    POLL_MIN_S and POLL_MAX_S. A patient client's few polls, not ten a second: every poll costs
+    the server's cores about 2 ms and the client's as much, and on this 2-core machine ten a
+    second slowed the pipeline's calls by about 6 % (measured). Polls come close together only
+    near the end, so the end is still seen within POLL_MIN_S."""
+    if done == 0:
+        return POLL_FIRST_S
+    left_s = elapsed_s * (total - done) / done
+    return min(POLL_MAX_S, max(POLL_MIN_S, left_s / 2))
+
+
 def batch_images_per_s(client: openai.OpenAI, requests: list[dict]) -> float:
     """From the upload to the output file downloaded: what a Batch API user waits for."""
     lines = "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": GENERATIONS, "body": body}) + "\n"
@@ -64,7 +77,9 @@ def batch_images_per_s(client: openai.OpenAI, requests: list[dict]) -> float:
     source = client.files.create(file=("bench.jsonl", lines), purpose="batch")
     batch = client.batches.create(input_file_id=source.id, endpoint=GENERATIONS, completion_window="24h")
     while batch.status not in ("completed", "failed", "cancelled", "expired"):
-        time.sleep(0.1)
+        counts = batch.request_counts
+        done = counts.completed + counts.failed if counts is not None else 0
+        time.sleep(next_poll_s(time.perf_counter() - started, done, len(requests)))
         batch = client.batches.retrieve(batch.id)
     output = client.files.content(batch.output_file_id).text if batch.output_file_id else ""
     wall = time.perf_counter() - started

@@ -77,6 +77,7 @@ class RunningJob:
     inputs: list[tuple[str, bytes]] = field(default_factory=list)
     # Out of the engine, its images being stored: its outcome is about to be written.
     storing: bool = False
+    started: float = field(default_factory=time.monotonic)
 
 
 class JobDispatcher:
@@ -258,9 +259,9 @@ class JobDispatcher:
 
     async def _run(self, running: RunningJob) -> None:
         record = running.record
-        started = time.monotonic()
-        logger.info("job %s (request %s): attempt %d on %s", record.id, record.request_id, record.attempts,
-                    record.model)
+        # One INFO line per attempt, when it ends (a batch of 50,000 lines logs 50,000 lines).
+        logger.debug("job %s (request %s): attempt %d on %s", record.id, record.request_id, record.attempts,
+                     record.model)
         try:
             try:
                 wait_s = await self._charge_line(record)
@@ -290,8 +291,6 @@ class JobDispatcher:
         finally:
             self._running.pop(record.id, None)
             self._live.close(record.id)
-            logger.info("job %s (request %s): attempt %d took %.2f s", record.id, record.request_id,
-                        record.attempts, time.monotonic() - started)
 
     async def _charge_line(self, record: JobRecord) -> float | None:
         """A batch line's images count against its caller's limit when it runs, not when the
@@ -326,8 +325,11 @@ class JobDispatcher:
             # Images encoded on the worker where the service says so; previews stay images,
             # encoded only while somebody follows the job's events (``_publish_preview``).
             encoders = self._images.worker_encoders(model, request, previews=False)
-            generated = await engine.submit(work, self._progress_sink(running, request), deadline=deadline,
-                                            priority=priority, encoders=encoders)
+            # A batch line's steps go nowhere (nobody can follow a line, its progress is not
+            # saved): none of them crosses from the worker thread to the event loop.
+            progress = self._progress_sink(running, request) if record.batch_id is None else None
+            generated = await engine.submit(work, progress, deadline=deadline, priority=priority,
+                                            encoders=encoders)
         running.storing = True
         try:
             names = await asyncio.gather(*(self._images.background_codec.run_admitted(self._save, image, request)
@@ -346,8 +348,7 @@ class JobDispatcher:
 
     def _progress_sink(self, running: RunningJob, request: ImageRequest) -> Callable[[StepProgress], None]:
         def report(progress: StepProgress) -> None:
-            if running.record.batch_id is None:  # nobody follows a batch line's steps: no write per poll
-                running.unsaved = (progress.step, progress.total, progress.first_image)
+            running.unsaved = (progress.step, progress.total, progress.first_image)
             running.live.publish(Step(progress.step, progress.total))
             if progress.previews and running.live.followed:
                 for index, preview in enumerate(progress.previews, start=progress.first_image):
@@ -374,7 +375,8 @@ class JobDispatcher:
         record = running.record
         count = decision is AfterFailure.RETRY
         await asyncio.shield(asyncio.to_thread(self._store.requeue, record.id, self.replica, count_attempt=count))
-        logger.info("job %s (request %s) queued again (%s)", record.id, record.request_id, reason)
+        logger.info("job %s (request %s) queued again after %.2f s (%s)", record.id, record.request_id,
+                    time.monotonic() - running.started, reason)
 
     async def _finish(self, running: RunningJob, status: JobStatus, *, result: dict[str, Any] | None = None,
                       error: dict[str, Any] | None = None) -> None:
@@ -386,8 +388,8 @@ class JobDispatcher:
             logger.warning("job %s (request %s) was taken over by another replica; this run's outcome is dropped",
                            record.id, record.request_id)
             return
-        logger.info("job %s (request %s) %s after %d attempt(s)", record.id, record.request_id, status.value,
-                    finished.attempts)
+        logger.info("job %s (request %s) %s after %d attempt(s), this one %.2f s", record.id, record.request_id,
+                    status.value, finished.attempts, time.monotonic() - running.started)
         # No longer running once recorded: the observers (the batch service asks whether other
         # lines of its batch still run here) must not count it, even while a webhook is awaited.
         self._running.pop(record.id, None)
