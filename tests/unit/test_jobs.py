@@ -344,6 +344,38 @@ def test_a_stopping_server_gives_running_and_queued_jobs_back_for_the_next_start
             assert done["status"] == "completed" and done["attempts"] == 1, done
 
 
+def test_a_job_claimed_as_the_server_stops_goes_back_to_the_queue_unspent(tmp_path, monkeypatch):
+    """Shutdown can cancel a job's task before its first step (claimed in the same moment): the
+    task never enters its body, so ``stop`` gives the job back itself. Before, it stayed in
+    progress until the next start took it back, as a crash, with an attempt spent."""
+    from diffuser_api.jobs.dispatcher import JobDispatcher
+
+    tick, stop = JobDispatcher._tick, JobDispatcher.stop
+
+    async def no_claims(self):
+        pass
+
+    async def claim_then_stop(self):
+        model = next(iter(self._registry))
+        for record in self._store.claim(model.id, 1, self.replica, time.time(), 60.0):
+            self._start(record, [])
+        await stop(self)
+
+    monkeypatch.setattr(JobDispatcher, "_tick", no_claims)
+    monkeypatch.setattr(JobDispatcher, "stop", claim_then_stop)
+    runner = FakeRunner()
+    with TestClient(fake_app(tmp_path, runner, **FAST)) as client:
+        wait_ready(client)
+        job = submit(client, {"prompt": "claimed at shutdown", "size": "16x16"})
+    assert not runner.started("claimed at shutdown")
+    monkeypatch.setattr(JobDispatcher, "_tick", tick)
+    monkeypatch.setattr(JobDispatcher, "stop", stop)
+    with TestClient(fake_app(tmp_path, FakeRunner(), **FAST)) as client:
+        wait_ready(client)
+        done = wait_for(client, job["id"])
+        assert done["status"] == "completed" and done["attempts"] == 1, done
+
+
 @pytest.mark.parametrize(("header", "applies"), [
     ("respond-async", True), ("return=minimal, respond-async", True), ("Respond-Async; wait=5", True),
     ("respond-asynchronously", False), ("return=representation", False),

@@ -175,6 +175,12 @@ class JobDispatcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # A task cancelled before its first step never entered ``_run`` (nor its ``finally``):
+        # its job is given back here, or it would stay in progress until its lease lapsed.
+        for running in list(self._running.values()):
+            await self._requeue(running, AfterFailure.REQUEUE, "the server stopped before it began")
+            self._running.pop(running.record.id, None)
+            self._live.close(running.record.id)
 
     # -- one poll --------------------------------------------------------------------------
 
