@@ -229,6 +229,21 @@ def test_list_is_newest_first_with_pages_and_a_status_filter(client):
     assert_still_serves(client)
 
 
+def test_a_list_gives_completed_jobs_images_as_urls_and_the_job_as_its_request_asked(client):
+    """A page of 100 jobs of ten 1024x1024 images in base64 would be about 2 GB to build."""
+    job = submit(client, {"prompt": "listed", "size": "32x32", "n": 2})
+    done = wait_for(client, job["id"])
+    assert [set(image) & {"b64_json", "url"} for image in done["result"]["data"]] == [{"b64_json"}] * 2
+    listed = next(item for item in client.get(JOBS).json()["data"] if item["id"] == job["id"])
+    assert [set(image) & {"b64_json", "url"} for image in listed["result"]["data"]] == [{"url"}] * 2
+    assert [image["seed"] for image in listed["result"]["data"]] == [image["seed"] for image in done["result"]["data"]]
+    for listed_image, image in zip(listed["result"]["data"], done["result"]["data"], strict=True):
+        fetched = client.get(listed_image["url"])
+        assert fetched.status_code == 200
+        assert fetched.content == base64.b64decode(image["b64_json"])
+    assert_still_serves(client)
+
+
 def test_the_same_idempotency_key_returns_the_first_job(client):
     first = submit(client, {"prompt": "once"}, {"Idempotency-Key": "k-1"})
     again = submit(client, {"prompt": "once"}, {"Idempotency-Key": "k-1"})

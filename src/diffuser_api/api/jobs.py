@@ -86,7 +86,10 @@ async def submit_job(
     })
 
 
-async def job_object(state: JobState, storage: ImageStorage, url_base: str) -> dict[str, Any]:
+async def job_object(state: JobState, storage: ImageStorage, url_base: str, *,
+                     images_as_urls: bool = False) -> dict[str, Any]:
+    """``images_as_urls``: a completed job's images by ``url`` whatever ``response_format`` said
+    (a list page of 100 jobs of ten 1024x1024 images in base64 would be about 2 GB)."""
     job = state.job
     return {
         "id": job.id,
@@ -101,7 +104,8 @@ async def job_object(state: JobState, storage: ImageStorage, url_base: str) -> d
         "progress": job.progress,
         "queue_position": state.queue_position,
         "attempts": job.attempts,
-        "result": await _result(job, storage, url_base) if job.status is JobStatus.COMPLETED else None,
+        "result": (await _result(job, storage, url_base, as_url=True if images_as_urls else None)
+                   if job.status is JobStatus.COMPLETED else None),
         "error": _error(job),
     }
 
@@ -110,13 +114,16 @@ def _seconds(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
-async def _result(job: JobRecord, storage: ImageStorage, url_base: str) -> dict[str, Any] | None:
-    """The images response, as ``response_format`` asked: the images are read from storage."""
+async def _result(job: JobRecord, storage: ImageStorage, url_base: str, *,
+                  as_url: bool | None = None) -> dict[str, Any] | None:
+    """The images response, as ``response_format`` asked unless ``as_url`` says: the images are
+    read from storage."""
     result = job.result
     if result is None:
         return None
     data = []
-    as_url = job.request.get("response_format") == "url"
+    if as_url is None:
+        as_url = job.request.get("response_format") == "url"
     for image in await _stored_images(job, storage, url_base, as_url=as_url):
         data.append({key: value for key, value in
                      (("b64_json", image.b64_json), ("url", image.url), ("revised_prompt", image.revised_prompt),
@@ -173,7 +180,8 @@ async def list_jobs(
     service = jobs_of(request)
     records, has_more = await service.list(owner_of(request), status=status, after=after, limit=limit)
     base = job_files_base(request, settings)
-    data = [await job_object(await service.state(record), service.storage, base) for record in records]
+    data = [await job_object(await service.state(record), service.storage, base, images_as_urls=True)
+            for record in records]
     return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                          "last_id": data[-1]["id"] if data else None, "has_more": has_more})
 
