@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import pytest
 from fastapi.testclient import TestClient
@@ -261,7 +262,8 @@ def test_a_webhook_url_must_be_http_and_signed(settings: dict[str, str], complai
 
 def test_an_async_jobs_final_status_is_posted_signed_with_the_job_object(tmp_path, receiver: Receiver) -> None:
     """The app wires the sender to the jobs: a completed and a cancelled job each reach the
-    receiver as ``image.job.<status>`` with the job object, verified by ``standardwebhooks``."""
+    receiver as ``image.job.<status>`` with the job object, verified by ``standardwebhooks``;
+    its images come by url (a body of base64 images could be tens of MB) and the url serves them."""
     app = fake_app(tmp_path, FakeRunner(step_delay_s=0.05), job_poll_s=0.05, max_steps=100,
                    job_webhook_url=receiver.url, job_webhook_secret=SECRET)
     with TestClient(app) as client:
@@ -274,13 +276,16 @@ def test_an_async_jobs_final_status_is_posted_signed_with_the_job_object(tmp_pat
         deadline = time.monotonic() + 30  # a delivery retries with back-off on a busy machine
         while len(receiver.deliveries) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
-    verifier = Webhook(SECRET)
-    messages = {}
-    for delivery in receiver.deliveries:
-        message = verifier.verify(delivery.body, delivery.headers)
-        messages[message["data"]["id"]] = message
-    assert messages[done["id"]]["type"] == "image.job.completed"
-    assert messages[done["id"]]["data"]["result"]["data"][0]["b64_json"]
+        verifier = Webhook(SECRET)
+        messages = {}
+        for delivery in receiver.deliveries:
+            message = verifier.verify(delivery.body, delivery.headers)
+            messages[message["data"]["id"]] = message
+        assert messages[done["id"]]["type"] == "image.job.completed"
+        image = messages[done["id"]]["data"]["result"]["data"][0]
+        assert "b64_json" not in image and image["url"].startswith("http://")
+        served = client.get(urlsplit(image["url"]).path)
+        assert served.status_code == 200 and served.content.startswith(b"\x89PNG")
     assert messages[long["id"]]["type"] == "image.job.cancelled"
     assert messages[long["id"]]["data"]["status"] == "cancelled"
 
