@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -43,13 +44,42 @@ class RedactKeys(logging.Filter):
         return True
 
 
-class DropTorchvisionAdvice(logging.Filter):
-    """transformers advises installing torchvision each time diffusers imports its pipelines, on
-    every CPU start. Following the advice breaks the install (torchvision fails to import beside
-    the torch wheel this project pins), and the Pil fallback it describes is what we use anyway."""
+@dataclass(frozen=True)
+class KnownNoise:
+    """A library's message that says nothing true or useful about this server."""
+
+    logger: str  # the logger's name or a parent's
+    text: str  # a part of the message
+    why: str
+
+
+KNOWN_NOISE = (
+    KnownNoise("transformers", "requires torchvision",
+               "advice given each time diffusers imports its pipelines on a CPU; following it breaks the "
+               "install (torchvision fails to import beside the pinned torch), and the Pil fallback it "
+               "describes is what we use anyway"),
+    KnownNoise("torchao", "Failed to load",
+               "torchao's optional CUDA and MX kernels, absent from a CPU machine; int8 runs without them"),
+    KnownNoise("torchao.kernel.intmm", "Detected no triton", "triton serves CUDA only"),
+    KnownNoise("torch.utils._pytree", "is an Enum subclass and is now natively supported",
+               "torchao registering its enums the way older torch needed, once per start"),
+    KnownNoise("diffusers.quantizers.torchao", "Unable to import `torchao` Tensor objects",
+               "said when torchao lacks kernels this machine cannot use anyway; quantization still runs"),
+    KnownNoise("diffusers.models.modeling_utils", "that should be kept in float32: []",
+               "a cast warning about an empty list of modules: nothing is cast wrongly"),
+    KnownNoise("alembic.runtime.plugins", "setup plugin", "alembic's plugins, listed at every start"),
+    KnownNoise("alembic.runtime.migration", "Context impl", "alembic's dialect, at every start"),
+    KnownNoise("alembic.runtime.migration", "Will assume", "alembic's DDL mode, at every start"),
+)
+
+
+class DropKnownNoise(logging.Filter):
+    """Drops KNOWN_NOISE, so that a warning at start means something; every other message of
+    those libraries stays."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name.startswith("transformers") and "requires torchvision" in record.getMessage())
+        return not any((record.name == noise.logger or record.name.startswith(f"{noise.logger}."))
+                       and noise.text in record.getMessage() for noise in KNOWN_NOISE)
 
 
 class TextFormatter(logging.Formatter):
@@ -81,18 +111,26 @@ def log_handler(log_format: str, stream: TextIO | None = None) -> logging.Handle
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
     handler.addFilter(RedactKeys())
-    handler.addFilter(DropTorchvisionAdvice())
+    handler.addFilter(DropKnownNoise())
     return handler
 
 
-def route_transformers_logs() -> None:
-    """transformers writes through a handler of its own, past our format, key scrubbing and
-    filters; send its records through ours, as uvicorn's are. Called by the server only: it
-    imports transformers."""
+def route_library_logs() -> None:
+    """transformers and diffusers write through handlers of their own, and torch through its
+    own for some loggers: past our format, key scrubbing and filters. Send transformers' and
+    diffusers' records through ours (as uvicorn's are), without their loading progress bars
+    (lines of terminal control characters in a log), and filter torch's handlers as ours.
+    Called by the server only, before any pipeline is imported: it imports torch."""
+    import torch  # noqa: F401 (torch sets up its loggers' handlers on import)
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_default_handler()
-    transformers_logging.enable_propagation()
+    for library in (transformers_logging, diffusers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+        library.disable_progress_bar()
+    for handler in logging.getLogger("torch").handlers:
+        handler.addFilter(DropKnownNoise())
 
 
 def configure_logging(level: str, log_format: str) -> None:

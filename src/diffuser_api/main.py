@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from diffuser_api.api.app import create_app
 from diffuser_api.config import Settings
 from diffuser_api.config.models_file import serving_plan
-from diffuser_api.log_format import route_transformers_logs
+from diffuser_api.log_format import route_library_logs
 from diffuser_api.models.registry import LoadedRunners, ModelRegistry, ProbedModel, warm_up
 from diffuser_api.models.spec import ModelSpec, ServingPlan
 
@@ -16,7 +16,7 @@ from diffuser_api.models.spec import ModelSpec, ServingPlan
 def build_registry(settings: Settings, plan: ServingPlan | None = None) -> ModelRegistry:
     """Every model of the plan (by default the settings'), probed now (configs only); weights
     load when the registry says."""
-    route_transformers_logs()
+    route_library_logs()
     # Imported here so that building an app with another registry (tests) never loads torch.
     from diffuser_api.models.checkpoint import probe_model
     from diffuser_api.models.cpu_threads import CpuThreads
