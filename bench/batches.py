@@ -100,7 +100,8 @@ def write_results(rows: dict[str, list[float]], lines: int) -> float:
         f"# Batch API vs interactive clients ({datetime.date.today()}, {os.cpu_count()} CPUs)",
         "",
         f"tiny-sd, {lines} requests of {SIDE}x{SIDE}, {STEPS} steps, default batching; interactive: {CLIENTS} "
-        "concurrent closed-loop clients; batch: one JSONL file, from upload to output downloaded.",
+        "concurrent closed-loop clients; batch: one JSONL file, from upload to output downloaded, polled as "
+        "a patient client does (`next_poll_s`: more often as the end nears, not ten times a second).",
         "",
         "| round | interactive images/s | batch images/s | batch / interactive |",
         "|---|---|---|---|",
