@@ -3,6 +3,7 @@ over a real socket, and nothing lost when the server is killed or stopped."""
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import time
@@ -13,6 +14,7 @@ import openai
 import pytest
 
 from tests.conftest import LiveServer
+from tests.unit.test_webhooks import SECRET, receiver  # noqa: F401 (a fixture: a real HTTP receiver)
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +68,11 @@ def test_sdk_submit_poll_and_follow_events(tiny_sd_server):
     done = client.get(f"/images/jobs/{job['id']}", cast_to=object)
     assert done["status"] == "completed" and len(done["result"]["data"]) == 2
     listed = client.get("/images/jobs", cast_to=object)
-    assert job["id"] in [item["id"] for item in listed["data"]]
+    (item,) = [item for item in listed["data"] if item["id"] == job["id"]]
+    # A list gives images by url, each served by this server as the job's own answer has it.
+    for listed_image, image in zip(item["result"]["data"], done["result"]["data"], strict=True):
+        assert "b64_json" not in listed_image
+        assert httpx.get(listed_image["url"], timeout=10).content == base64.b64decode(image["b64_json"])
     # The server still answers a normal request afterwards.
     assert len(client.images.generate(prompt="still here", size="64x64").data) == 1
 
@@ -130,3 +136,24 @@ def test_sigterm_puts_running_jobs_back_without_failing_them(tmp_path):
     assert all(job["status"] == "cancelled" for job in jobs.values())
     assert all(job["attempts"] <= 1 for job in jobs.values()), jobs
     assert json.dumps(jobs).count('"failed"') == 0
+
+
+def test_a_webhook_names_the_jobs_images_by_urls_a_receiver_can_fetch(tmp_path, receiver):  # noqa: F811
+    """The real server posts, signed, to a real receiver; the urls point at this server."""
+    from standardwebhooks import Webhook
+
+    server = LiveServer(tmp_path, DIFFUSER_JOB_WEBHOOK_URL=receiver.url, DIFFUSER_JOB_WEBHOOK_SECRET=SECRET)
+    try:
+        server.wait_ready()
+        job = submit(sdk(server), "a lighthouse", n=2, extra_body={"num_inference_steps": 2})
+        deadline = time.monotonic() + 120
+        while not receiver.deliveries and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (delivery,) = receiver.deliveries
+        message = Webhook(SECRET).verify(delivery.body, delivery.headers)
+        assert message["type"] == "image.job.completed" and message["data"]["id"] == job["id"]
+        for image in message["data"]["result"]["data"]:
+            fetched = httpx.get(image["url"], timeout=10)
+            assert fetched.status_code == 200 and fetched.content.startswith(b"\x89PNG")
+    finally:
+        server.stop()
