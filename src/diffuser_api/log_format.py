@@ -64,7 +64,9 @@ KNOWN_NOISE = (
     KnownNoise("torch.utils._pytree", "is an Enum subclass and is now natively supported",
                "torchao registering its enums the way older torch needed, once per start"),
     KnownNoise("diffusers.quantizers.torchao", "Unable to import `torchao` Tensor objects",
-               "said when torchao lacks kernels this machine cannot use anyway; quantization still runs"),
+               "at every start, with any model: the installed torchao lacks tensor classes this diffusers "
+               "names. It matters only to a checkpoint saved already quantized by torchao (loading one "
+               "fails with its own error); `memory: {quantization: int8}` quantizes as weights load"),
     KnownNoise("diffusers.models.modeling_utils", "that should be kept in float32: []",
                "a cast warning about an empty list of modules: nothing is cast wrongly"),
     KnownNoise("alembic.runtime.plugins", "setup plugin", "alembic's plugins, listed at every start"),
@@ -130,7 +132,8 @@ def route_library_logs() -> None:
         library.enable_propagation()
         library.disable_progress_bar()
     for handler in logging.getLogger("torch").handlers:
-        handler.addFilter(DropKnownNoise())
+        if not any(isinstance(existing, DropKnownNoise) for existing in handler.filters):
+            handler.addFilter(DropKnownNoise())
 
 
 def configure_logging(level: str, log_format: str) -> None:
