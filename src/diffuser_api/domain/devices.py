@@ -1,4 +1,5 @@
-"""Accelerator memory as the models layer reports it, so /metrics can show it without torch."""
+"""Device names and accelerator memory as the models layer reports it, so the service and
+/metrics can use them without torch."""
 
 from __future__ import annotations
 
@@ -15,3 +16,9 @@ class DeviceMemory:
 
 
 DeviceMemoryProbe = Callable[[], Sequence[DeviceMemory]]
+
+
+def is_cpu(device: str) -> bool:
+    """A CPU device as the loader names devices ("cpu", "cpu:0"): its pipeline threads hold
+    the host's cores, which the service and the runners plan around."""
+    return device.startswith("cpu")

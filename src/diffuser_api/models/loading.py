@@ -21,6 +21,7 @@ from diffusers import DiffusionPipeline
 
 from diffuser_api.config import Settings
 from diffuser_api.domain import Task
+from diffuser_api.domain.devices import is_cpu
 from diffuser_api.models.adapters import DeviceAdapters
 from diffuser_api.models.checkpoint import checkpoint_source, pipeline_configs
 from diffuser_api.models.compilation import compile_denoiser
@@ -82,7 +83,7 @@ class DiffusersModel:
         self._adapters = adapters or {}
         self.pipeline_class = pipeline_class
         self._bases = bases
-        self.can_offload = not on_host and any(not device.startswith("cpu") for device in bases)
+        self.can_offload = not on_host and any(not is_cpu(device) for device in bases)
         self._baseline = {device: _start_peak(device) for device in bases}
 
     def resident_bytes(self) -> dict[str, int]:
@@ -187,7 +188,7 @@ def runners_for_pipeline(
     runners: list[DiffusersRunner] = []
     denoiser = getattr(base, "transformer", None)
     gate = StepCacheGate(denoiser) if family.step_caches and denoiser is not None else None
-    cores = cpu_threads if devices and devices[0].startswith("cpu") else None
+    cores = cpu_threads if devices and is_cpu(devices[0]) else None
     for index, device in enumerate(devices):
         # A second worker on a device shares its weights but needs its own scheduler:
         # schedulers keep per-call state and break when two threads step one.

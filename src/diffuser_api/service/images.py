@@ -21,6 +21,7 @@ from diffuser_api.domain import (
     StoredImage,
     Task,
 )
+from diffuser_api.domain.devices import is_cpu
 from diffuser_api.domain.requests import MAX_SEED
 from diffuser_api.domain.timeline import Timeline
 from diffuser_api.engine.job import JobTiming, WorkerEncoders
@@ -146,7 +147,7 @@ class ImageService:
         """On a CPU the pipeline's threads hold every core: its worker encodes the request's
         images after the call and, with ``previews``, its previews between steps (see
         ``WorkerEncoders``). On a GPU (None) the codec pool encodes them on the free host cores."""
-        if not model.devices or not all(device.startswith("cpu") for device in model.devices):
+        if not model.devices or not all(is_cpu(device) for device in model.devices):
             return None
         timeline = timeline or Timeline()
         return WorkerEncoders(
