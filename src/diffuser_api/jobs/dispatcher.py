@@ -372,10 +372,7 @@ class JobDispatcher:
         live.publish(PartialImage(index, count, base64.b64encode(data).decode("ascii")))
 
     def _save(self, image: GeneratedImage, request: ImageRequest) -> str:
-        output_format = output_format_of(request)
-        data = image.encoded if image.encoded is not None else encode_image(image.image, output_format,
-                                                                              request.output_compression)
-        return self._storage.save(data, output_format)
+        return self._storage.save(self._images.encoded(image, request), output_format_of(request))
 
     async def _requeue(self, running: RunningJob, decision: AfterFailure, reason: str) -> None:
         record = running.record

@@ -251,12 +251,18 @@ class ImageService:
         are stored."""
         output_format = output_format_of(request)
         common = {"seed": image.seed, "revised_prompt": image.revised_prompt}
-        data = image.encoded if image.encoded is not None else self._encode_result(image, request, timeline)
+        data = self.encoded(image, request, timeline)
         if request.response_format != "url":
             return StoredImage(b64_json=base64.b64encode(data).decode("ascii"), **common)
         with timeline.phase("storage", seed=image.seed, bytes=len(data)):
             name = self._storage.save(data, output_format)
             return StoredImage(url=self._storage.url(name, url_base), **common)
+
+    def encoded(self, image: GeneratedImage, request: ImageRequest, timeline: Timeline | None = None) -> bytes:
+        """The image in the request's output format: as its worker encoded it, else encoded here."""
+        if image.encoded is not None:
+            return image.encoded
+        return self._encode_result(image, request, timeline or Timeline())
 
     def _encode_result(self, image: GeneratedImage, request: ImageRequest, timeline: Timeline) -> bytes:
         output_format = output_format_of(request)
