@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ import openai
 from tests.conftest import LiveServer
 
 from bench.load import drive
-from bench.paired import PairedRatio
+from bench.paired import PairedRatio, alternating_rounds
 from diffuser_api.engine.batching import INTERACTIVE_LIVE_S
 
 matplotlib.use("Agg")
@@ -128,6 +129,18 @@ def write_results(rows: dict[str, list[float]], lines: int) -> float:
     return ratio
 
 
+def alone(label: str, images_per_s: Callable[[], float]) -> Callable[[], float]:
+    """The phase on its own: the batch past the time the engine keeps background batches at
+    half size after interactive requests stop."""
+    def phase() -> float:
+        time.sleep(INTERACTIVE_LIVE_S)
+        rate = images_per_s()
+        print(f"{label}: {rate:.2f} images/s", flush=True)
+        return rate
+
+    return phase
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--lines", type=int, default=256)
@@ -145,16 +158,10 @@ def main() -> None:
             # Both paths warmed up once (first-call costs: imports, compiled queries, caches).
             asyncio.run(drive(server.base_url, requests[:CLIENTS], CLIENTS))
             batch_images_per_s(client, requests[:CLIENTS])
-            rows: dict[str, list[float]] = {"interactive": [], "batch": []}
-            phases = {"interactive": lambda: interactive_images_per_s(server.base_url, requests),
-                      "batch": lambda: batch_images_per_s(client, requests)}
-            for index in range(args.rounds):
-                for label in (("interactive", "batch") if index % 2 == 0 else ("batch", "interactive")):
-                    # Each phase alone: the batch past the time the engine keeps background
-                    # batches at half size after interactive requests stop.
-                    time.sleep(INTERACTIVE_LIVE_S)
-                    rows[label].append(phases[label]())
-                print({label: f"{values[-1]:.2f}" for label, values in rows.items()}, flush=True)
+            rows = alternating_rounds({
+                "interactive": alone("interactive", lambda: interactive_images_per_s(server.base_url, requests)),
+                "batch": alone("batch", lambda: batch_images_per_s(client, requests)),
+            }, args.rounds)
         finally:
             server.stop()
     ratio = write_results(rows, args.lines)

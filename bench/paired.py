@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import random
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -38,3 +42,13 @@ class PairedRatio:
     def summary(self) -> str:
         low, high = self.interval()
         return f"median of {len(self.ratios)} back-to-back rounds, 95 % interval {low:.2f} to {high:.2f}"
+
+
+def alternating_rounds(phases: dict[str, Callable[[], T]], rounds: int) -> dict[str, list[T]]:
+    """Run every phase once per round, back to back; the order reverses every other round, so
+    no phase always runs first (on a warmer or colder machine). Each phase's results, in round order."""
+    parts: dict[str, list[T]] = {name: [] for name in phases}
+    for index in range(rounds):
+        for name in (list(phases) if index % 2 == 0 else list(reversed(phases))):
+            parts[name].append(phases[name]())
+    return parts

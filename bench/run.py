@@ -32,7 +32,7 @@ from bench import previews as preview_bench
 from bench.direct import DirectPipeline
 from bench.disconnect import busy_after_disconnect_s
 from bench.measure import Measurement, Target, cpu_pressure
-from bench.paired import PairedRatio
+from bench.paired import PairedRatio, alternating_rounds
 from diffuser_api.config import Settings
 
 CLIENT_COUNTS = (1, 2, 4, 8, 16, 32)
@@ -70,13 +70,7 @@ class Rounds:
 
 
 def interleaved(phases: dict[str, Callable[[], Measurement]], rounds: int) -> Rounds:
-    """Run every phase once per round, back to back; the order reverses every other round, so
-    no phase always runs first (on a warmer or colder machine)."""
-    parts: dict[str, list[Measurement]] = {name: [] for name in phases}
-    for index in range(rounds):
-        for name in (list(phases) if index % 2 == 0 else list(reversed(phases))):
-            parts[name].append(phases[name]())
-    return Rounds(parts)
+    return Rounds(alternating_rounds(phases, rounds))
 
 
 def main() -> None:
