@@ -18,7 +18,7 @@ import pytest
 from PIL.Image import Image
 
 from diffuser_api.domain import EncodedPreview, GeneratedImage, ImageJob, StepProgress, Task
-from diffuser_api.engine import Engine, EngineLimits
+from diffuser_api.engine import Engine, EngineLimits, worker
 from diffuser_api.engine.job import WorkerEncoders
 from diffuser_api.errors import InvalidRequest, ModelFailure, OutOfMemory, Overloaded, RequestTimeout, Unavailable
 from tests.fakes import FakeRunner, colour_of, image_job
@@ -118,6 +118,21 @@ async def test_lone_client_starts_at_once_and_overlapping_clients_wait_to_batch(
         late = await submit(engine, "late")
         await asyncio.gather(early, late)
     assert runner.batch_of("early").prompts == ("early", "late")
+
+
+@run_async
+async def test_a_batch_filled_from_the_queue_starts_without_waiting_for_more() -> None:
+    runner = FakeRunner()
+    async with serving(runner, batch_wait_s=5.0, max_batch_size=2) as engine:
+        await engine.submit(image_job("first"))  # a lone request: the blocker after it starts at once
+        blocker = await block_worker(engine, runner)
+        queued = [await submit(engine, prompt) for prompt in ("one", "two")]
+        await wait_until(lambda: engine.queue_depth == 2, "two queued jobs")
+        released = time.monotonic()
+        runner.gate.set()
+        await asyncio.gather(blocker, *queued)
+        assert time.monotonic() - released < 2.5, "a full batch waited out batch_wait_s"
+    assert runner.batch_of("one").prompts == ("one", "two")
 
 
 @run_async
@@ -562,12 +577,15 @@ async def test_a_preview_encoder_that_fails_leaves_the_image_and_the_request_suc
 
 
 @run_async
-async def test_images_are_encoded_on_the_worker_thread_after_the_call_by_the_job_s_encoder() -> None:
+async def test_a_batch_s_images_are_encoded_at_once_on_the_worker_s_encoding_threads(monkeypatch) -> None:
+    monkeypatch.setattr(worker, "ENCODING_THREADS", 2)
     runner = FakeRunner()
     threads: list[str] = []
+    both_at_once = threading.Barrier(2, timeout=2.0)  # broken (and the images unencoded) unless concurrent
 
     def encode(image: GeneratedImage) -> bytes:
         threads.append(threading.current_thread().name)
+        both_at_once.wait()
         return f"seed {image.seed}".encode()
 
     async with serving(runner) as engine:
@@ -575,16 +593,38 @@ async def test_images_are_encoded_on_the_worker_thread_after_the_call_by_the_job
         plain = await engine.submit(image_job("p", seeds=(1, 2)))
     assert_images_of(encoded, "p", (1, 2))
     assert [image.encoded for image in encoded] == [b"seed 1", b"seed 2"]
-    assert threads == [f"worker-{runner.name}"] * 2, "encoded on the pipeline's own thread"
+    assert all(name.startswith(f"encode-{runner.name}") for name in threads), threads
     assert [image.encoded for image in plain] == [None, None]
     # Without a preview encoder, previews stay images (the async jobs' case: encoded if watched).
     reports: list[StepProgress] = []
     async with serving(FakeRunner()) as engine:
         work = ImageJob(task=Task.GENERATION, prompt="p", width=64, height=64, steps=4, seeds=(1,), partial_images=1)
-        await engine.submit(work, progress=reports.append, encoders=WorkerEncoders(result=encode))
+        await engine.submit(work, progress=reports.append, encoders=WorkerEncoders(result=lambda image: b""))
         await asyncio.sleep(0.01)
     shown = [preview for report in reports if report.previews for preview in report.previews]
     assert len(shown) == 1 and isinstance(shown[0], Image)
+
+
+@run_async
+async def test_the_next_batch_starts_after_the_last_one_s_images_are_encoded() -> None:
+    runner = FakeRunner()
+    encoded_at: list[float] = []
+
+    def slow(image: GeneratedImage) -> bytes:
+        time.sleep(0.2)
+        encoded_at.append(time.monotonic())
+        return b"png"
+
+    async with serving(runner) as engine:
+        blocker = await block_worker(engine, runner)
+        first = asyncio.create_task(engine.submit(image_job("first"), encoders=WorkerEncoders(result=slow)))
+        await wait_until(lambda: engine.queue_depth == 1, "the first request queued")
+        runner.gate.set()
+        await blocker
+        await wait_until(lambda: runner.started("first"), "the first request's batch")
+        second = await submit(engine, "second")
+        await asyncio.gather(first, second)
+    assert encoded_at and runner.batch_of("second").started_at > max(encoded_at)
 
 
 @run_async

@@ -92,7 +92,7 @@ def test_a_cpu_model_s_worker_encodes_a_job_s_images(tmp_path, monkeypatch):
         images = wait_for(client, job["id"])["result"]["data"]
         assert_still_serves(client)
     assert [colour(image["b64_json"]) for image in images] == [colour_of("a fox", 7), colour_of("a fox", 8)]
-    assert threads[:2] == ["worker-fake#0"] * 2, threads
+    assert len(threads) >= 2 and all(name.startswith("encode-fake#0") for name in threads[:2]), threads
 
 
 def test_without_the_header_nothing_changes(client):

@@ -83,7 +83,7 @@ def test_previews_are_encoded_between_steps_on_a_cpu_worker_and_by_the_codec_poo
     assert len(threads) == 2 and all(name.startswith(encoder_thread) for name in threads), threads
 
 
-@pytest.mark.parametrize(("device", "encoder_thread"), [("cpu", "worker-"), ("fake", "codec")])
+@pytest.mark.parametrize(("device", "encoder_thread"), [("cpu", "encode-"), ("fake", "codec")])
 @pytest.mark.parametrize("stream", [False, True])
 def test_final_images_are_encoded_on_a_cpu_worker_and_by_the_codec_pool_elsewhere(
     tmp_path, monkeypatch, device, encoder_thread, stream

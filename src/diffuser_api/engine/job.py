@@ -19,8 +19,9 @@ ProgressSink = Callable[[StepProgress], None]
 
 @dataclass(frozen=True)
 class WorkerEncoders:
-    """What a job's worker encodes on its own thread: each preview right after the step that
-    made it, and the final images right after the pipeline call, before its next batch.
+    """What a job's worker encodes itself: each preview on its own thread right after the step
+    that made it, and the final images right after the pipeline call, before its next batch (the
+    batch's images at once, on one thread per core: see ``Worker._deliver``).
 
     Where the pipeline's own threads hold every core (a CPU device), those are the cheap
     moments: encoded on another thread while the pipeline runs, the work preempts one of its

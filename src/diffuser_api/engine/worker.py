@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from PIL.Image import Image
 
@@ -18,6 +20,10 @@ from diffuser_api.engine.runner import ModelRunner, PreviewSource
 from diffuser_api.errors import Cancelled, DiffuserError, ModelFailure, OutOfMemory
 
 logger = logging.getLogger(__name__)
+
+# A batch's images are encoded on this many threads at once (PIL releases the GIL while it
+# encodes): between two pipeline calls every core is the worker's to use.
+ENCODING_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 BatchObserver = Callable[["BatchReport"], None]
 
@@ -86,17 +92,21 @@ def _as_shown(job: Job, previews: list[Image]) -> tuple[Image | EncodedPreview, 
     return tuple(shown)
 
 
-def _as_delivered(job: Job, images: list[GeneratedImage]) -> list[GeneratedImage]:
-    """Encoded here, before the next batch, where the job brought encoders. One that fails
-    leaves the images as they are: whoever stores them encodes them, and reports the failure."""
-    if job.encoders is None:
-        return images
-    encode = job.encoders.result
+def _delivered(job: Job, image: GeneratedImage) -> GeneratedImage:
+    """Encoded with the job's encoder. One that fails leaves the image as it is: whoever
+    stores it encodes it, and reports the failure."""
+    assert job.encoders is not None
     try:
-        return [dataclasses.replace(image, encoded=encode(image)) for image in images]
+        return dataclasses.replace(image, encoded=job.encoders.result(image))
     except Exception:
         logger.exception("encoding an image on the worker failed; its request encodes it instead")
-        return images
+        return image
+
+
+def _settled(image: GeneratedImage) -> Future[GeneratedImage]:
+    done: Future[GeneratedImage] = Future()
+    done.set_result(image)
+    return done
 
 
 class Worker:
@@ -122,6 +132,7 @@ class Worker:
         self._on_death = on_death
         self._thread = threading.Thread(target=self._serve, name=f"worker-{runner.name}", daemon=True)
         self._held: list[Job] = []
+        self._encoding: ThreadPoolExecutor | None = None  # started by the first job that brings encoders
         self.busy = False
 
     def start(self) -> None:
@@ -146,6 +157,7 @@ class Worker:
             job.fail(failure_caused_by(error, "the model's worker stopped unexpectedly while running this request"))
         self._held = []
         self.busy = False
+        self._stop_encoding()
         if self._on_death is not None:
             self._on_death(self)
 
@@ -156,6 +168,7 @@ class Worker:
             try:
                 batch = self._queue.take_batch(limits)
             except QueueClosed:
+                self._stop_encoding()
                 return
             arrivals = self._queue.arrivals
             self._held = batch
@@ -215,12 +228,34 @@ class Worker:
                 job.fail(failure_caused_by(error, "the model failed while generating"))
         else:
             outcome = "ok"
-            for job, images in zip(batch, results, strict=True):
-                if not job.cancelled:
-                    job.resolve(_as_delivered(job, images))
+            self._deliver(batch, results)
         finally:
             compute_s = call_s if call_s is not None else time.monotonic() - now
             self._report(BatchReport(self.runner.name, batch, compute_s, steps_done, outcome))
+
+    def _deliver(self, batch: list[Job], results: list[list[GeneratedImage]]) -> None:
+        """Settle each job with its images, encoded where it brought encoders: all of the
+        batch's images at once on the encoding threads, each job settled as soon as its own
+        are done. On a CPU the pipeline's threads hold every core during a call, so the encoding
+        is done here, before the next batch, using every core; the last job's images are done
+        before the next call starts."""
+        delivering = [
+            (job, [self._encoded(job, image) for image in images])
+            for job, images in zip(batch, results, strict=True) if not job.cancelled
+        ]
+        for job, images in delivering:
+            job.resolve([image.result() for image in images])
+
+    def _encoded(self, job: Job, image: GeneratedImage) -> Future[GeneratedImage]:
+        if job.encoders is None:
+            return _settled(image)
+        if self._encoding is None:
+            self._encoding = ThreadPoolExecutor(ENCODING_THREADS, thread_name_prefix=f"encode-{self.runner.name}")
+        return self._encoding.submit(_delivered, job, image)
+
+    def _stop_encoding(self) -> None:
+        if self._encoding is not None:
+            self._encoding.shutdown(wait=False)
 
     def _report(self, report: BatchReport) -> None:
         """Figures are for logs and metrics; a broken observer must not stop the worker."""
