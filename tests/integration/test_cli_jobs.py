@@ -79,6 +79,9 @@ def test_async_generate_exits_at_once_and_jobs_wait_shows_the_steps_and_saves_th
         assert f"saved {path} (seed {path.stem.split('-')[1]})" in rest
     assert "step 12/12" in rest and "steps/s" in rest  # the job's events drive the same display as generate's
     assert sorted((tmp_path / "out").iterdir()) == paths
+    # Saved from the stream's completed events: the final job's image urls were never fetched.
+    metrics = httpx.get(f"{server.base_url}/metrics", timeout=10).text
+    assert "/images/files/jobs/" not in metrics and 'endpoint="/v1/images/jobs/{job_id}/events"' in metrics
 
 
 def test_jobs_wait_json_and_a_format_and_prefix_of_its_own(serve, tmp_path):

@@ -303,7 +303,12 @@ def test_events_attach_mid_run_and_replay_after_the_end(tmp_path):
         completed = [body for name, body in events if name == "image_generation.completed"]
         assert [body["image_index"] for body in completed] == [0, 1]
         assert colour(completed[1]["b64_json"]) == colour_of("followed", completed[1]["seed"])
-        assert names[-1] == "image.job.completed" and events[-1][1]["job"]["status"] == "completed"
+        final = events[-1][1]["job"]
+        assert names[-1] == "image.job.completed" and final["status"] == "completed"
+        # The images came in the completed events: the final job names them by url, not again in base64.
+        for body, image in zip(completed, final["result"]["data"], strict=True):
+            assert "b64_json" not in image and image["seed"] == body["seed"]
+            assert client.get(image["url"]).content == base64.b64decode(body["b64_json"])
         with client.stream("GET", f"{JOBS}/{job['id']}/events") as response:
             replay = [name for name, _ in sse_events(response)]
         assert replay == ["image_generation.completed"] * 2 + ["image.job.completed"]

@@ -273,7 +273,8 @@ async def _job_frames(service: JobService, job_id: str, owner: str, url_base: st
 
 
 async def _final_frames(service: JobService, state: JobState, url_base: str) -> AsyncIterator[ServerSentEvent]:
-    """One ``…completed`` event per image (with its image), then the job's final event."""
+    """One ``…completed`` event per image (with its image), then the job's final event, whose
+    job gives the images by ``url``: sent again in base64 they would double the stream."""
     job = state.job
     if job.status is JobStatus.COMPLETED and job.result is not None:
         request = restore_request(job.endpoint, {**job.request, "response_format": "b64_json"}, [])
@@ -282,4 +283,5 @@ async def _final_frames(service: JobService, state: JobState, url_base: str) -> 
                                 job.result["size"])
             if body is not None:
                 yield _frame(body)
-    yield _frame({"type": FINAL_EVENT[job.status], "job": await job_object(state, service.storage, url_base)})
+    yield _frame({"type": FINAL_EVENT[job.status],
+                  "job": await job_object(state, service.storage, url_base, images_as_urls=True)})

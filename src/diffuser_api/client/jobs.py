@@ -8,6 +8,7 @@ job does not depend on a connection, so it keeps running and ``wait`` can resume
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,20 +86,30 @@ def run_cancel(args: argparse.Namespace, server: Server, output: Output) -> dict
 def run_wait(args: argparse.Namespace, server: Server, output: Output) -> dict[str, Any]:
     with stop_watching_on_ctrl_c(args.job_id, JOB), output.display(f"job {args.job_id}") as display:
         display.waiting(f"job {args.job_id}")
-        job = follow_job(server, args.job_id, lambda event: _show(event, display))
+        received: dict[int, str] = {}
+        job = follow_job(server, args.job_id, lambda event: _take(event, display, received))
         if job["status"] != "completed":
             raise job_refusal(job)
-        output_format, saved = save_job_images(job, server, args)
+        output_format, saved = save_job_images(job, server, args, received)
         for image in saved:
             display.saved(image)
     return {"job": job["id"], "status": job["status"], "images": [image.as_json() for image in saved],
             "output_format": output_format}
 
 
+def _take(event: dict[str, Any], display: Display, received: dict[int, str]) -> None:
+    """Each image as its ``…completed`` event brings it (the final job names it by url only);
+    progress to the display."""
+    if str(event.get("type", "")).endswith(".completed") and event.get("b64_json"):
+        received[int(event.get("image_index") or 0)] = event["b64_json"]
+    else:
+        _show(event, display)
+
+
 def _show(event: dict[str, Any], display: Display) -> None:
     """Job events in the display's words (those of the WebSocket's messages)."""
     if event.get("type") != "image.job.progress":
-        return  # previews and per-image completed events: the images are saved from the final job
+        return  # previews
     if event.get("status") == "queued":
         display.event({"type": "queued", "position": event.get("queue_position")})
     elif event.get("step") is not None and event.get("total_steps"):
@@ -114,13 +125,16 @@ def job_refusal(job: dict[str, Any]) -> ServerRefused:
     return ServerRefused(f"job {job['id']} ended {job['status']}", type="server_error")
 
 
-def save_job_images(job: dict[str, Any], server: Server, args: argparse.Namespace) -> tuple[str, list[SavedImage]]:
+def save_job_images(job: dict[str, Any], server: Server, args: argparse.Namespace,
+                    in_hand: Mapping[int, str]) -> tuple[str, list[SavedImage]]:
+    """``in_hand``: images already received, base64 by index (the stream's); others are downloaded."""
     result = job["result"]
     received = result.get("output_format", "png")
     output_format = args.format or received
     prefix = args.prefix or COMMAND_OF_ENDPOINT.get(job["endpoint"], "job")
     saved = []
-    for item in result.get("data", []):
-        saved.append(save_image(image_b64(server, item), item["seed"], args.output_dir, prefix, output_format,
+    for index, item in enumerate(result.get("data", [])):
+        b64 = in_hand.get(index) or image_b64(server, item)
+        saved.append(save_image(b64, item["seed"], args.output_dir, prefix, output_format,
                                 received_format=received, revised_prompt=item.get("revised_prompt")))
     return output_format, saved

@@ -316,13 +316,17 @@ async function submitJob(body, live, signal) {
   await watchJob(followed, live, signal);
 }
 
-/** Follow a job to its end and show its images; the stored id goes once the job has ended. */
+/**
+ * Follow a job to its end and show its images; the stored id goes once the job has ended. The
+ * images come in the `…completed` events, just before the final event (whose job names them by url).
+ */
 async function watchJob(followed, live, signal) {
   state.job = followed.id;
   $("status").textContent = `Job ${followed.id}: waiting for the server…`;
+  const received = new Map();
   let job;
   try {
-    job = await api.followJob(followed.id, (event) => showJobEvent(followed.id, event, live), signal);
+    job = await api.followJob(followed.id, (event) => showJobEvent(followed.id, event, live, received), signal);
   } catch (error) {
     // Gone (404) or expired (410): nothing to come back to. Otherwise a reload tries again.
     if (error instanceof ApiError && [404, 410].includes(error.status)) followedJob.clear();
@@ -332,11 +336,11 @@ async function watchJob(followed, live, signal) {
   if (job.status !== "completed") throw new ApiError(0, job.error ?? { message: `The job ended ${job.status}.` });
   job.result.data.forEach((image, index) => {
     live.completed(index);
-    addResult({ b64: image.b64_json, seed: image.seed, revisedPrompt: image.revised_prompt, prompt: followed.prompt });
+    addResult({ b64: received.get(index), seed: image.seed, revisedPrompt: image.revised_prompt, prompt: followed.prompt });
   });
 }
 
-function showJobEvent(id, event, live) {
+function showJobEvent(id, event, live, received) {
   if (event.type === "image.job.progress") {
     if (event.status === "queued") {
       $("status").textContent = event.queue_position
@@ -346,7 +350,10 @@ function showJobEvent(id, event, live) {
       live.progress(event.step / event.total_steps);
     } else $("status").textContent = `Job ${id}: running.`;
   } else if (event.type.endsWith(".partial_image")) live.partial(event);
-  else if (event.type.endsWith(".completed")) live.completed(event.image_index);
+  else if (event.type.endsWith(".completed")) {
+    received.set(event.image_index ?? 0, event.b64_json);
+    live.completed(event.image_index);
+  }
 }
 
 function editImages() {
