@@ -578,7 +578,7 @@ async def test_a_preview_encoder_that_fails_leaves_the_image_and_the_request_suc
 
 @run_async
 async def test_a_batch_s_images_are_encoded_at_once_on_the_worker_s_encoding_threads(monkeypatch) -> None:
-    monkeypatch.setattr(worker, "ENCODING_THREADS", 2)
+    monkeypatch.setattr(worker, "USABLE_CORES", 2)
     runner = FakeRunner()
     threads: list[str] = []
     both_at_once = threading.Barrier(2, timeout=2.0)  # broken (and the images unencoded) unless concurrent
@@ -595,6 +595,7 @@ async def test_a_batch_s_images_are_encoded_at_once_on_the_worker_s_encoding_thr
     assert [image.encoded for image in encoded] == [b"seed 1", b"seed 2"]
     assert all(name.startswith(f"encode-{runner.name}") for name in threads), threads
     assert [image.encoded for image in plain] == [None, None]
+    assert [worker.encoding_threads(workers) for workers in (1, 2, 3)] == [2, 1, 1]  # workers sharing the cores
     # Without a preview encoder, previews stay images (the async jobs' case: encoded if watched).
     reports: list[StepProgress] = []
     async with serving(FakeRunner()) as engine:

@@ -18,7 +18,7 @@ from diffuser_api.engine.job import Job, JobTiming, ProgressSink, WorkerEncoders
 from diffuser_api.engine.priority import Priority
 from diffuser_api.engine.runner import ModelRunner
 from diffuser_api.engine.splitting import SplitProgress, split_work
-from diffuser_api.engine.worker import BatchObserver, BatchReport, DeviceTurn, Worker, no_turn
+from diffuser_api.engine.worker import BatchObserver, BatchReport, DeviceTurn, Worker, encoding_threads, no_turn
 from diffuser_api.errors import DiffuserError, Overloaded, RequestTimeout, Unavailable
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class Engine:
         self._observers = observers
         # Every runner of a model groups jobs the same way (one family), so one key serves all.
         self._key_of = runners[0].batch_key
+        self._encoding_threads = encoding_threads(len(runners))
         self.workers = [self._new_worker(runner) for runner in runners]
         self._recent_compute_s: deque[float] = deque(maxlen=20)
         self._submitted: dict[int, tuple[Job, ...]] = {}  # id(work) -> its jobs, while awaited
@@ -219,7 +220,8 @@ class Engine:
         self._queue.discard(job)
 
     def _new_worker(self, runner: ModelRunner) -> Worker:
-        return Worker(runner, self._queue, self._batch_limits, self._notify, self._replace, self._turn_on(runner))
+        return Worker(runner, self._queue, self._batch_limits, self._notify, self._replace, self._turn_on(runner),
+                      self._encoding_threads)
 
     def _turn_on(self, runner: ModelRunner) -> DeviceTurn:
         if self._turns is None:

@@ -21,7 +21,7 @@ ProgressSink = Callable[[StepProgress], None]
 class WorkerEncoders:
     """What a job's worker encodes itself: each preview on its own thread right after the step
     that made it, and the final images right after the pipeline call, before its next batch (the
-    batch's images at once, on one thread per core: see ``Worker._deliver``).
+    batch's images at once, on one thread per core of its share: see ``Worker._deliver``).
 
     Where the pipeline's own threads hold every core (a CPU device), those are the cheap
     moments: encoded on another thread while the pipeline runs, the work preempts one of its

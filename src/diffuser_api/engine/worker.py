@@ -21,9 +21,14 @@ from diffuser_api.errors import Cancelled, DiffuserError, ModelFailure, OutOfMem
 
 logger = logging.getLogger(__name__)
 
-# A batch's images are encoded on this many threads at once (PIL releases the GIL while it
-# encodes): between two pipeline calls every core is the worker's to use.
-ENCODING_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+USABLE_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def encoding_threads(workers: int) -> int:
+    """A batch's images are encoded on this many threads at once (PIL releases the GIL while it
+    encodes): between two pipeline calls a worker's cores are its own to use. ``workers`` share
+    the cores (``DIFFUSER_DEVICE=cpu,cpu``): one may encode while another's call runs."""
+    return max(1, USABLE_CORES // workers)
 
 BatchObserver = Callable[["BatchReport"], None]
 
@@ -122,6 +127,7 @@ class Worker:
         observe: BatchObserver | None = None,
         on_death: WorkerExit | None = None,
         turn: DeviceTurn = no_turn,
+        encoding_threads: int = 1,
     ) -> None:
         self.runner = runner
         self._turn = turn
@@ -132,6 +138,7 @@ class Worker:
         self._on_death = on_death
         self._thread = threading.Thread(target=self._serve, name=f"worker-{runner.name}", daemon=True)
         self._held: list[Job] = []
+        self._encoding_threads = encoding_threads
         self._encoding: ThreadPoolExecutor | None = None  # started by the first job that brings encoders
         self.busy = False
 
@@ -250,7 +257,7 @@ class Worker:
         if job.encoders is None:
             return _settled(image)
         if self._encoding is None:
-            self._encoding = ThreadPoolExecutor(ENCODING_THREADS, thread_name_prefix=f"encode-{self.runner.name}")
+            self._encoding = ThreadPoolExecutor(self._encoding_threads, thread_name_prefix=f"encode-{self.runner.name}")
         return self._encoding.submit(_delivered, job, image)
 
     def _stop_encoding(self) -> None:
