@@ -30,6 +30,7 @@ def encoding_threads(workers: int) -> int:
     the cores (``DIFFUSER_DEVICE=cpu,cpu``): one may encode while another's call runs."""
     return max(1, USABLE_CORES // workers)
 
+
 BatchObserver = Callable[["BatchReport"], None]
 
 
