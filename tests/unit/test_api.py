@@ -145,12 +145,43 @@ def test_public_base_url_setting(tmp_path):
         ({"prompt": "x", "response_format": "gif"}, "response_format", "invalid_value"),
         ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps", "invalid_value"),
         ({"prompt": "x", "seed": -1}, "seed", "invalid_value"),
-        ({"prompt": 5}, "prompt", "invalid_value"),
+        ({"prompt": 5}, "prompt", "invalid_type"),
     ],
 )
 def test_bad_generation_requests(client, payload, param, code):
     assert_envelope(client.post(GEN, json=payload), 400, param, code)
     assert_still_serves(client)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("n", "2", "expected an integer, but got a string"),
+        ("n", True, "expected an integer, but got a boolean"),
+        ("n", 2.0, "expected an integer, but got a decimal number"),
+        ("stream", "yes", "expected a boolean, but got a string"),
+        ("num_inference_steps", True, "expected an integer, but got a boolean"),
+        ("guidance_scale", "7.5", "expected a number, but got a string"),
+        ("seed", "7", "expected an integer, but got a string"),
+        ("partial_images", False, "expected an integer, but got a boolean"),
+        ("size", 256, "expected a string, but got an integer"),
+        ("loras", [{"name": "ink", "scale": "0.5"}], "expected a number, but got a string"),
+    ],
+)
+def test_a_json_body_s_values_are_not_converted_to_the_field_s_type(client, field, value, message):
+    """As OpenAI's API: ``"n": "2"`` is not two images, ``"stream": "yes"`` not a stream."""
+    error = assert_envelope(client.post(GEN, json={"prompt": "x", field: value}), 400, code="invalid_type")
+    assert error["param"].split(".")[0] == field and message in error["message"]
+    assert client.post(GEN, json={"prompt": "x", "guidance_scale": 7}).status_code == 200  # an integer is a number
+    assert_still_serves(client)
+
+
+def test_a_form_s_text_values_are_still_read_as_their_types(client):
+    """Multipart carries every value as text: there "2" is two images."""
+    files = {"image": ("x.png", png_bytes(), "image/png")}
+    response = client.post(EDIT, data={"prompt": "x", "n": "2", "strength": "0.5", "seed": "3"}, files=files)
+    assert response.status_code == 200, response.text
+    assert [image["seed"] for image in response.json()["data"]] == [3, 4]
 
 
 def test_unknown_model_is_404_and_strict_names(client, tmp_path):

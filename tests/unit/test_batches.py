@@ -215,14 +215,15 @@ def test_bad_lines_fail_the_batch_with_line_numbers(client):
 
 
 def test_a_refused_body_fails_its_line_and_the_rest_runs(client):
-    lines = [gen_line(0), gen_line(1, size="13x7"), gen_line(2, bogus=True), gen_line(3)]
+    lines = [gen_line(0), gen_line(1, size="13x7"), gen_line(2, bogus=True), gen_line(3), gen_line(4, n="2")]
     done = wait_batch(client, create_batch(client, upload(client, jsonl(lines))["id"])["id"])
     assert done["status"] == "completed"
-    assert done["request_counts"] == {"total": 4, "completed": 2, "failed": 2}
+    assert done["request_counts"] == {"total": 5, "completed": 2, "failed": 3}
     assert sorted(file_lines(client, done["output_file_id"])) == ["req-0", "req-3"]
     errors = file_lines(client, done["error_file_id"])
-    assert sorted(errors) == ["req-1", "req-2"]
-    for custom_id, param in (("req-1", "size"), ("req-2", "bogus")):
+    assert sorted(errors) == ["req-1", "req-2", "req-4"]
+    assert errors["req-4"]["response"]["body"]["error"]["code"] == "invalid_type"  # as the route: JSON is strict
+    for custom_id, param in (("req-1", "size"), ("req-2", "bogus"), ("req-4", "n")):
         response = errors[custom_id]["response"]
         assert response["status_code"] == 400
         error = response["body"]["error"]

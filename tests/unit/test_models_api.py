@@ -158,10 +158,16 @@ def test_sse_keeps_pinging_while_a_cold_model_loads(tmp_path):
     models[2].load_gate = gate
     with TestClient(fake_models_app(tmp_path, models, stream_ping_s=0.05)) as client:
         wait_ready(client)
-        threading.Timer(0.5, gate.set).start()
+        deadline = threading.Timer(5.0, gate.set)  # a stream that never pings fails below, and does not hang
+        deadline.start()
         with client.stream("POST", GEN, json={"prompt": "x", "model": "model-c", "stream": True}) as response:
             assert response.status_code == 200
-            lines = list(response.iter_lines())
+            lines = []
+            for line in response.iter_lines():
+                lines.append(line)
+                if line.startswith(": ping"):
+                    gate.set()  # the load ends once a ping has come, however busy the machine is
+        deadline.cancel()
     first_event = next(index for index, line in enumerate(lines) if line.startswith("event:"))
     assert any(line.startswith(": ping") for line in lines[:first_event])  # while loading
     events = [json.loads(line.removeprefix("data: ")) for line in lines if line.startswith("data:")]

@@ -192,6 +192,11 @@ def test_websocket_edit_and_bad_request(client):
         socket.send_json({"prompt": "x", "size": "13x7"})
         error = socket.receive_json()
     assert error["type"] == "error" and error["error"]["param"] == "size"
+    with client.websocket_connect("/v1/images/ws") as socket:
+        socket.send_json({"prompt": "x", "num_inference_steps": "4"})  # a JSON message is strict, as the route
+        error = socket.receive_json()
+    assert error["type"] == "error" and (error["error"]["param"], error["error"]["code"]) == (
+        "num_inference_steps", "invalid_type")
 
 
 def test_websocket_reports_queue_position(tmp_path):

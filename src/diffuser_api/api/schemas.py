@@ -2,6 +2,9 @@
 
 ``extra="allow"`` keeps unknown names so ``reject_unknown_fields`` can answer them the way
 OpenAI does (400 naming the field) instead of pydantic silently dropping them.
+
+JSON bodies are strict, as OpenAI's are: ``"n": "2"`` or ``"stream": "yes"`` is a 400, not two
+images or a stream. Multipart forms carry every value as text, so their models convert it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ logger = logging.getLogger(__name__)
 class LoraBody(BaseModel):
     """One entry of ``loras``: a registered adapter's name (never a path) and an optional scale."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # JSON in both bodies (a form's as its text)
 
     name: str = Field(min_length=1, max_length=200)
     scale: float | None = None  # the service bounds it (DIFFUSER_MAX_LORA_SCALE)
@@ -73,6 +76,8 @@ class PromptedOptions(ImageOptions):
 
 
 class GenerationBody(PromptedOptions):
+    model_config = ConfigDict(extra="allow", strict=True)
+
     style: Literal["vivid", "natural"] | None = None  # dall-e-3 only; accepted, no effect here
     moderation: Literal["low", "auto"] | None = None  # accepted; no moderation model is run
 
@@ -84,7 +89,7 @@ class EditForm(PromptedOptions):
 
 
 class ImageReference(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     image_url: str | None = None  # bounded by the edit body's cap (max_edit_bytes), not here
     file_id: str | None = None
@@ -97,6 +102,8 @@ class ImageReference(BaseModel):
 
 
 class EditJSONBody(EditForm):
+    model_config = ConfigDict(extra="allow", strict=True)
+
     images: list[ImageReference] = Field(min_length=1, max_length=16)
     mask: ImageReference | None = None
     moderation: Literal["low", "auto"] | None = None
