@@ -146,6 +146,8 @@ def test_public_base_url_setting(tmp_path):
         ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps", "invalid_value"),
         ({"prompt": "x", "seed": -1}, "seed", "invalid_value"),
         ({"prompt": 5}, "prompt", "invalid_type"),
+        ({"prompt": "x", "size": "\uff16\uff14x64"}, "size", "invalid_value"),  # full-width digits
+        ({"prompt": "x", "size": "64x64\n"}, "size", "invalid_value"),
     ],
 )
 def test_bad_generation_requests(client, payload, param, code):
@@ -173,6 +175,18 @@ def test_a_json_body_s_values_are_not_converted_to_the_field_s_type(client, fiel
     error = assert_envelope(client.post(GEN, json={"prompt": "x", field: value}), 400, code="invalid_type")
     assert error["param"].split(".")[0] == field and message in error["message"]
     assert client.post(GEN, json={"prompt": "x", "guidance_scale": 7}).status_code == 200  # an integer is a number
+    assert_still_serves(client)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [(b'{"prompt": "x", "guidance_scale": NaN}', "guidance_scale"),
+     (b'{"prompt": "x", "loras": [{"name": "ink", "scale": Infinity}]}', "loras.0.scale")],
+)
+def test_nan_and_infinity_are_refused_not_compared(client, body, param):
+    """Python's JSON reader takes NaN and Infinity, and NaN passes no bound: no number here."""
+    response = client.post(GEN, content=body, headers={"content-type": "application/json"})
+    assert "finite number" in assert_envelope(response, 400, param, "invalid_value")["message"]
     assert_still_serves(client)
 
 

@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 class LoraBody(BaseModel):
     """One entry of ``loras``: a registered adapter's name (never a path) and an optional scale."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)  # JSON in both bodies (a form's as its text)
+    # JSON in both kinds of body (a form's as its text); NaN and infinities are no scales.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=200)
     scale: float | None = None  # the service bounds it (DIFFUSER_MAX_LORA_SCALE)
@@ -42,9 +43,10 @@ def _json_text(value: Any) -> Any:
 
 
 class ImageOptions(BaseModel):
-    """Fields every image endpoint takes."""
+    """Fields every image endpoint takes. NaN and infinities are no numbers here (Python's JSON
+    reader takes ``NaN``; a text field ``"inf"`` reads as one): no bound would catch them."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None
     # Upper bounds of n and num_inference_steps are settings (max_n, max_steps), checked by the service.
@@ -76,7 +78,7 @@ class PromptedOptions(ImageOptions):
 
 
 class GenerationBody(PromptedOptions):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(strict=True)
 
     style: Literal["vivid", "natural"] | None = None  # dall-e-3 only; accepted, no effect here
     moderation: Literal["low", "auto"] | None = None  # accepted; no moderation model is run
@@ -102,7 +104,7 @@ class ImageReference(BaseModel):
 
 
 class EditJSONBody(EditForm):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(strict=True)
 
     images: list[ImageReference] = Field(min_length=1, max_length=16)
     mask: ImageReference | None = None

@@ -14,7 +14,8 @@ from diffuser_api.domain import STEP_CACHE_OFF, Capabilities, Endpoint, ImageReq
 from diffuser_api.domain.requests import MAX_SEED
 from diffuser_api.errors import InvalidRequest
 
-SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+# ASCII digits, the whole string: "６４x64" (full-width digits) or "64x64\n" is no size.
+SIZE_PATTERN = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 EXTRA_PARAMETERS = ("guidance_scale", "true_cfg_scale", "negative_prompt", "strength")
 
 
@@ -155,7 +156,7 @@ def resolve_size(request: ImageRequest, caps: Capabilities, images: list[Image.I
         if images:
             return caps.size.fit(*images[0].size)
         return caps.size.default_width, caps.size.default_height
-    match = SIZE_PATTERN.match(request.size)
+    match = SIZE_PATTERN.fullmatch(request.size)
     if match is None:
         raise InvalidRequest(
             f"size '{request.size}' is not auto or {caps.size.describe()}", param="size", code="invalid_value"
