@@ -190,6 +190,13 @@ def test_nan_and_infinity_are_refused_not_compared(client, body, param):
     assert_still_serves(client)
 
 
+def test_a_json_body_that_is_not_an_object_says_so(client):
+    response = client.post(GEN, content=b"[]", headers={"content-type": "application/json"})
+    error = assert_envelope(response, 400, code="invalid_type")
+    assert error["message"] == "Invalid type for the request body: expected an object, but got an array instead."
+    assert_still_serves(client)
+
+
 def test_a_form_s_text_values_are_still_read_as_their_types(client):
     """Multipart carries every value as text: there "2" is two images."""
     files = {"image": ("x.png", png_bytes(), "image/png")}

@@ -120,7 +120,7 @@ async def diffuser_error_handler(request: HTTPConnection, error: DiffuserError) 
 # Pydantic's type errors (a JSON body is strict) in OpenAI's words: "expected an integer".
 EXPECTED_TYPES = {"int_type": "an integer", "float_type": "a number", "bool_type": "a boolean",
                   "string_type": "a string", "list_type": "an array", "dict_type": "an object",
-                  "model_type": "an object"}
+                  "model_type": "an object", "model_attributes_type": "an object"}
 JSON_TYPES = ((bool, "a boolean"), (int, "an integer"), (float, "a decimal number"), (str, "a string"),
               (list, "an array"), (dict, "an object"))
 
@@ -141,10 +141,10 @@ def invalid_request_from(errors: list[dict[str, Any]]) -> InvalidRequest:
         return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     if first.get("type") == "json_invalid":
         return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
-    if param and (expected := EXPECTED_TYPES.get(first.get("type", ""))):
-        got = _json_type(first.get("input"))
-        return InvalidRequest(f"Invalid type for '{param}': expected {expected}, but got {got} instead.", param=param,
-                              code="invalid_type")
+    if expected := EXPECTED_TYPES.get(first.get("type", "")):
+        what = f"Invalid type for '{param}'" if param else "Invalid type for the request body"
+        return InvalidRequest(f"{what}: expected {expected}, but got {_json_type(first.get('input'))} instead.",
+                              param=param, code="invalid_type")
     message = first.get("msg", "invalid value")
     return InvalidRequest(f"Invalid value for '{param}': {message}." if param else f"{message}.", param=param,
                           code="invalid_value")
