@@ -197,6 +197,12 @@ def test_a_json_body_that_is_not_an_object_says_so(client):
     assert_still_serves(client)
 
 
+def test_a_form_sent_to_a_json_route_is_told_to_send_json(client):
+    error = assert_envelope(client.post(GEN, data={"prompt": "x"}), 400, code="invalid_content_type")
+    assert "application/json" in error["message"]
+    assert_still_serves(client)
+
+
 def test_a_form_s_text_values_are_still_read_as_their_types(client):
     """Multipart carries every value as text: there "2" is two images."""
     files = {"image": ("x.png", png_bytes(), "image/png")}

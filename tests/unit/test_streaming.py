@@ -16,7 +16,7 @@ from PIL import Image
 from diffuser_api.engine import EngineLimits
 from tests.fakes import FakeRunner, colour_of, fake_app, png_bytes, threads_calling
 from tests.servers import ThreadedServer
-from tests.unit.test_api import assert_envelope, wait_ready
+from tests.unit.test_api import assert_envelope, assert_still_serves, wait_ready
 
 GEN = "/v1/images/generations"
 EDIT = "/v1/images/edits"
@@ -197,6 +197,17 @@ def test_websocket_edit_and_bad_request(client):
         error = socket.receive_json()
     assert error["type"] == "error" and (error["error"]["param"], error["error"]["code"]) == (
         "num_inference_steps", "invalid_type")
+
+
+@pytest.mark.parametrize("send", [lambda socket: socket.send_text("not json"),
+                                  lambda socket: socket.send_bytes(b'{"prompt": "x"}')], ids=["text", "binary"])
+def test_a_websocket_message_that_is_not_json_text_is_the_client_s_error(client, send):
+    with client.websocket_connect("/v1/images/ws") as socket:
+        send(socket)
+        error = socket.receive_json()
+    assert error["type"] == "error"
+    assert (error["error"]["type"], error["error"]["code"]) == ("invalid_request_error", "invalid_json")
+    assert_still_serves(client)
 
 
 def test_websocket_reports_queue_position(tmp_path):

@@ -141,6 +141,9 @@ def invalid_request_from(errors: list[dict[str, Any]]) -> InvalidRequest:
         return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     if first.get("type") == "json_invalid":
         return InvalidRequest("The request body is not valid JSON.", code="invalid_json")
+    if param is None and isinstance(first.get("input"), bytes):  # a form or text where the route reads JSON
+        return InvalidRequest("this endpoint takes a JSON body (Content-Type: application/json)",
+                              code="invalid_content_type")
     if expected := EXPECTED_TYPES.get(first.get("type", "")):
         what = f"Invalid type for '{param}'" if param else "Invalid type for the request body"
         return InvalidRequest(f"{what}: expected {expected}, but got {_json_type(first.get('input'))} instead.",

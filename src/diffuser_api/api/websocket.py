@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 from typing import Any
 
@@ -44,7 +45,7 @@ async def image_socket(socket: WebSocket) -> None:
     service: ImageService = socket.app.state.service
     request_id = socket.scope.get("state", {}).get("request_id", "")
     try:
-        image_request = await parse_message(await socket.receive_json(), settings, socket.app.state.files,
+        image_request = await parse_message(await _first_message(socket), settings, socket.app.state.files,
                                             owner_of(socket))
         timing = JobTiming()
         # The session's log line names its work like an HTTP request's does.
@@ -90,6 +91,21 @@ async def _serve(socket: WebSocket, events: Any) -> None:
 async def _send_events(socket: WebSocket, events: Any) -> None:
     async for event in events:
         await socket.send_json(websocket_message(event))
+
+
+async def _first_message(socket: WebSocket) -> Any:
+    """The first message's JSON; a binary frame or text that is not JSON is the client's error."""
+    message = await socket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+    if message.get("text") is None:
+        raise InvalidRequest("send the request as a text message (one JSON object), not a binary one",
+                             code="invalid_json")
+    try:
+        return json.loads(message["text"])
+    except json.JSONDecodeError:
+        raise InvalidRequest("the message is not valid JSON: send one JSON object, a generations or edits request",
+                             code="invalid_json") from None
 
 
 async def parse_message(message: Any, settings: Settings, files: FileService, owner: str) -> ImageRequest:
