@@ -179,8 +179,7 @@ class JobDispatcher:
         # its job is given back here, or it would stay in progress until its lease lapsed.
         for running in list(self._running.values()):
             await self._requeue(running, AfterFailure.REQUEUE, "the server stopped before it began")
-            self._running.pop(running.record.id, None)
-            self._live.close(running.record.id)
+            self._forget(running.record.id)
 
     # -- one poll --------------------------------------------------------------------------
 
@@ -295,8 +294,12 @@ class JobDispatcher:
                 await self._finish(running, JobStatus.COMPLETED, result=result)
             self._wake.set()  # room for the next job
         finally:
-            self._running.pop(record.id, None)
-            self._live.close(record.id)
+            self._forget(record.id)
+
+    def _forget(self, job_id: str) -> None:
+        """The job no longer runs here: its followers' stream ends."""
+        self._running.pop(job_id, None)
+        self._live.close(job_id)
 
     async def _charge_line(self, record: JobRecord) -> float | None:
         """A batch line's images count against its caller's limit when it runs, not when the
